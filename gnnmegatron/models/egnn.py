@@ -1,0 +1,232 @@
+"""EGCL: the E(n)-equivariant graph convolution block (HydraGNN's ``E_GCL``) and its stack.
+
+One block, with ``a`` the edge features, ``w`` the edge weight (smooth envelope) and
+``r_ij = x_j - x_i + S_ij @ cell`` the edge vector from receiver i to neighbour j::
+
+    a_ij = act(W2 act(W1 [h_i ; h_j ; rbf(|r_ij|)] + b1) + b2)            edge_messages
+    m_i  = (1 / message_normalizer) * sum_j w_ij a_ij                      aggregate
+    x_i <- x_i + (1 / coord_normalizer) * sum_j (-r_ij / (|r_ij| + 1)) s_ij,
+          s_ij = w_ij * phi_x(a_ij)                                        coord_update
+    h_i <- h_i + phi_h([h_i ; m_i])     (residual; optional LayerNorm)     node_update
+
+This is Satorras et al.'s E(n)-GNN layer as HydraGNN implements it (edge MLP with a
+trailing activation, edge-level coordinate MLP whose last linear has no bias and xavier
+gain 0.001, node MLP on ``[h, m]``, sum aggregation on the receiver ``edge_index[0]``),
+with the scalar ``|r|^2`` edge input replaced by a K-function radial basis and every edge
+term multiplied by a smooth cutoff envelope.
+
+Edge weight: ``w_ij = envelope(|r_ij|)`` is computed once on the *input* geometry and
+shared by all blocks. Coordinate updates move the atoms, so a per-block envelope on the
+moved distances would let an edge that has just entered the cutoff contribute at full
+strength in deeper blocks (a jump in energy). With the input-geometry weight every
+contribution of edge ij, in every block, vanishes smoothly as it leaves the cutoff. The
+coordinate weight ``s_ij`` carries ``w_ij`` as well because ``phi_x(0) != 0``.
+
+Periodic images: the image shift ``S_ij @ cell`` (``edge_offset``) stays fixed while the
+coordinates move, so every image of an atom moves with it.
+
+The edge computations are small separate methods with HydraGNN's parameter names
+(``edge_mlp``, ``coord_mlp``, ``node_mlp``) so the fused / tensor-parallel twin in
+``gnnmegatron.parallel`` can take this block's parameters by name and be compared with it.
+The first edge linear's columns follow the input order: ``edge_mlp[0].weight[:, :H]`` acts
+on the receiver ``h_i`` (DESIGN's ``A``), ``[:, H:2H]`` on the neighbour ``h_j`` (``B``) and
+``[:, 2H:]`` on the radial basis (``C``).
+
+Shapes:
+    N atoms, E directed edges, H hidden, K radial basis functions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from gnnmegatron.models.config import ModelConfig
+from gnnmegatron.models.radial import build_radial_basis
+
+_ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh, "softplus": nn.Softplus}
+
+
+def make_activation(name: str) -> nn.Module:
+    """A fresh activation module by ``ModelConfig.activation`` name."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; use one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def edge_vectors(positions: torch.Tensor, edge_index: torch.Tensor,
+                 edge_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edge vectors ``r_ij = x_j - x_i + offset_ij`` and their lengths (differentiable in x).
+
+    Args:
+        positions: [N, 3] atom positions (Å).
+        edge_index: [2, E] int64; row 0 = receiver i (dst), row 1 = neighbour j (src).
+        edge_offset: [E, 3] Cartesian image shift ``edge_shift @ cell[batch[dst]]`` (Å).
+
+    Returns:
+        (vectors [E, 3], distances [E]).
+    """
+    vec = positions[edge_index[1]] - positions[edge_index[0]] + edge_offset
+    return vec, torch.linalg.vector_norm(vec, dim=-1)
+
+
+def scatter_sum(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``out[index[e]] += src[e]``: sums rows of ``src`` [E, ...] into [num_rows, ...]."""
+    out = src.new_zeros((num_rows,) + tuple(src.shape[1:]))
+    return out.index_add(0, index, src)
+
+
+class EGCLOutput(NamedTuple):
+    """What one block returns.
+
+    Attributes:
+        h: [N, H] updated node features.
+        x: [N, 3] updated positions (the input positions when the block does not update them).
+        edge_feat: [E, H] edge features ``a_ij`` of this block (before the envelope).
+        edge_vec: [E, 3] edge vectors ``r_ij`` this block saw.
+    """
+
+    h: torch.Tensor
+    x: torch.Tensor
+    edge_feat: torch.Tensor
+    edge_vec: torch.Tensor
+
+
+class EGCL(nn.Module):
+    """One E(n)-equivariant graph convolution block (see module docstring for the equations).
+
+    Args:
+        cfg: model configuration (hidden, num_rbf, cutoff, activation, coordinate options...).
+        update_coords: give this block a coordinate MLP and let it move the atoms.
+
+    Shapes:
+        h [N, H], x [N, 3], edge_index [2, E], edge_offset [E, 3], edge_weight [E]
+        -> EGCLOutput(h [N, H], x [N, 3], edge_feat [E, H], edge_vec [E, 3]).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, update_coords: bool):
+        super().__init__()
+        H, K = cfg.hidden, cfg.num_rbf
+        self.hidden = H
+        self.residual = cfg.residual
+        self.coord_tanh = cfg.coord_tanh
+        self.coords_range = cfg.coords_range
+        self.coord_clamp = cfg.coord_clamp
+        self.coord_normalizer = cfg.coord_normalizer
+        self.message_normalizer = cfg.message_normalizer
+        self.radial = build_radial_basis(cfg.radial_basis, K, cfg.cutoff)
+        self.edge_mlp = nn.Sequential(
+            nn.Linear(2 * H + K, H), make_activation(cfg.activation),
+            nn.Linear(H, H), make_activation(cfg.activation))
+        if update_coords:
+            last = nn.Linear(H, 1, bias=False)
+            nn.init.xavier_uniform_(last.weight, gain=0.001)
+            self.coord_mlp = nn.Sequential(nn.Linear(H, H), make_activation(cfg.activation), last)
+        else:
+            self.coord_mlp = None
+        self.node_mlp = nn.Sequential(
+            nn.Linear(2 * H, H), make_activation(cfg.activation), nn.Linear(H, H))
+        self.norm = nn.LayerNorm(H) if cfg.layer_norm else None
+
+    @property
+    def update_coords(self) -> bool:
+        return self.coord_mlp is not None
+
+    def edge_messages(self, h: torch.Tensor, edge_index: torch.Tensor, rbf: torch.Tensor) -> torch.Tensor:
+        """``a_ij = phi_e([h_i ; h_j ; rbf_ij])``.
+
+        Shapes:
+            h [N, H], edge_index [2, E], rbf [E, K] -> [E, H].
+        """
+        return self.edge_mlp(torch.cat([h[edge_index[0]], h[edge_index[1]], rbf], dim=-1))
+
+    def aggregate(self, edge_feat: torch.Tensor, edge_weight: torch.Tensor, dst: torch.Tensor,
+                  num_nodes: int) -> torch.Tensor:
+        """``m_i = sum_j w_ij a_ij / message_normalizer`` over the edges received by i.
+
+        Shapes:
+            edge_feat [E, H], edge_weight [E], dst [E] -> [N, H].
+        """
+        m = scatter_sum(edge_feat * edge_weight.unsqueeze(-1), dst, num_nodes)
+        return m / self.message_normalizer if self.message_normalizer != 1.0 else m
+
+    def coord_weights(self, edge_feat: torch.Tensor, edge_weight: torch.Tensor) -> torch.Tensor:
+        """Invariant per-edge scalars ``s_ij = w_ij * phi_x(a_ij)`` (tanh-squashed if configured).
+
+        Shapes:
+            edge_feat [E, H], edge_weight [E] -> [E].
+        """
+        s = self.coord_mlp(edge_feat).squeeze(-1)
+        if self.coord_tanh:
+            s = torch.tanh(s) * self.coords_range
+        return s * edge_weight
+
+    def coord_update(self, x: torch.Tensor, edge_vec: torch.Tensor, distances: torch.Tensor,
+                     edge_feat: torch.Tensor, edge_weight: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        """``x_i + sum_j (-r_ij / (|r_ij| + 1)) s_ij / coord_normalizer`` (equivariant).
+
+        ``coord_clamp`` clamps each Cartesian component of each edge translation, as
+        EGNN's ``clamp`` option does (this is not exactly rotation-equivariant once active).
+
+        Shapes:
+            x [N, 3], edge_vec [E, 3], distances [E], edge_feat [E, H], edge_weight [E],
+            dst [E] -> [N, 3].
+        """
+        s = self.coord_weights(edge_feat, edge_weight)
+        trans = edge_vec * (-s / (distances + 1.0)).unsqueeze(-1)
+        if self.coord_clamp is not None:
+            trans = trans.clamp(-self.coord_clamp, self.coord_clamp)
+        delta = scatter_sum(trans, dst, x.shape[0])
+        if self.coord_normalizer != 1.0:
+            delta = delta / self.coord_normalizer
+        return x + delta
+
+    def node_update(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """``h + phi_h([h ; m])`` (or without the residual), then the optional LayerNorm.
+
+        Shapes:
+            h [N, H], m [N, H] -> [N, H].
+        """
+        out = self.node_mlp(torch.cat([h, m], dim=-1))
+        if self.residual:
+            out = h + out
+        if self.norm is not None:
+            out = self.norm(out)
+        return out
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor,
+                edge_offset: torch.Tensor, edge_weight: torch.Tensor) -> EGCLOutput:
+        vec, dist = edge_vectors(x, edge_index, edge_offset)
+        dst = edge_index[0]
+        edge_feat = self.edge_messages(h, edge_index, self.radial(dist))
+        m = self.aggregate(edge_feat, edge_weight, dst, h.shape[0])
+        if self.coord_mlp is not None:
+            x = self.coord_update(x, vec, dist, edge_feat, edge_weight, dst)
+        return EGCLOutput(self.node_update(h, m), x, edge_feat, vec)
+
+
+class EGNNStack(nn.Module):
+    """``cfg.layers`` EGCL blocks; all but the last update coordinates when ``cfg.update_coords``.
+
+    The last block never owns a coordinate MLP: its moved coordinates would feed nothing,
+    and its parameters would get no gradient (HydraGNN's EGCLStack does the same).
+
+    Shapes:
+        h [N, H], x [N, 3], edge_index [2, E], edge_offset [E, 3], edge_weight [E]
+        -> EGCLOutput of the last block.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            EGCL(cfg, update_coords=cfg.update_coords and i < cfg.layers - 1) for i in range(cfg.layers))
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor,
+                edge_offset: torch.Tensor, edge_weight: torch.Tensor) -> EGCLOutput:
+        out = None
+        for block in self.blocks:
+            out = block(h, x, edge_index, edge_offset, edge_weight)
+            h, x = out.h, out.x
+        return out

@@ -1,0 +1,51 @@
+"""gnnmegatron: Megatron-style parallelism for graph neural networks on atoms."""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "gnnmegatron" / "__init__.py").read_text()).group(1)
+
+PACKAGES = [
+    "gnnmegatron",
+    "gnnmegatron.data",
+    "gnnmegatron.models",
+    "gnnmegatron.training",
+    "gnnmegatron.ops",
+    "gnnmegatron.parallel",
+    "gnnmegatron.scaling",
+    "gnnmegatron.kernels",
+]
+
+setup(
+    name="gnnmegatron",
+    version=VERSION,
+    description="Megatron-style tensor/pipeline/data parallelism for atomistic graph neural networks",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.12",
+    packages=PACKAGES,
+    # The Triton kernels live in the top-level kernels/ folder and install as gnnmegatron.kernels.
+    package_dir={"gnnmegatron.kernels": "kernels"},
+    package_data={"gnnmegatron": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.5,<2.14",
+        "megatron-core>=0.16,<0.17",
+        "triton>=3.2; platform_system=='Linux'",
+        "numpy>=1.26",
+        "zarr>=3.0,<4",
+        "ase>=3.23",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # Optional baselines for the kernel benchmarks; torch-scatter builds from source (~9 min).
+        "baselines": ["torch-scatter>=2.1", "torch-geometric>=2.5"],
+        # apex is optional: used only if a user already has NVIDIA's apex installed.
+        "apex": [],
+    },
+    entry_points={"console_scripts": ["gnnmegatron=gnnmegatron.cli:main"]},
+)
