@@ -34,6 +34,7 @@ setup(
         "megatron-core>=0.16,<0.17",
         "triton>=3.2; platform_system=='Linux'",
         "numpy>=1.26",
+        "scipy>=1.10",
         "zarr>=3.0,<4",
         "ase>=3.23",
         "pyyaml>=6",
