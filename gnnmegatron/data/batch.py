@@ -1,0 +1,208 @@
+"""Collate structures into one graph-batch dict (the model's input).
+
+A batch is a plain dict of torch tensors. B graphs, N atoms, E directed edges:
+
+=================  ===========  =======  ======================================================
+key                shape        dtype    meaning (unit)
+=================  ===========  =======  ======================================================
+atomic_numbers     [N]          int64    element of each atom
+positions          [N, 3]       float    Cartesian coordinates (Å)
+cell               [B, 3, 3]    float    lattice vectors as rows (Å), ASE convention; as given
+                                         by the structure (zeros for molecules)
+pbc                [B, 3]       bool     periodic axes
+batch              [N]          int64    graph index of each atom (sorted)
+ptr                [B+1]        int64    atom offsets: atoms of graph b are ptr[b]:ptr[b+1]
+num_atoms          [B]          int64    atoms per graph
+edge_index         [2, E]       int64    row 0 = dst (centre i, receiver), row 1 = src
+                                         (neighbour j); global atom indices; sorted by dst,
+                                         then src, then shift (CSR order)
+edge_shift         [E, 3]       float    integer image multiples S: the edge vector is
+                                         r_ij = positions[src] - positions[dst]
+                                         + edge_shift @ cell[batch[dst]] (Å), 0 < |r_ij| < cutoff
+energy             [B]          float    total energy (eV)                         [targets]
+forces             [N, 3]       float    forces (eV/Å)                             [targets]
+stress             [B, 3, 3]    float    stress (eV/Å^3), ASE sign: (1/V) dE/dstrain;
+                                         zeros where has_stress is False           [targets]
+has_stress         [B]          bool     the structure has a stress label          [targets]
+source             [B]          int64    source (dataset) id
+index              [B]          int64    graph index in the store
+=================  ===========  =======  ======================================================
+
+"float" is the ``dtype`` given to `collate` (float32 by default). Target keys appear when the
+structures carry them: ``energy`` when every structure has one (a mix raises), ``forces``
+likewise; ``stress`` and ``has_stress`` whenever ``energy`` is present or any structure has a
+stress, so training batches of one dataset always have the same keys. The neighbour list is
+computed in float64 from the structures' positions (`neighbors.radius_graph_pbc`) on the target
+device, before positions are cast to ``dtype``.
+
+Shapes:
+    B graphs, N atoms, E directed edges.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from gnnmegatron.data.neighbors import radius_graph_pbc
+
+__all__ = ["collate", "batch_to", "voigt_to_matrix"]
+
+
+def voigt_to_matrix(stress):
+    """ASE Voigt order (xx, yy, zz, yz, xz, xy) -> symmetric 3x3 matrix.
+
+    Shapes:
+        stress: [6] -> [3, 3].
+    """
+    xx, yy, zz, yz, xz, xy = np.asarray(stress, dtype=np.float64)
+    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+
+
+def _field(s, name, where, shape=None, dtype=np.float64, required=True):
+    value = s.get(name)
+    if value is None:
+        if required:
+            raise ValueError(f"{where}: missing field {name!r}")
+        return None
+    arr = np.asarray(value, dtype=dtype)
+    if shape is not None and (arr.ndim != len(shape)
+                              or any(d != -1 and a != d for a, d in zip(arr.shape, shape))):
+        want = "[" + ", ".join("n" if d == -1 else str(d) for d in shape) + "]"
+        raise ValueError(f"{where}: field {name!r} has shape {list(arr.shape)}, expected {want}")
+    return arr
+
+
+def _parse(s, pos, where):
+    """Validate one structure and return numpy arrays."""
+    if not isinstance(s, Mapping):
+        raise TypeError(f"{where}: expected a dict (see gnnmegatron.data.batch), got {type(s).__name__}; "
+                        f"convert ase.Atoms with the store writer or build the dict yourself")
+    z = _field(s, "atomic_numbers", where, (-1,), np.int64)
+    n = len(z)
+    out = dict(
+        atomic_numbers=z,
+        positions=_field(s, "positions", where, (n, 3)),
+        cell=_field(s, "cell", where, (3, 3), required=False),
+        pbc=_field(s, "pbc", where, None, bool, required=False),
+        forces=_field(s, "forces", where, (n, 3), required=False),
+        source=int(s.get("source", 0) or 0),
+        index=int(s["index"]) if s.get("index") is not None else pos,
+    )
+    if out["cell"] is None:
+        out["cell"] = np.zeros((3, 3))
+    if out["pbc"] is None:
+        out["pbc"] = np.zeros(3, bool)
+    elif out["pbc"].ndim == 0:  # ASE allows a single bool for all axes
+        out["pbc"] = np.full(3, bool(out["pbc"]))
+    elif out["pbc"].shape != (3,):
+        raise ValueError(f"{where}: field 'pbc' has shape {list(out['pbc'].shape)}, expected [3]")
+    energy = s.get("energy")
+    out["energy"] = None if energy is None else float(np.asarray(energy, dtype=np.float64).reshape(()))
+    stress = s.get("stress")
+    if stress is not None:
+        stress = np.asarray(stress, dtype=np.float64)
+        if stress.shape == (6,):
+            stress = voigt_to_matrix(stress)
+        elif stress.shape != (3, 3):
+            raise ValueError(f"{where}: field 'stress' has shape {list(stress.shape)}, "
+                             f"expected [3, 3] or Voigt [6]")
+    out["stress"] = stress
+    for name in ("positions", "forces", "stress", "cell"):
+        if out[name] is not None and not np.isfinite(out[name]).all():
+            raise ValueError(f"{where}: field {name!r} has non-finite values; fix or drop the structure")
+    if out["energy"] is not None and not np.isfinite(out["energy"]):
+        raise ValueError(f"{where}: field 'energy' is {out['energy']}; fix or drop the structure")
+    return out
+
+
+def _all_or_none(parsed, name):
+    have = [p[name] is not None for p in parsed]
+    if any(have) and not all(have):
+        k = have.index(False)
+        j = have.index(True)
+        raise ValueError(
+            f"structure {k} (store index {parsed[k]['index']}) has no {name!r} but structure {j} "
+            f"(store index {parsed[j]['index']}) has one; a batch needs {name!r} for all or none "
+            f"of its structures (filter the dataset or split it by source)"
+        )
+    return all(have)
+
+
+def collate(structures: Sequence[Mapping], cutoff: float, dtype=torch.float32, device="cpu") -> dict:
+    """Concatenate structures into one batch dict and build its neighbour list.
+
+    Args:
+        structures: structure dicts (numpy or array-like values): ``atomic_numbers`` [n],
+            ``positions`` [n, 3] (Å), optional ``cell`` [3, 3] (Å, default zeros), ``pbc`` [3]
+            (default False), ``energy`` (eV), ``forces`` [n, 3] (eV/Å), ``stress`` [3, 3] or
+            Voigt [6] (eV/Å^3), ``source`` (default 0), ``index`` (default: list position).
+        cutoff: neighbour-list radius (Å).
+        dtype: float dtype of positions, cell, shifts and targets.
+        device: where the tensors (and the neighbour search) live.
+
+    Returns:
+        The batch dict documented in this module's docstring.
+
+    Raises:
+        ValueError: an empty list, a malformed field (names the structure and field), or a
+            target present in some structures only (energy, forces).
+
+    Shapes:
+        See the module docstring (B = len(structures)).
+    """
+    if len(structures) == 0:
+        raise ValueError("collate needs at least one structure")
+    parsed = []
+    for k, s in enumerate(structures):
+        idx = s.get("index") if isinstance(s, Mapping) else None
+        where = f"structure {k}" + (f" (store index {idx})" if idx is not None else "")
+        parsed.append(_parse(s, k, where))
+    device = torch.device(device)
+    num_atoms = torch.tensor([len(p["atomic_numbers"]) for p in parsed], dtype=torch.long)
+    pos64 = torch.from_numpy(np.concatenate([p["positions"] for p in parsed]).reshape(-1, 3)).to(device)
+    cell64 = torch.from_numpy(np.stack([p["cell"] for p in parsed])).to(device)
+    pbc = torch.from_numpy(np.stack([p["pbc"] for p in parsed])).to(device)
+    num_atoms = num_atoms.to(device)
+    batch_vec = torch.repeat_interleave(torch.arange(len(parsed), device=device), num_atoms)
+    ptr = torch.cat([num_atoms.new_zeros(1), torch.cumsum(num_atoms, 0)])
+    try:
+        edge_index, edge_shift = radius_graph_pbc(pos64, cell64, pbc, batch_vec, cutoff, ptr=ptr)
+    except ValueError as err:  # name the structure rather than the batch-local graph only
+        raise ValueError(f"{err} [batch-local graph -> store index: "
+                         f"{[p['index'] for p in parsed]}]") from err
+    out = {
+        "atomic_numbers": torch.from_numpy(np.concatenate([p["atomic_numbers"] for p in parsed])).to(device),
+        "positions": pos64.to(dtype),
+        "cell": cell64.to(dtype),
+        "pbc": pbc,
+        "batch": batch_vec,
+        "ptr": ptr,
+        "num_atoms": num_atoms,
+        "edge_index": edge_index,
+        "edge_shift": edge_shift.to(dtype),
+    }
+    if _all_or_none(parsed, "energy"):
+        out["energy"] = torch.tensor([p["energy"] for p in parsed], dtype=dtype, device=device)
+    if _all_or_none(parsed, "forces"):
+        forces = np.concatenate([p["forces"] for p in parsed]).reshape(-1, 3)
+        out["forces"] = torch.from_numpy(forces).to(device, dtype)
+    has_stress = [p["stress"] is not None for p in parsed]
+    if "energy" in out or any(has_stress):
+        stress = np.stack([p["stress"] if p["stress"] is not None else np.zeros((3, 3)) for p in parsed])
+        out["stress"] = torch.from_numpy(stress).to(device, dtype)
+        out["has_stress"] = torch.tensor(has_stress, dtype=torch.bool, device=device)
+    out["source"] = torch.tensor([p["source"] for p in parsed], dtype=torch.long, device=device)
+    out["index"] = torch.tensor([p["index"] for p in parsed], dtype=torch.long, device=device)
+    return out
+
+
+def batch_to(batch: Mapping, device, non_blocking: bool = False) -> dict:
+    """Move every tensor of a batch dict to ``device`` (other values are kept as they are).
+
+    Shapes:
+        Unchanged.
+    """
+    device = torch.device(device)
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
