@@ -1,0 +1,121 @@
+"""Single-process checkpoints: atomic save, resume, and clear errors for foreign checkpoints.
+
+A checkpoint is ``<run_dir>/checkpoints/step_XXXXXXXX.pt`` holding the model and
+optimizer state, the sampler position, every RNG state, the step and the config,
+plus ``latest`` (a text file naming the newest complete checkpoint). Files are written
+to a temporary name and renamed, so an interrupted save never replaces a good
+checkpoint with a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or belongs to another model."""
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to ``path`` via a temporary file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Writes ``step_<step>.pt``, points ``latest`` at it, and prunes all but ``keep`` newest."""
+    folder = Path(run_dir) / "checkpoints"
+    path = folder / f"step_{step:08d}.pt"
+    atomic_save({"format_version": FORMAT_VERSION, "step": step, **state}, path)
+    latest_tmp = folder / f".latest.tmp-{os.getpid()}"
+    latest_tmp.write_text(path.name + "\n")
+    os.replace(latest_tmp, folder / "latest")
+    for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ``run_dir`` or None."""
+    folder = Path(run_dir) / "checkpoints"
+    latest = folder / "latest"
+    if not latest.exists():
+        return None
+    path = folder / latest.read_text().strip()
+    if not path.exists():
+        raise CheckpointError(f"{latest} names {path.name}, which does not exist; delete {latest} to start over")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # corrupt or truncated file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); it may be truncated — "
+                              f"resume from an earlier one or start a new run") from exc
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a gnnmegatron checkpoint of format {FORMAT_VERSION}")
+    return state
+
+
+def check_model_compatible(path: Path, saved_model_config: dict, model_config: dict) -> None:
+    """Raises CheckpointError naming each differing model field."""
+    keys = sorted(set(saved_model_config) | set(model_config))
+    diff = [f"{k}: checkpoint={saved_model_config.get(k)!r} config={model_config.get(k)!r}"
+            for k in keys if saved_model_config.get(k) != model_config.get(k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {path} was written by another model ({'; '.join(diff)}); "
+                              f"use the matching config or a new run_dir")
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """load_state_dict with an error that names missing, unexpected and mis-shaped tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: missing={missing[:5]} unexpected={unexpected[:5]} "
+            f"shape mismatches={shapes[:5]}; it was written by another model"
+        )
+    model.load_state_dict(state_dict)

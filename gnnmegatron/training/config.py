@@ -1,0 +1,300 @@
+"""Pretraining configuration: YAML mapped onto validated dataclasses.
+
+A config file has one section per dataclass below; unknown keys are errors (a typo
+should never silently fall back to a default)::
+
+    run_dir: runs/demo
+    seed: 0
+    data:   {store: data/emt.zarr, cutoff: 5.0, budget_atoms: 512, emt: {num_structures: 3000}}
+    model:  {preset: egnn-small, force_mode: conservative}
+    optim:  {lr: 2.0e-3, warmup_steps: 100}
+    loss:   {energy_weight: 1.0, force_weight: 10.0, kind: huber}
+    train:  {max_steps: 2000, eval_every: 250, checkpoint_every: 500}
+    parallel: {tp: 1, pp: 1, dp: 1}
+
+``gnnmegatron pretrain --config FILE --set optim.lr=1e-3 --set train.max_steps=10``
+overrides single values from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training data comes from and how it is batched.
+
+    Attributes:
+        store: path of the Zarr graph store (relative paths are relative to the
+            working directory).
+        emt: if given and ``store`` does not exist, the embedded EMT dataset is
+            generated there first with these ``EMTConfig`` fields.
+        splits: train/val/test fractions of the store's graphs.
+        split_seed: seed of the deterministic split.
+        cutoff: neighbour-list radius in Å (must equal the model's cutoff).
+        budget_atoms: atoms per micro-batch (batches are formed by atom budget).
+        max_graphs: optional cap on graphs per micro-batch.
+        val_budget_atoms: atoms per validation batch (defaults to ``budget_atoms``).
+        max_val_graphs: evaluate on at most this many validation graphs (0 = all).
+        stats_graphs: graphs read to fit per-element reference energies.
+        prefetch: batches assembled ahead by a background thread.
+    """
+
+    store: str = "data/emt.zarr"
+    emt: dict[str, Any] | None = None
+    splits: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    split_seed: int = 0
+    cutoff: float = 5.0
+    budget_atoms: int = 512
+    max_graphs: int | None = None
+    val_budget_atoms: int | None = None
+    max_val_graphs: int = 0
+    stats_graphs: int = 20000
+    prefetch: int = 2
+
+    def __post_init__(self):
+        self.splits = tuple(float(f) for f in self.splits)
+        if len(self.splits) != 3 or any(f < 0 for f in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
+            raise ConfigError(f"data.splits must be three non-negative fractions summing to 1, got {self.splits}")
+        if self.splits[0] == 0 or self.splits[1] == 0:
+            raise ConfigError(f"data.splits needs non-empty train and val fractions, got {self.splits}")
+        if self.cutoff <= 0:
+            raise ConfigError(f"data.cutoff must be > 0 Å, got {self.cutoff}")
+        if self.budget_atoms < 1:
+            raise ConfigError(f"data.budget_atoms must be >= 1, got {self.budget_atoms}")
+        if self.val_budget_atoms is None:
+            self.val_budget_atoms = self.budget_atoms
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    clip_grad_norm: float | None = 10.0
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ConfigError(f"optim.clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
+
+
+@dataclass
+class LossConfig:
+    """Loss = energy_weight * L(energy per atom) + force_weight * L(forces) [+ stress_weight * L(stress)].
+
+    ``kind`` picks L: ``mae``, ``mse`` or ``huber`` (with ``huber_delta`` in the target's unit).
+    """
+
+    energy_weight: float = 1.0
+    force_weight: float = 10.0
+    stress_weight: float = 0.0
+    kind: str = "huber"
+    huber_delta: float = 0.01
+
+    def __post_init__(self):
+        if self.kind not in ("mae", "mse", "huber"):
+            raise ConfigError(f"loss.kind must be one of mae, mse, huber; got {self.kind!r}")
+        for name in ("energy_weight", "force_weight", "stress_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.energy_weight == 0 and self.force_weight == 0 and self.stress_weight == 0:
+            raise ConfigError("loss: all weights are zero; nothing would be trained")
+        if self.huber_delta <= 0:
+            raise ConfigError(f"loss.huber_delta must be > 0, got {self.huber_delta}")
+
+
+@dataclass
+class TrainConfig:
+    """Length of training, evaluation, logging and checkpoint cadence."""
+
+    max_steps: int = 1000
+    eval_every: int = 250
+    checkpoint_every: int = 500
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    num_threads: int | None = None
+    dtype: str = "float32"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_steps", "eval_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"train.dtype must be float32 or float64, got {self.dtype!r}")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout: tensor (tp), pipeline (pp) and data (dp) parallel sizes."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int | None = None  # None: world_size // (tp * pp)
+
+    def __post_init__(self):
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp is not None and self.dp < 1:
+            raise ConfigError(f"parallel.dp must be >= 1, got {self.dp}")
+
+    def resolve(self, world_size: int) -> "ParallelConfig":
+        """Returns a copy with ``dp`` filled in, checking ``tp*pp*dp == world_size``."""
+        dp = self.dp if self.dp is not None else world_size // (self.tp * self.pp)
+        if self.tp * self.pp * dp != world_size:
+            raise ConfigError(
+                f"parallel layout tp*pp*dp={self.tp}*{self.pp}*{dp}={self.tp * self.pp * dp} "
+                f"but world size is {world_size}; choose sizes whose product is the number of processes"
+            )
+        return ParallelConfig(tp=self.tp, pp=self.pp, dp=dp)
+
+
+@dataclass
+class PretrainConfig:
+    """The whole pretraining job. ``model`` holds a preset name plus ``ModelConfig`` overrides."""
+
+    run_dir: str = "runs/pretrain"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "egnn-small"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        if "preset" not in self.model:
+            raise ConfigError("model.preset is required (see `gnnmegatron model info --list`)")
+
+    def model_config(self):
+        """Builds the validated ``ModelConfig`` (preset + overrides; cutoff taken from data)."""
+        from gnnmegatron.models.presets import get_preset
+
+        overrides = {k: v for k, v in self.model.items() if k != "preset"}
+        cutoff = overrides.pop("cutoff", self.data.cutoff)
+        if cutoff != self.data.cutoff:
+            raise ConfigError(f"model.cutoff={cutoff} differs from data.cutoff={self.data.cutoff}; set one value")
+        return get_preset(self.model["preset"], cutoff=self.data.cutoff, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Converts YAML strings such as ``1e-3`` (YAML 1.1 reads them as str) to the field's number type."""
+    if not isinstance(value, str):
+        return value
+    args = typing.get_args(hint) or (hint,)
+    for number in (int, float):
+        if number in args:
+            try:
+                return number(value) if number is float else int(value)
+            except ValueError:
+                continue
+    if int in args or float in args:
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def config_from_dict(values: dict[str, Any]) -> PretrainConfig:
+    """Maps a plain dict (parsed YAML) onto ``PretrainConfig``, validating every section."""
+    values = dict(values or {})
+    top = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = sorted(set(values) - top)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: {sorted(top)}")
+    kwargs: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        if name in values:
+            kwargs[name] = _build(cls, values.pop(name) or {}, name)
+    if "model" in values:
+        model = values.pop("model")
+        if not isinstance(model, dict):
+            raise ConfigError("model must be a mapping with a 'preset' key")
+        kwargs["model"] = dict(model)
+    kwargs.update(values)
+    return PretrainConfig(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ``section.key=value`` strings (values parsed as YAML) to a config dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key} is not a section")
+        node[keys[-1]] = _parse_scalar(text)
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Reads a YAML config (or the defaults when ``path`` is None) and applies overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    values = apply_overrides(values, overrides or [])
+    return config_from_dict(values)

@@ -1,0 +1,96 @@
+"""Metrics as JSON lines, the loss-curve PNG and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``<run_dir>/metrics.jsonl``.
+
+    On resume the file is truncated to the records of steps <= the resumed step, so a
+    resumed run's metrics read as if it had never stopped.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
+    """Training loss and validation MAEs against step, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r.get("split") == "train"]
+    val = [r for r in records if r.get("split") == "val"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
+    for ax, key, base, unit, scale in (
+        (axes[1], "energy_mae_per_atom", "baseline_energy_mae_per_atom", "meV/atom", 1000.0),
+        (axes[2], "force_mae", "baseline_force_mae", "meV/Å", 1000.0),
+    ):
+        if val:
+            steps = [r["step"] for r in val]
+            ax.plot(steps, [scale * r[key] for r in val], "o-", label="model")
+            ax.plot(steps, [scale * r[base] for r in val], "--", color="gray",
+                    label="composition fit" if "energy" in key else "zero forces")
+            ax.legend()
+        ax.set(xlabel="step", ylabel=f"validation {unit}", yscale="log", title=key.replace("_", " "))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+class Progress:
+    """A tqdm bar over optimizer steps showing loss, atoms/s and ETA (rank 0 only)."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "pretrain"):
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                        mininterval=1.0, file=sys.stderr, disable=not enabled)
+        self.atoms = 0
+        self.t0 = time.perf_counter()
+
+    def update(self, atoms: int, loss: float) -> float:
+        self.atoms += atoms
+        rate = self.atoms / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"loss={loss:.4g} atoms/s={rate:,.0f}", refresh=False)
+        self.bar.update(1)
+        return rate
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,327 @@
+"""The pretraining loop: energy + forces, AdamW with warm-up and cosine, clipping, validation,
+metrics, loss-curve PNG, checkpoints with bit-for-bit resume.
+
+Runs as one process or under ``torchrun``. Every rank of a data-parallel group reads its own
+shard of each global batch (``ChunkAwareSampler``) and gradients are averaged over the group.
+Tensor and pipeline layouts are applied by ``gnnmegatron.parallel`` in later releases;
+until then ``parallel.tp`` and ``parallel.pp`` must be 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from gnnmegatron.training import checkpoint as ckpt
+from gnnmegatron.training.baselines import composition_energy, fit_reference_energies
+from gnnmegatron.training.config import ConfigError, PretrainConfig
+from gnnmegatron.training.logging import MetricsWriter, Progress, plot_loss_curve
+from gnnmegatron.training.losses import ErrorAccumulator, compute_loss
+from gnnmegatron.training.optim import build_optimizer, lr_at, set_lr
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialises torch.distributed when launched by torchrun; returns (rank, world_size)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def ensure_store(cfg: PretrainConfig, rank: int) -> Path:
+    """Returns the store path, generating the embedded EMT dataset there first if asked and missing."""
+    path = Path(cfg.data.store)
+    if not path.exists():
+        if cfg.data.emt is None:
+            raise FileNotFoundError(
+                f"data store {path} does not exist; create it with `gnnmegatron data emt --out {path}` "
+                f"or `gnnmegatron data import FILES --out {path}`, or set data.emt in the config"
+            )
+        if rank == 0:
+            from gnnmegatron.data.emt import EMTConfig, generate_emt_dataset
+
+            print(f"generating the embedded EMT dataset at {path} ({cfg.data.emt})", flush=True)
+            generate_emt_dataset(path, EMTConfig(**cfg.data.emt), progress=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+class Trainer:
+    """Single-model pretraining driver.
+
+    Args:
+        cfg: the validated job config.
+        resume: ``"auto"`` continues from ``<run_dir>/checkpoints/latest`` when present,
+            ``"never"`` starts fresh (refusing to overwrite an existing run's checkpoints),
+            or a path to a checkpoint file.
+    """
+
+    def __init__(self, cfg: PretrainConfig, resume: str = "auto"):
+        from gnnmegatron.data.sampler import ChunkAwareSampler, GraphLoader
+        from gnnmegatron.data.store import GraphStore, split_indices
+        from gnnmegatron.models import AtomisticModel
+
+        self.cfg = cfg
+        self.rank, self.world = init_distributed()
+        layout = cfg.parallel.resolve(self.world)
+        if layout.tp != 1 or layout.pp != 1:
+            raise ConfigError(f"pretrain supports data parallelism only in this release (tp={layout.tp}, "
+                              f"pp={layout.pp}); set parallel.tp and parallel.pp to 1")
+        self.dp = layout.dp
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.dtype = getattr(torch, cfg.train.dtype)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        store_path = ensure_store(cfg, self.rank)
+        self.store = GraphStore(store_path)
+        splits = split_indices(len(self.store), cfg.data.splits, seed=cfg.data.split_seed)
+        self.splits = splits
+        val_idx = splits["val"]
+        if cfg.data.max_val_graphs:
+            val_idx = val_idx[: cfg.data.max_val_graphs]
+        self.train_sampler = ChunkAwareSampler(
+            self.store.atom_counts, self.store.graph_chunks, splits["train"], seed=cfg.seed, shuffle=True,
+            budget_atoms=cfg.data.budget_atoms, max_graphs=cfg.data.max_graphs,
+            dp_rank=self.rank, dp_size=self.dp)
+        if len(self.train_sampler) == 0:
+            raise ConfigError(f"the training split gives no batch per rank (train graphs={len(splits['train'])}, "
+                              f"dp={self.dp}, budget_atoms={cfg.data.budget_atoms}); use more data or fewer ranks")
+        self.val_sampler = ChunkAwareSampler(
+            self.store.atom_counts, self.store.graph_chunks, val_idx, seed=cfg.seed, shuffle=False,
+            budget_atoms=cfg.data.val_budget_atoms, max_graphs=cfg.data.max_graphs)
+        self.train_loader = GraphLoader(self.store, self.train_sampler, cutoff=cfg.data.cutoff, dtype=self.dtype,
+                                        prefetch=cfg.data.prefetch)
+        self.val_loader = GraphLoader(self.store, self.val_sampler, cutoff=cfg.data.cutoff, dtype=self.dtype,
+                                      prefetch=cfg.data.prefetch)
+
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model_cfg = cfg.model_config()
+        self.model = AtomisticModel(self.model_cfg).to(device=self.device, dtype=self.dtype)
+        reference, self.stats = fit_reference_energies(self.store, splits["train"], self.model_cfg.max_z,
+                                                       max_graphs=cfg.data.stats_graphs)
+        unknown = sorted(set(self.store.metadata.get("elements", [])) - set(self.stats["elements"]))
+        if unknown:
+            print(f"warning: elements {unknown} occur in the store but not in the sampled training graphs")
+        self.reference = reference
+        self.model.set_reference_energies(reference.to(self.dtype))
+        self.model.set_normalization(self.stats["force_rms"], 0.0)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.step = 0
+        self.epoch = 0
+        self.best_val: dict[str, float] | None = None
+
+        resume_path = self._resume_path(resume)
+        if resume_path is not None:
+            self._load(resume_path)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
+                                     resume_step=self.step if resume_path is not None else None) \
+            if self.rank == 0 else None
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # ----------------------------------------------------------------------------------- state
+    def _resume_path(self, resume: str) -> Path | None:
+        if resume == "never":
+            if ckpt.find_latest(self.run_dir) is not None:
+                raise ckpt.CheckpointError(f"{self.run_dir} already holds checkpoints; resume it (--resume auto) "
+                                           f"or choose another run_dir")
+            return None
+        if resume == "auto":
+            return ckpt.find_latest(self.run_dir)
+        return Path(resume)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "model_config": self.model_cfg.to_dict(),
+            "config": self.cfg.to_dict(),
+            "sampler": self.train_loader.state_dict(),
+            "epoch": self.epoch,
+            "rng": ckpt.rng_state(),
+            "best_val": self.best_val,
+            "stats": self.stats,
+            "world_size": self.world,
+        }
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path)
+        ckpt.check_model_compatible(path, state["model_config"], self.model_cfg.to_dict())
+        if state.get("world_size", 1) != self.world:
+            raise ckpt.CheckpointError(f"{path} was written by {state['world_size']} data-parallel ranks but this "
+                                       f"run has {self.world}; resume with the same number of processes")
+        ckpt.load_model_state(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_loader.load_state_dict(state["sampler"])
+        self.epoch = state["epoch"]
+        self.step = state["step"]
+        self.best_val = state.get("best_val")
+        ckpt.set_rng_state(state["rng"])
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        return ckpt.save_checkpoint(self.run_dir, self.step, self._state(), keep=self.cfg.train.keep_checkpoints)
+
+    # ----------------------------------------------------------------------------------- steps
+    def _batches(self):
+        """Endless iterator over training batches, advancing the epoch at each end."""
+        while True:
+            for batch in self.train_loader:
+                yield batch
+            self.epoch += 1
+            self.train_sampler.set_epoch(self.epoch)
+
+    def _allreduce_grads(self) -> None:
+        if self.world == 1:
+            return
+        for p in self.model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world)
+
+    def train_step(self, batch: dict) -> tuple[float, dict[str, float]]:
+        self.model.train()
+        set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps))
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.model(batch, compute_forces=True,
+                         compute_stress=self.cfg.loss.stress_weight > 0 and self.model_cfg.force_mode == "conservative")
+        loss, parts = compute_loss(out, batch, self.cfg.loss)
+        loss.backward()
+        self._allreduce_grads()
+        grad_norm = float("nan")
+        if self.cfg.optim.clip_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm))
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach()), {k: float(v) for k, v in parts.items()} | {"grad_norm": grad_norm}
+
+    def evaluate(self) -> dict[str, float]:
+        """Energy MAE per atom and force MAE on the validation split, with the two baselines."""
+        self.model.eval()
+        acc = ErrorAccumulator()
+        for k, batch in enumerate(self.val_loader):
+            if k % self.world != self.rank:
+                continue
+            batch = {key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
+            # Conservative forces are -dE/dx, so evaluation needs autograd (but no second-order graph).
+            with torch.enable_grad() if self.model_cfg.force_mode == "conservative" else torch.no_grad():
+                out = self.model(batch, compute_forces=True)
+            base = composition_energy(self.reference, batch["atomic_numbers"], batch["batch"],
+                                      int(batch["num_atoms"].numel()))
+            acc.update(out, batch, base)
+        if self.world > 1:
+            sums = acc.state()
+            dist.all_reduce(sums)
+            acc.load(sums)
+        return acc.result()
+
+    def fit(self, stop_at: int | None = None) -> dict[str, Any] | None:
+        """Trains to ``train.max_steps``; returns the final report.
+
+        ``stop_at`` ends the job early after that step with a checkpoint (for jobs with a wall-clock
+        allotment and for testing resume); it returns None then.
+        """
+        cfg = self.cfg.train
+        progress = Progress(cfg.max_steps, initial=self.step, enabled=cfg.progress and self.rank == 0)
+        batches = self._batches()
+        t_start = time.perf_counter()
+        window = {"loss": 0.0, "atoms": 0, "steps": 0, "t": time.perf_counter()}
+        last_val = None
+        while self.step < cfg.max_steps:
+            batch = next(batches)
+            batch = {key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
+            loss, parts = self.train_step(batch)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss} at step {self.step}; lower optim.lr or "
+                                         f"check the data (last checkpoint is kept in {self.run_dir}/checkpoints)")
+            atoms = int(batch["num_atoms"].sum()) * self.world
+            rate = progress.update(atoms, loss)
+            window["loss"] += loss
+            window["atoms"] += atoms
+            window["steps"] += 1
+            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                now = time.perf_counter()
+                self.metrics.write({
+                    "step": self.step, "split": "train", "epoch": self.epoch, "loss": loss,
+                    "loss_mean": window["loss"] / window["steps"], **{f"loss_{k}": v for k, v in parts.items()},
+                    "lr": self.optimizer.param_groups[0]["lr"], "atoms_per_s": rate,
+                    "window_atoms_per_s": window["atoms"] / max(now - window["t"], 1e-9),
+                })
+                window = {"loss": 0.0, "atoms": 0, "steps": 0, "t": now}
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                last_val = self.evaluate()
+                if self.best_val is None or last_val["energy_mae_per_atom"] < self.best_val["energy_mae_per_atom"]:
+                    self.best_val = dict(last_val, step=self.step)
+                if self.rank == 0:
+                    self.metrics.write({"step": self.step, "split": "val", **last_val})
+                    progress.write(
+                        f"step {self.step}: val energy MAE {1000 * last_val['energy_mae_per_atom']:.2f} meV/atom "
+                        f"(composition fit {1000 * last_val['baseline_energy_mae_per_atom']:.2f}), force MAE "
+                        f"{1000 * last_val['force_mae']:.1f} meV/Å (zero forces {1000 * last_val['baseline_force_mae']:.1f})")
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or self.step == stop_at:
+                self.save()
+            if self.step == stop_at:
+                progress.close()
+                return None
+        progress.close()
+        if last_val is None:
+            last_val = self.evaluate()
+        report = self._report(last_val, time.perf_counter() - t_start)
+        if dist.is_initialized():
+            dist.barrier()
+        return report
+
+    def _report(self, val: dict[str, float], seconds: float) -> dict[str, Any]:
+        report = {
+            "step": self.step,
+            "train_seconds": seconds,
+            "val": val,
+            "best_val": self.best_val,
+            "energy_mae_ratio_vs_composition": val["energy_mae_per_atom"] / max(val["baseline_energy_mae_per_atom"], 1e-12),
+            "force_mae_ratio_vs_zero": val["force_mae"] / max(val["baseline_force_mae"], 1e-12),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "preset": self.cfg.model["preset"],
+            "graphs": {k: int(len(v)) for k, v in self.splits.items()},
+        }
+        if self.rank == 0:
+            (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png",
+                            title=f"{self.cfg.model['preset']} on {self.cfg.data.store}")
+        return report
+
+
+def format_report(report: dict[str, Any], run_dir: str | Path) -> str:
+    """The human-readable summary printed at the end of pretraining."""
+    v = report["val"]
+    e_ratio, f_ratio = report["energy_mae_ratio_vs_composition"], report["force_mae_ratio_vs_zero"]
+    lines = [
+        f"validation ({int(v['graphs'])} graphs, {int(v['atoms'])} atoms) after {report['step']} steps "
+        f"({report['train_seconds'] / 60:.1f} min), {report['preset']} with {report['parameters']:,} parameters",
+        f"  {'':28s}{'model':>12s}{'baseline':>12s}{'ratio':>8s}",
+        f"  {'energy MAE (meV/atom)':28s}{1000 * v['energy_mae_per_atom']:12.2f}"
+        f"{1000 * v['baseline_energy_mae_per_atom']:12.2f}{e_ratio:8.3f}   baseline: composition-only linear fit",
+        f"  {'force MAE (meV/Å)':28s}{1000 * v['force_mae']:12.1f}{1000 * v['baseline_force_mae']:12.1f}"
+        f"{f_ratio:8.3f}   baseline: zero forces",
+        f"  target ratio <= 0.5: energy {'met' if e_ratio <= 0.5 else 'NOT met'}, forces {'met' if f_ratio <= 0.5 else 'NOT met'}",
+        f"  wrote {Path(run_dir) / 'checkpoints'}, {Path(run_dir) / 'metrics.jsonl'}, "
+        f"{Path(run_dir) / 'loss_curve.png'}, {Path(run_dir) / 'report.json'}",
+    ]
+    return "\n".join(lines)

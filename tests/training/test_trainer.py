@@ -1,0 +1,94 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gnnmegatron.training.checkpoint import CheckpointError, load_checkpoint
+from gnnmegatron.training.config import config_from_dict
+from gnnmegatron.training.logging import read_metrics
+from gnnmegatron.training.trainer import Trainer
+
+
+def _cfg(store, run_dir, **train):
+    return config_from_dict({
+        "run_dir": str(run_dir),
+        "seed": 3,
+        "data": {"store": str(store), "cutoff": 4.0, "budget_atoms": 48, "splits": [0.8, 0.2, 0.0], "prefetch": 1},
+        "model": {"preset": "egnn-tiny", "force_mode": "conservative"},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "train": {"max_steps": 6, "eval_every": 3, "checkpoint_every": 100, "log_every": 1, "progress": False,
+                  **train},
+    })
+
+
+def _train_losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+
+def test_resume_is_bit_for_bit(emt_store, tmp_path):
+    full = Trainer(_cfg(emt_store, tmp_path / "full"), resume="never")
+    report = full.fit()
+    assert report["step"] == 6
+
+    part = Trainer(_cfg(emt_store, tmp_path / "part"), resume="never")
+    assert part.fit(stop_at=4) is None  # interrupted after step 4 (mid-epoch), checkpoint written
+    resumed = Trainer(_cfg(emt_store, tmp_path / "part"), resume="auto")
+    assert resumed.step == 4
+    resumed.fit()
+
+    a, b = _train_losses(tmp_path / "full"), _train_losses(tmp_path / "part")
+    assert [s for s, _ in a] == list(range(1, 7)) and [s for s, _ in b] == list(range(1, 7))
+    assert a == b, f"resumed losses differ: {a} vs {b}"
+    for name, p in full.model.state_dict().items():
+        assert torch.equal(p, resumed.model.state_dict()[name]), name
+
+
+def test_training_lowers_loss_and_writes_outputs(emt_store, tmp_path):
+    cfg = _cfg(emt_store, tmp_path / "run", max_steps=30, eval_every=15, log_every=5)
+    report = Trainer(cfg, resume="never").fit()
+    losses = [loss for _, loss in _train_losses(tmp_path / "run")]
+    assert losses[-1] < losses[0], losses
+    for name in ("report.json", "loss_curve.png", "metrics.jsonl", "config.yaml", "checkpoints/latest"):
+        assert (tmp_path / "run" / name).exists(), name
+    val = report["val"]
+    assert val["graphs"] == 12 and val["force_mae"] > 0 and val["baseline_force_mae"] > 0
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["step"] == 30
+
+
+def test_checkpoint_from_another_model_is_refused(emt_store, tmp_path):
+    Trainer(_cfg(emt_store, tmp_path / "run", max_steps=1), resume="never").fit()
+    other = _cfg(emt_store, tmp_path / "run", max_steps=2)
+    other.model["hidden"] = 16
+    with pytest.raises(CheckpointError, match=r"another model \(hidden: checkpoint=32 config=16"):
+        Trainer(other, resume="auto")
+
+
+def test_truncated_checkpoint_is_refused_and_fresh_start_does_not_overwrite(emt_store, tmp_path):
+    Trainer(_cfg(emt_store, tmp_path / "run", max_steps=1), resume="never").fit()
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        Trainer(_cfg(emt_store, tmp_path / "run"), resume="never")
+    path = next((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_missing_store_error_says_how_to_create_it(tmp_path):
+    cfg = _cfg(tmp_path / "nope.zarr", tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="gnnmegatron data emt --out"):
+        Trainer(cfg)
+
+
+def test_pretrain_under_torchrun(emt_store, tmp_path):
+    """The documented launch path: torchrun, world size 1, config file + overrides."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(_cfg(emt_store, tmp_path / "tr", max_steps=2, eval_every=2).to_dict()))
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+         "-m", "gnnmegatron.cli", "pretrain", "--config", str(cfg), "--set", "train.max_steps=3"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "energy MAE (meV/atom)" in out.stdout
+    assert json.loads((tmp_path / "tr" / "report.json").read_text())["step"] == 3
