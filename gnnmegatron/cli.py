@@ -22,7 +22,7 @@ def _cmd_data_emt(args) -> int:
 
     cfg = EMTConfig(num_structures=args.num, seed=args.seed, max_atoms=args.max_atoms)
     summary = generate_emt_dataset(args.out, cfg, workers=args.workers, progress=True, overwrite=args.overwrite)
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str, ensure_ascii=False))
     return 0
 
 
@@ -31,7 +31,7 @@ def _cmd_data_import(args) -> int:
 
     summary = import_ase(args.inputs, args.out, index=args.index, overwrite=args.overwrite,
                          skip_missing_energy=args.skip_missing_energy)
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str, ensure_ascii=False))
     return 0
 
 
@@ -43,7 +43,7 @@ def _cmd_data_info(args) -> int:
     counts = store.atom_counts
     meta["atoms_per_graph"] = {"min": int(counts.min()), "mean": float(counts.mean()), "max": int(counts.max())}
     meta["storage_chunks"] = int(len(store.graph_chunks) - 1)
-    print(json.dumps(meta, indent=2, default=str))
+    print(json.dumps(meta, indent=2, default=str, ensure_ascii=False))
     return 0
 
 

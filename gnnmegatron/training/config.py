@@ -8,7 +8,7 @@ should never silently fall back to a default)::
     data:   {store: data/emt.zarr, cutoff: 5.0, budget_atoms: 512, emt: {num_structures: 3000}}
     model:  {preset: egnn-small, force_mode: conservative}
     optim:  {lr: 2.0e-3, warmup_steps: 100}
-    loss:   {energy_weight: 1.0, force_weight: 10.0, kind: huber}
+    loss:   {energy_weight: 1.0, force_weight: 1.0, kind: mae}
     train:  {max_steps: 2000, eval_every: 250, checkpoint_every: 500}
     parallel: {tp: 1, pp: 1, dp: 1}
 
@@ -41,6 +41,9 @@ class DataConfig:
         emt: if given and ``store`` does not exist, the embedded EMT dataset is
             generated there first with these ``EMTConfig`` fields.
         splits: train/val/test fractions of the store's graphs.
+        train_fraction: train on this fraction of the training split. Subsets are nested: a
+            fixed permutation of the training split (seeded by ``split_seed``) is cut at
+            ``ceil(fraction * n)``, so a larger fraction contains every smaller one (scaling studies).
         split_seed: seed of the deterministic split.
         cutoff: neighbour-list radius in Å (must equal the model's cutoff).
         budget_atoms: atoms per micro-batch (batches are formed by atom budget).
@@ -55,6 +58,7 @@ class DataConfig:
     emt: dict[str, Any] | None = None
     splits: tuple[float, float, float] = (0.9, 0.05, 0.05)
     split_seed: int = 0
+    train_fraction: float = 1.0
     cutoff: float = 5.0
     budget_atoms: int = 512
     max_graphs: int | None = None
@@ -69,6 +73,8 @@ class DataConfig:
             raise ConfigError(f"data.splits must be three non-negative fractions summing to 1, got {self.splits}")
         if self.splits[0] == 0 or self.splits[1] == 0:
             raise ConfigError(f"data.splits needs non-empty train and val fractions, got {self.splits}")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"data.train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.cutoff <= 0:
             raise ConfigError(f"data.cutoff must be > 0 Å, got {self.cutoff}")
         if self.budget_atoms < 1:
@@ -109,9 +115,9 @@ class LossConfig:
     """
 
     energy_weight: float = 1.0
-    force_weight: float = 10.0
+    force_weight: float = 1.0
     stress_weight: float = 0.0
-    kind: str = "huber"
+    kind: str = "mae"
     huber_delta: float = 0.01
 
     def __post_init__(self):

@@ -89,6 +89,7 @@ class Trainer:
         store_path = ensure_store(cfg, self.rank)
         self.store = GraphStore(store_path)
         splits = split_indices(len(self.store), cfg.data.splits, seed=cfg.data.split_seed)
+        splits["train"] = nested_subset(splits["train"], cfg.data.train_fraction, cfg.data.split_seed)
         self.splits = splits
         val_idx = splits["val"]
         if cfg.data.max_val_graphs:
@@ -123,6 +124,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step = 0
         self.epoch = 0
+        self.seen = {"atoms": 0, "edges": 0, "graphs": 0, "flops": 0.0}
         self.best_val: dict[str, float] | None = None
 
         resume_path = self._resume_path(resume)
@@ -153,6 +155,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "sampler": self.train_loader.state_dict(),
             "epoch": self.epoch,
+            "seen": self.seen,
             "rng": ckpt.rng_state(),
             "best_val": self.best_val,
             "stats": self.stats,
@@ -170,6 +173,7 @@ class Trainer:
         self.train_loader.load_state_dict(state["sampler"])
         self.epoch = state["epoch"]
         self.step = state["step"]
+        self.seen = dict(state["seen"])
         self.best_val = state.get("best_val")
         ckpt.set_rng_state(state["rng"])
         if self.rank == 0:
@@ -211,7 +215,22 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm))
         self.optimizer.step()
         self.step += 1
+        self._count(batch)
         return float(loss.detach()), {k: float(v) for k, v in parts.items()} | {"grad_norm": grad_norm}
+
+    def _count(self, batch: dict) -> None:
+        """Adds this step's global atoms, edges, graphs and analytic training FLOPs to ``seen``."""
+        from gnnmegatron.models.presets import flops_per_step
+
+        local = torch.tensor([float(batch["num_atoms"].sum()), float(batch["edge_index"].shape[1]),
+                              float(batch["num_atoms"].numel())], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(local)
+        atoms, edges, graphs = (int(v) for v in local.tolist())
+        self.seen["atoms"] += atoms
+        self.seen["edges"] += edges
+        self.seen["graphs"] += graphs
+        self.seen["flops"] += flops_per_step(self.model_cfg, atoms, edges)
 
     def evaluate(self) -> dict[str, float]:
         """Energy MAE per atom and force MAE on the validation split, with the two baselines."""
@@ -231,7 +250,11 @@ class Trainer:
             sums = acc.state()
             dist.all_reduce(sums)
             acc.load(sums)
-        return acc.result()
+        result = acc.result()
+        # One number to compare runs by (scaling fits): the loss weights applied to the two MAEs.
+        result["loss"] = (self.cfg.loss.energy_weight * result["energy_mae_per_atom"]
+                          + self.cfg.loss.force_weight * result["force_mae"])
+        return result
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any] | None:
         """Trains to ``train.max_steps``; returns the final report.
@@ -298,6 +321,10 @@ class Trainer:
             "energy_mae_ratio_vs_composition": val["energy_mae_per_atom"] / max(val["baseline_energy_mae_per_atom"], 1e-12),
             "force_mae_ratio_vs_zero": val["force_mae"] / max(val["baseline_force_mae"], 1e-12),
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters_non_embedding": sum(p.numel() for n, p in self.model.named_parameters()
+                                            if not n.startswith("embedding")),
+            "seen": dict(self.seen),
+            "train_fraction": self.cfg.data.train_fraction,
             "preset": self.cfg.model["preset"],
             "graphs": {k: int(len(v)) for k, v in self.splits.items()},
         }
@@ -306,6 +333,15 @@ class Trainer:
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png",
                             title=f"{self.cfg.model['preset']} on {self.cfg.data.store}")
         return report
+
+
+def nested_subset(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The first ``ceil(fraction * n)`` of a fixed permutation of ``indices`` (sorted): nested in ``fraction``."""
+    if fraction >= 1:
+        return indices
+    order = np.random.default_rng([seed, 7919]).permutation(len(indices))
+    keep = order[: int(np.ceil(fraction * len(indices)))]
+    return np.sort(np.asarray(indices)[keep])
 
 
 def format_report(report: dict[str, Any], run_dir: str | Path) -> str:

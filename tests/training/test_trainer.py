@@ -92,3 +92,25 @@ def test_pretrain_under_torchrun(emt_store, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "energy MAE (meV/atom)" in out.stdout
     assert json.loads((tmp_path / "tr" / "report.json").read_text())["step"] == 3
+
+
+def test_nested_train_fractions():
+    import numpy as np
+
+    from gnnmegatron.training.trainer import nested_subset
+
+    idx = np.arange(3, 203)
+    small, large = nested_subset(idx, 0.1, 0), nested_subset(idx, 0.5, 0)
+    assert len(small) == 20 and len(large) == 100
+    assert set(small) <= set(large) <= set(idx)
+    assert not np.array_equal(small, idx[:20])  # a permutation, not a prefix
+    assert np.array_equal(nested_subset(idx, 1.0, 0), idx)
+
+
+def test_report_counts_atoms_and_flops(emt_store, tmp_path):
+    trainer = Trainer(_cfg(emt_store, tmp_path / "run", max_steps=2, eval_every=2), resume="never")
+    report = trainer.fit()
+    seen = report["seen"]
+    assert seen["atoms"] > 0 and seen["edges"] > seen["atoms"] and seen["flops"] > 6 * seen["atoms"]
+    assert 0 < report["parameters_non_embedding"] < report["parameters"]
+    assert report["val"]["loss"] == pytest.approx(report["val"]["energy_mae_per_atom"] + report["val"]["force_mae"])
