@@ -1,0 +1,88 @@
+"""Times the README's `make demo` end to end on a fresh clone and records its validation report.
+
+    python benchmarks/demo.py [--machine cpu2]
+
+Clones this repository (its committed HEAD) into a temporary folder, runs `make demo` there
+(virtual environment, install, EMT dataset, pretraining, report) and writes
+results/demo-<machine>.json/.csv/.png with the wall time of each phase read from the log,
+the validation errors and their ratios to the two baselines (issue target: <= 0.5 each,
+under 15 minutes in all on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from common import write_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--machine", default="cpu2")
+    parser.add_argument("--keep", action="store_true", help="keep the clone")
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="gnnmegatron-demo-"))
+    clone = workdir / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    log = workdir / "demo.log"
+    with open(log, "w") as fh:
+        proc = subprocess.run(["make", "demo"], cwd=clone, stdout=fh, stderr=subprocess.STDOUT)
+    total = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"make demo failed ({proc.returncode}); log: {log}")
+    report = json.loads((clone / "runs" / "demo" / "report.json").read_text())
+    shutil.copy(clone / "runs" / "demo" / "loss_curve.png", workdir / "loss_curve.png")
+    val = report["val"]
+    summary = {
+        "make_demo_seconds": round(total, 1),
+        "train_seconds": round(report["train_seconds"], 1),
+        "setup_and_data_seconds": round(total - report["train_seconds"], 1),
+        "energy_mae_mev_per_atom": 1000 * val["energy_mae_per_atom"],
+        "baseline_energy_mae_mev_per_atom": 1000 * val["baseline_energy_mae_per_atom"],
+        "force_mae_mev_per_a": 1000 * val["force_mae"],
+        "baseline_force_mae_mev_per_a": 1000 * val["baseline_force_mae"],
+        "energy_mae_ratio_vs_composition": report["energy_mae_ratio_vs_composition"],
+        "force_mae_ratio_vs_zero": report["force_mae_ratio_vs_zero"],
+        "steps": report["step"],
+        "parameters": report["parameters"],
+        "load_average_1min_at_start": load_before,
+        "meets_targets": bool(total < 900 and report["energy_mae_ratio_vs_composition"] <= 0.5
+                              and report["force_mae_ratio_vs_zero"] <= 0.5),
+    }
+    metrics = [json.loads(line) for line in (clone / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in metrics if r.get("split") == "val"]
+
+    def plot(plt):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["energy_mae_per_atom"] / r["baseline_energy_mae_per_atom"] for r in rows], "o-",
+                label="energy MAE / composition fit")
+        ax.plot(steps, [r["force_mae"] / r["baseline_force_mae"] for r in rows], "s-", label="force MAE / zero forces")
+        ax.axhline(0.5, color="gray", ls="--", label="target 0.5")
+        ax.set(xlabel="step", ylabel="ratio to baseline", yscale="log",
+               title=f"make demo: {total / 60:.1f} min in all")
+        ax.legend()
+        return fig
+
+    out = write_results("demo", args.machine, rows, summary, plot)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
