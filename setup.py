@@ -15,6 +15,7 @@ PACKAGES = [
     "gnnmegatron.ops",
     "gnnmegatron.parallel",
     "gnnmegatron.scaling",
+    "gnnmegatron.inference",
     "gnnmegatron.kernels",
 ]
 

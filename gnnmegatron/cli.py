@@ -4,6 +4,7 @@
     gnnmegatron data import a.extxyz b.db --out data/mine.zarr  # any ASE-readable files
     gnnmegatron data info data/emt.zarr
     gnnmegatron model info egnn-h800-l3                         # parameter counts (or --list)
+    gnnmegatron predict runs/demo data/emt.zarr --split test    # batched inference with errors
     torchrun --standalone --nproc_per_node=1 -m gnnmegatron.cli pretrain --config CONFIG.yaml
 """
 
@@ -76,6 +77,16 @@ def _cmd_scaling_report(args) -> int:
     return 0
 
 
+def _cmd_predict(args) -> int:
+    from gnnmegatron.inference.predict import format_summary, predict
+
+    summary = predict(args.model, args.inputs, args.out, batch_atoms=args.batch_atoms, split=args.split,
+                      index=args.index, device=None if args.device == "auto" else args.device, dtype=args.dtype,
+                      progress=not args.no_progress)
+    print(format_summary(summary))
+    return 0
+
+
 def _cmd_pretrain(args) -> int:
     from gnnmegatron.training.config import load_config
     from gnnmegatron.training.trainer import Trainer, format_report
@@ -137,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     srep.add_argument("--loss-key", default="val_loss")
     srep.add_argument("--n-boot", type=int, default=200)
     srep.set_defaults(func=_cmd_scaling_report)
+
+    pred = sub.add_parser("predict", help="batched inference over a graph store or ASE file; writes .npz + .json")
+    pred.add_argument("model", help="checkpoint file or run directory (latest checkpoint)")
+    pred.add_argument("inputs", help="graph store directory or ASE-readable file")
+    pred.add_argument("--out", default="predictions.npz")
+    pred.add_argument("--split", choices=("train", "val", "test"), help="that split of the model's run (store inputs)")
+    pred.add_argument("--index", default=":", help="ASE frame selection for files")
+    pred.add_argument("--batch-atoms", type=int, default=4096)
+    pred.add_argument("--device", default="auto")
+    pred.add_argument("--dtype", choices=("float32", "float64"), default=None)
+    pred.add_argument("--no-progress", action="store_true")
+    pred.set_defaults(func=_cmd_predict)
 
     pre = sub.add_parser("pretrain", help="pretrain on energies and forces (run under torchrun or alone)")
     pre.add_argument("--config", default=str(DEMO_CONFIG), help=f"YAML config (default: {DEMO_CONFIG.name})")

@@ -180,9 +180,15 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> Path | None:
+        """Writes a checkpoint and its model card (rank 0)."""
         if self.rank != 0:
             return None
-        return ckpt.save_checkpoint(self.run_dir, self.step, self._state(), keep=self.cfg.train.keep_checkpoints)
+        from gnnmegatron.training.model_card import write_model_card
+
+        state = self._state()
+        path = ckpt.save_checkpoint(self.run_dir, self.step, state, keep=self.cfg.train.keep_checkpoints)
+        write_model_card(path, {**state, "step": self.step})
+        return path
 
     # ----------------------------------------------------------------------------------- steps
     def _batches(self):
