@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     minfo.set_defaults(func=_cmd_model_info)
 
     scaling = sub.add_parser("scaling", help="scaling-law fits and reports").add_subparsers(dest="scaling_cmd", required=True)
+    from gnnmegatron.scaling.sweep import add_sweep_arguments, cmd_sweep
+
+    ssw = scaling.add_parser("sweep", help="run a scaling sweep (models x data fractions), resumable")
+    add_sweep_arguments(ssw)
+    ssw.set_defaults(func=cmd_sweep)
     sfit = scaling.add_parser("fit", help="fit L(N), L(D) and L(N, D) with bootstrap intervals")
     sfit.add_argument("runs", help="run records (JSON list, {'runs': [...]} or JSON lines)")
     sfit.add_argument("--out", default="fits.json")
