@@ -18,6 +18,9 @@ ACTIVATIONS = ("silu", "gelu", "tanh", "softplus")
 
 FORCE_MODES = ("conservative", "direct")
 RADIAL_BASES = ("bessel", "gaussian")
+MESSAGES = ("faithful", "node_split")
+EXECUTIONS = ("unfused", "fused")
+OPS_BACKENDS = ("auto", "reference", "torch", "triton")
 
 
 class ModelConfigError(ValueError):
@@ -54,6 +57,16 @@ class ModelConfig:
             at the cutoff for any p >= 2).
         residual: ``h <- h + phi_h([h, m])`` instead of ``h <- phi_h([h, m])``.
         layer_norm: apply ``LayerNorm(H)`` to each block's output node features.
+        message: ``"faithful"`` (HydraGNN's E_GCL: edge MLP Linear-act-Linear-act, edge-level
+            coordinate MLP and force head) or ``"node_split"`` (the tensor-parallel-native EGNN of
+            DESIGN.md: one edge linear + act, messages summed with the envelope, the node MLP's
+            first linear acting on the summed messages; coordinate and direct-force scalars are
+            ``a_ij . v`` with a bias-free ``Linear(H, 1)``).
+        execution: ``"unfused"`` (plain torch edge tensors) or ``"fused"`` (the
+            ``gnnmegatron.ops`` message-passing ops; node_split never builds an [E, H] tensor).
+            Both give the same outputs and gradients.
+        ops_backend: backend of the fused ops (``"auto"`` = dispatch by device and
+            ``$GNNMEGATRON_OPS_BACKEND``); see ``gnnmegatron.ops.dispatch``.
     """
 
     hidden: int = 128
@@ -74,6 +87,9 @@ class ModelConfig:
     envelope_exponent: int = 5
     residual: bool = True
     layer_norm: bool = False
+    message: str = "faithful"
+    execution: str = "unfused"
+    ops_backend: str = "auto"
 
     def __post_init__(self):
         for name, low in (("hidden", 1), ("layers", 1), ("num_rbf", 1), ("max_z", 1),
@@ -93,7 +109,8 @@ class ModelConfig:
                                        f"got {self.coord_clamp!r}")
             self.coord_clamp = float(self.coord_clamp)
         for name, allowed in (("activation", ACTIVATIONS), ("force_mode", FORCE_MODES),
-                              ("radial_basis", RADIAL_BASES)):
+                              ("radial_basis", RADIAL_BASES), ("message", MESSAGES), ("execution", EXECUTIONS),
+                              ("ops_backend", OPS_BACKENDS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ModelConfigError(f"ModelConfig.{name}={value!r} is not one of {list(allowed)}")

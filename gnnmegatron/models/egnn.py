@@ -32,19 +32,33 @@ The first edge linear's columns follow the input order: ``edge_mlp[0].weight[:, 
 on the receiver ``h_i`` (DESIGN's ``A``), ``[:, H:2H]`` on the neighbour ``h_j`` (``B``) and
 ``[:, 2H:]`` on the radial basis (``C``).
 
+Variants and execution (``ModelConfig.message`` / ``ModelConfig.execution``):
+
+* ``message="node_split"`` is the tensor-parallel-native EGNN of DESIGN.md: ``a_ij =
+  act(W1 [h_i ; h_j ; rbf_ij] + b1)`` (one linear), ``m_i = sum_j w_ij a_ij``, coordinate
+  scalars ``phi_x(a_ij) = a_ij . v`` (``coord_mlp`` is one bias-free ``Linear(H, 1)``); the node
+  MLP's first linear acts on ``m`` (it plays W2's role, applied per node, not per edge).
+* ``execution="fused"`` runs the ``gnnmegatron.ops`` ops: node_split goes through
+  ``fused_message_aggregate`` end to end (``P = h A^T``, ``Q = h B^T`` per node, no [E, H]
+  tensor; ``EGCLOutput.edge_feat`` is then ``None``), and the faithful block uses
+  ``segment_reduce`` for the aggregation and ``edge_vector_aggregate`` for the coordinate
+  update. Outputs and gradients equal the unfused mode (tests/models/test_egnn_fused.py).
+
 Shapes:
     N atoms, E directed edges, H hidden, K radial basis functions.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gnnmegatron.models.config import ModelConfig
 from gnnmegatron.models.radial import build_radial_basis
+from gnnmegatron.ops import CSRPlan, csr_plan, edge_vector_aggregate, fused_message_aggregate, segment_reduce
 
 _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh, "softplus": nn.Softplus}
 
@@ -86,12 +100,16 @@ class EGCLOutput(NamedTuple):
         x: [N, 3] updated positions (the input positions when the block does not update them).
         edge_feat: [E, H] edge features ``a_ij`` of this block (before the envelope).
         edge_vec: [E, 3] edge vectors ``r_ij`` this block saw.
+        edge_scalar: [E] ``a_ij . v`` for the ``scalar_vector`` handed to the block (fused
+            node_split direct-force head), else ``None``. ``edge_feat`` is ``None`` in fused
+            node_split mode (no [E, H] tensor exists).
     """
 
     h: torch.Tensor
     x: torch.Tensor
-    edge_feat: torch.Tensor
+    edge_feat: Optional[torch.Tensor]
     edge_vec: torch.Tensor
+    edge_scalar: Optional[torch.Tensor] = None
 
 
 class EGCL(nn.Module):
@@ -116,14 +134,22 @@ class EGCL(nn.Module):
         self.coord_clamp = cfg.coord_clamp
         self.coord_normalizer = cfg.coord_normalizer
         self.message_normalizer = cfg.message_normalizer
+        self.message = cfg.message
+        self.fused = cfg.execution == "fused"
+        self.ops_backend = cfg.ops_backend
+        self.activation = cfg.activation
         self.radial = build_radial_basis(cfg.radial_basis, K, cfg.cutoff)
-        self.edge_mlp = nn.Sequential(
-            nn.Linear(2 * H + K, H), make_activation(cfg.activation),
-            nn.Linear(H, H), make_activation(cfg.activation))
+        if cfg.message == "faithful":
+            self.edge_mlp = nn.Sequential(
+                nn.Linear(2 * H + K, H), make_activation(cfg.activation),
+                nn.Linear(H, H), make_activation(cfg.activation))
+        else:
+            self.edge_mlp = nn.Sequential(nn.Linear(2 * H + K, H), make_activation(cfg.activation))
         if update_coords:
             last = nn.Linear(H, 1, bias=False)
             nn.init.xavier_uniform_(last.weight, gain=0.001)
-            self.coord_mlp = nn.Sequential(nn.Linear(H, H), make_activation(cfg.activation), last)
+            self.coord_mlp = nn.Sequential(nn.Linear(H, H), make_activation(cfg.activation), last) \
+                if cfg.message == "faithful" else nn.Sequential(last)
         else:
             self.coord_mlp = None
         self.node_mlp = nn.Sequential(
@@ -143,28 +169,36 @@ class EGCL(nn.Module):
         return self.edge_mlp(torch.cat([h[edge_index[0]], h[edge_index[1]], rbf], dim=-1))
 
     def aggregate(self, edge_feat: torch.Tensor, edge_weight: torch.Tensor, dst: torch.Tensor,
-                  num_nodes: int) -> torch.Tensor:
+                  num_nodes: int, plan: CSRPlan | None = None) -> torch.Tensor:
         """``m_i = sum_j w_ij a_ij / message_normalizer`` over the edges received by i.
 
         Shapes:
             edge_feat [E, H], edge_weight [E], dst [E] -> [N, H].
         """
-        m = scatter_sum(edge_feat * edge_weight.unsqueeze(-1), dst, num_nodes)
+        msg = edge_feat * edge_weight.unsqueeze(-1)
+        if self.fused:
+            m = segment_reduce(msg, dst, num_nodes, "sum", plan=plan, backend=self.ops_backend)
+        else:
+            m = scatter_sum(msg, dst, num_nodes)
         return m / self.message_normalizer if self.message_normalizer != 1.0 else m
 
-    def coord_weights(self, edge_feat: torch.Tensor, edge_weight: torch.Tensor) -> torch.Tensor:
+    def coord_weights(self, edge_feat: torch.Tensor | None, edge_weight: torch.Tensor,
+                      raw: torch.Tensor | None = None) -> torch.Tensor:
         """Invariant per-edge scalars ``s_ij = w_ij * phi_x(a_ij)`` (tanh-squashed if configured).
+
+        ``raw`` = ``phi_x(a_ij)`` when already computed (fused node_split: ``a_ij . v``).
 
         Shapes:
             edge_feat [E, H], edge_weight [E] -> [E].
         """
-        s = self.coord_mlp(edge_feat).squeeze(-1)
+        s = self.coord_mlp(edge_feat).squeeze(-1) if raw is None else raw
         if self.coord_tanh:
             s = torch.tanh(s) * self.coords_range
         return s * edge_weight
 
     def coord_update(self, x: torch.Tensor, edge_vec: torch.Tensor, distances: torch.Tensor,
-                     edge_feat: torch.Tensor, edge_weight: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+                     edge_feat: torch.Tensor | None, edge_weight: torch.Tensor, dst: torch.Tensor,
+                     raw: torch.Tensor | None = None, plan: CSRPlan | None = None) -> torch.Tensor:
         """``x_i + sum_j (-r_ij / (|r_ij| + 1)) s_ij / coord_normalizer`` (equivariant).
 
         ``coord_clamp`` clamps each Cartesian component of each edge translation, as
@@ -174,11 +208,18 @@ class EGCL(nn.Module):
             x [N, 3], edge_vec [E, 3], distances [E], edge_feat [E, H], edge_weight [E],
             dst [E] -> [N, 3].
         """
-        s = self.coord_weights(edge_feat, edge_weight)
-        trans = edge_vec * (-s / (distances + 1.0)).unsqueeze(-1)
-        if self.coord_clamp is not None:
-            trans = trans.clamp(-self.coord_clamp, self.coord_clamp)
-        delta = scatter_sum(trans, dst, x.shape[0])
+        s = self.coord_weights(edge_feat, edge_weight, raw)
+        g = -s / (distances + 1.0)
+        if self.fused and self.coord_clamp is None:
+            delta = edge_vector_aggregate(edge_vec, g, dst, x.shape[0], plan=plan, backend=self.ops_backend)
+        else:
+            trans = edge_vec * g.unsqueeze(-1)
+            if self.coord_clamp is not None:
+                trans = trans.clamp(-self.coord_clamp, self.coord_clamp)
+            if self.fused:
+                delta = segment_reduce(trans, dst, x.shape[0], "sum", plan=plan, backend=self.ops_backend)
+            else:
+                delta = scatter_sum(trans, dst, x.shape[0])
         if self.coord_normalizer != 1.0:
             delta = delta / self.coord_normalizer
         return x + delta
@@ -197,14 +238,49 @@ class EGCL(nn.Module):
         return out
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor,
-                edge_offset: torch.Tensor, edge_weight: torch.Tensor) -> EGCLOutput:
+                edge_offset: torch.Tensor, edge_weight: torch.Tensor, plan: CSRPlan | None = None,
+                scalar_vector: torch.Tensor | None = None) -> EGCLOutput:
+        """One block. ``plan``: CSR plan of ``edge_index[0]`` shared by the fused ops (built here
+        when ``None``); ``scalar_vector`` [H]: also return ``edge_scalar = a_ij . scalar_vector``
+        (the node_split direct-force head; the last block has no coordinate MLP)."""
         vec, dist = edge_vectors(x, edge_index, edge_offset)
         dst = edge_index[0]
-        edge_feat = self.edge_messages(h, edge_index, self.radial(dist))
-        m = self.aggregate(edge_feat, edge_weight, dst, h.shape[0])
+        num_nodes = h.shape[0]
+        if self.fused and plan is None:
+            plan = csr_plan(dst, num_nodes)
+        rbf = self.radial(dist)
+        if self.fused and self.message == "node_split":
+            return self._fused_node_split(h, x, edge_index, vec, dist, rbf, edge_weight, plan, scalar_vector)
+        edge_feat = self.edge_messages(h, edge_index, rbf)
+        m = self.aggregate(edge_feat, edge_weight, dst, num_nodes, plan)
         if self.coord_mlp is not None:
-            x = self.coord_update(x, vec, dist, edge_feat, edge_weight, dst)
-        return EGCLOutput(self.node_update(h, m), x, edge_feat, vec)
+            x = self.coord_update(x, vec, dist, edge_feat, edge_weight, dst, plan=plan)
+        edge_scalar = edge_feat @ scalar_vector if scalar_vector is not None else None
+        return EGCLOutput(self.node_update(h, m), x, edge_feat, vec, edge_scalar)
+
+    def _fused_node_split(self, h, x, edge_index, vec, dist, rbf, edge_weight, plan, scalar_vector) -> EGCLOutput:
+        """node_split through ``fused_message_aggregate``: P, Q per node, no [E, H] tensor."""
+        H = self.hidden
+        lin = self.edge_mlp[0]
+        P = F.linear(h, lin.weight[:, :H])
+        Q = F.linear(h, lin.weight[:, H:2 * H])
+        C = lin.weight[:, 2 * H:].t()
+        v = self.coord_mlp[-1].weight[0] if self.coord_mlp is not None else scalar_vector
+        out = fused_message_aggregate(P, Q, edge_index, rbf, C, lin.bias, edge_weight, v,
+                                      activation=self.activation, plan=plan, backend=self.ops_backend)
+        m, s = out if v is not None else (out, None)
+        if self.message_normalizer != 1.0:
+            m = m / self.message_normalizer
+        edge_scalar = None
+        if self.coord_mlp is not None:
+            x = self.coord_update(x, vec, dist, None, edge_weight, edge_index[0], raw=s, plan=plan)
+            if scalar_vector is not None:  # a second scalar head on a coordinate block: one more pass
+                _, edge_scalar = fused_message_aggregate(P, Q, edge_index, rbf, C, lin.bias, edge_weight,
+                                                         scalar_vector, activation=self.activation, plan=plan,
+                                                         backend=self.ops_backend)
+        else:
+            edge_scalar = s
+        return EGCLOutput(self.node_update(h, m), x, None, vec, edge_scalar)
 
 
 class EGNNStack(nn.Module):
@@ -224,9 +300,14 @@ class EGNNStack(nn.Module):
             EGCL(cfg, update_coords=cfg.update_coords and i < cfg.layers - 1) for i in range(cfg.layers))
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor,
-                edge_offset: torch.Tensor, edge_weight: torch.Tensor) -> EGCLOutput:
+                edge_offset: torch.Tensor, edge_weight: torch.Tensor,
+                scalar_vector: torch.Tensor | None = None) -> EGCLOutput:
+        """``scalar_vector`` [H] goes to the last block (see ``EGCL.forward``)."""
         out = None
-        for block in self.blocks:
-            out = block(h, x, edge_index, edge_offset, edge_weight)
+        plan = csr_plan(edge_index[0], h.shape[0]) if self.blocks[0].fused else None  # one CSR plan per graph
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            out = block(h, x, edge_index, edge_offset, edge_weight, plan=plan,
+                        scalar_vector=scalar_vector if i == last else None)
             h, x = out.h, out.x
         return out

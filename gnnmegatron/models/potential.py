@@ -15,7 +15,8 @@ Forces, two modes (``ModelConfig.force_mode``):
   (negative under compression). Non-periodic graphs (zero cell volume) get zero stress.
 * ``"direct"``: an equivariant head on the last block's edge features,
   ``F_i = sum_j (r_ij / |r_ij|) * w_ij * phi_f(a_ij)`` (invariant scalars times edge unit
-  vectors, envelope-weighted so forces are continuous at the cutoff). No stress.
+  vectors, envelope-weighted so forces are continuous at the cutoff). No stress. With
+  ``message="node_split"`` ``phi_f`` is linear (``a_ij . v``), so the fused op computes it.
 
 The model never calls ``torch.distributed``; it works in float32 and float64 (the batch
 must have the parameters' dtype).
@@ -34,6 +35,7 @@ from torch import nn
 from gnnmegatron.models.config import ModelConfig
 from gnnmegatron.models.egnn import EGCLOutput, EGNNStack, edge_vectors, make_activation, scatter_sum
 from gnnmegatron.models.radial import PolynomialEnvelope
+from gnnmegatron.ops import edge_vector_aggregate
 
 REQUIRED_KEYS = ("atomic_numbers", "positions", "cell", "batch", "edge_index", "edge_shift")
 
@@ -66,7 +68,10 @@ class AtomisticModel(nn.Module):
         # reference energies, and every parameter then gets a gradient from a force loss.
         self.energy_head = nn.Sequential(nn.Linear(H, H), make_activation(cfg.activation),
                                          nn.Linear(H, 1, bias=False))
-        if cfg.force_mode == "direct":
+        if cfg.force_mode == "direct" and cfg.message == "node_split":
+            # node_split: a linear scalar a_ij . v, which the fused op computes without [E, H]
+            self.force_head = nn.Sequential(nn.Linear(H, 1, bias=False))
+        elif cfg.force_mode == "direct":
             self.force_head = nn.Sequential(nn.Linear(H, H), make_activation(cfg.activation),
                                             nn.Linear(H, 1, bias=False))
         else:
@@ -161,7 +166,10 @@ class AtomisticModel(nn.Module):
         h = self.embedding(atomic_numbers)
         _, dist0 = edge_vectors(positions, edge_index, edge_offset)
         edge_weight = self.envelope(dist0)
-        return self.backbone(h, positions, edge_index, edge_offset, edge_weight), edge_weight
+        scalar_vector = None
+        if self.force_head is not None and self.cfg.message == "node_split" and self.cfg.execution == "fused":
+            scalar_vector = self.force_head[-1].weight[0]
+        return self.backbone(h, positions, edge_index, edge_offset, edge_weight, scalar_vector), edge_weight
 
     def node_energies(self, atomic_numbers: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``reference_energies[z_i] + energy_scale * energy_head(h_i) + energy_shift``.
@@ -185,7 +193,10 @@ class AtomisticModel(nn.Module):
         """
         vec = out.edge_vec
         dist = torch.linalg.vector_norm(vec, dim=-1)
-        weight = edge_weight * self.force_head(out.edge_feat).squeeze(-1) * self.energy_scale
+        phi = out.edge_scalar if out.edge_scalar is not None else self.force_head(out.edge_feat).squeeze(-1)
+        weight = edge_weight * phi * self.energy_scale
+        if self.cfg.execution == "fused":
+            return edge_vector_aggregate(vec, weight / dist, edge_index, num_atoms, backend=self.cfg.ops_backend)
         return scatter_sum(vec * (weight / dist).unsqueeze(-1), edge_index[0], num_atoms)
 
     # ------------------------------------------------------------------ forward

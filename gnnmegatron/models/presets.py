@@ -110,10 +110,20 @@ def forward_flops(cfg: ModelConfig) -> dict[str, int]:
 
     (the 18 is the image offset ``edge_shift @ cell``, a 1x3 by 3x3 product per edge),
     i.e. about (6 + 2 L_x/L) L H^2 per edge and 6 L H^2 per atom; with 20-60 edges per
-    atom the edge MLPs dominate. ``torch.utils.flop_counter.FlopCounterMode`` reproduces
+    atom the edge MLPs dominate. For ``message="node_split"`` the node-split formulation is
+    counted: per edge ``L 2 K H + L_x 2 H (+ 2 H direct) + 18``, per atom
+    ``L (4 H^2 + 4 H^2 + 2 H^2) + 2 H^2 + 2 H`` (P and Q, then the node MLP). ``torch.utils.flop_counter.FlopCounterMode`` reproduces
     these numbers exactly (tests/models/test_presets.py).
     """
     H, K, L = cfg.hidden, cfg.num_rbf, cfg.layers
+    if cfg.message == "node_split":
+        # counted as the node-split formulation (what execution="fused" runs): P, Q = h [A, B]^T
+        # per atom; per edge only the radial product R C and the scalar heads a . v
+        per_edge = L * 2 * K * H + cfg.coord_blocks * 2 * H + 18
+        if cfg.force_mode == "direct":
+            per_edge += 2 * H
+        per_atom = L * (2 * 2 * H * H + 2 * 2 * H * H + 2 * H * H) + 2 * H * H + 2 * H
+        return dict(per_atom=per_atom, per_edge=per_edge)
     per_edge = L * (2 * (2 * H + K) * H + 2 * H * H) + cfg.coord_blocks * (2 * H * H + 2 * H) + 18
     if cfg.force_mode == "direct":
         per_edge += 2 * H * H + 2 * H

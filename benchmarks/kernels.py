@@ -1,0 +1,453 @@
+"""Forward + backward time and peak memory of ``fused_message_aggregate`` vs the naive edge MLP.
+
+The computation (one EGNN first edge layer with its aggregation), with h [N, F], radial basis
+R [E, K], envelope w [E], weight W = [A, B, C] [F, 2F + K], bias b [F]::
+
+    m_i = sum_{j : (i, j)} w_ij act(W [h_i ; h_j ; R_ij] + b)
+
+Methods (every one returns m and back-propagates a random dL/dm to h, R, w, W, b):
+
+* ``naive``: what HydraGNN/PyG-style code runs today: ``h[dst]``, ``h[src]``, concatenate,
+  ``Linear`` on E rows, activation, times w, ``index_add`` (scatter-add).
+* ``torch_scatter`` / ``pyg``: the same with torch-scatter's ``scatter`` / a PyG
+  ``MessagePassing`` (aggr="add"), only when those packages import.
+* ``fused-torch``: ``P, Q = h A^T, h B^T`` per node, then ``fused_message_aggregate``
+  with the torch backend (chunked, compiled chunk bodies, recomputing backward).
+* ``fused-triton``: the same with the triton backend (CUDA only).
+
+Each configuration runs in its own subprocesses (``--worker``) so that memory figures do not
+mix. Peak memory, CPU: the resident set size (RSS, /proc/self/statm) sampled every 0.5 ms
+by a thread during one forward + backward after a warm-up step, minus the RSS just before it
+(inputs, parameters and the compiled code are already resident): the working memory of one
+step. That step runs in a second subprocess whose glibc malloc has a fixed 128 KiB mmap
+threshold (``MALLOC_MMAP_THRESHOLD_``), so tensor buffers are unmapped when freed and the RSS
+follows live tensors; timing runs in a first subprocess with the default allocator.
+``ru_maxrss`` of the memory worker (its whole-life high-water mark, including imports, inputs
+and the warm-up/compile step) is recorded too. GPU: ``torch.cuda.max_memory_allocated``
+minus the allocation before the step. Times: median of ``--repeats`` steps after one warm-up
+step (which includes torch.compile's first compile on CPU).
+
+On CUDA the forward's achieved bandwidth is ``fused_message_bytes(...) / forward time``
+(the bytes the kernel must move once, see ``gnnmegatron.kernels.fused_message``) against the
+card's nominal HBM bandwidth.
+
+Run (about 15-20 min on 2 cores; needs about 16 GB free for the naive path at the headline size)::
+
+    OMP_NUM_THREADS=2 python benchmarks/kernels.py
+
+``--quick`` runs small sizes only (a smoke test); ``--sweep-chunk`` times chunk sizes.
+Writes benchmarks/results/kernels-<machine>.json/.csv/.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HEADLINE = dict(N=65536, E=2_000_000, F=256, K=32)
+TARGET_SPEEDUP = 3.0
+TARGET_MEMORY_RATIO = 5.0
+TARGET_BANDWIDTH_FRACTION = 0.7
+# Nominal HBM bandwidth (bytes/s) by device-name substring, first match wins.
+HBM_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
+                 ("A100", 1.555e12), ("L40S", 0.864e12), ("A10", 0.6e12), ("V100", 0.9e12)]
+
+
+# ----------------------------------------------------------------------------- worker side
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    """Peak RSS during a block, sampled by a thread every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.0005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def __enter__(self):
+        self.base = self.peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def _make_inputs(N, E, F, K, device, dtype, seed=0):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    dst = torch.sort(torch.randint(0, N, (E,), generator=g)).values
+    src = torch.randint(0, N, (E,), generator=g)
+    ei = torch.stack([dst, src]).to(device)
+    h = torch.randn(N, F, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    R = torch.rand(E, K, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = torch.rand(E, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    lin = torch.nn.Linear(2 * F + K, F).to(device=device, dtype=dtype)
+    grad_m = torch.randn(N, F, generator=g).to(device=device, dtype=dtype)
+    return ei, h, R, w, lin, grad_m
+
+
+def _method(name, ei, lin, F, num_nodes):
+    import torch
+    import torch.nn.functional as Fn
+
+    dst, src = ei[0], ei[1]
+    if name == "naive":
+        def run(h, R, w):
+            a = Fn.silu(lin(torch.cat([h[dst], h[src], R], dim=-1)))
+            return torch.zeros_like(h).index_add_(0, dst, a * w.unsqueeze(1))
+    elif name == "torch_scatter":
+        import torch_scatter
+
+        def run(h, R, w):
+            a = Fn.silu(lin(torch.cat([h[dst], h[src], R], dim=-1)))
+            return torch_scatter.scatter(a * w.unsqueeze(1), dst, dim=0, dim_size=h.shape[0], reduce="sum")
+    elif name == "pyg":
+        from torch_geometric.nn import MessagePassing
+
+        class Layer(MessagePassing):
+            def __init__(self):
+                super().__init__(aggr="add", flow="target_to_source")
+
+            def forward(self, h, R, w):
+                return self.propagate(ei, h=h, R=R, w=w)
+
+            def message(self, h_i, h_j, R, w):
+                return Fn.silu(lin(torch.cat([h_i, h_j, R], dim=-1))) * w.unsqueeze(1)
+
+        layer = Layer()
+
+        def run(h, R, w):
+            return layer(h, R, w)
+    else:
+        from gnnmegatron.ops import csr_plan, fused_message_aggregate
+        plan = csr_plan(dst, num_nodes, sorted=True)
+        backend = name.split("-", 1)[1]
+
+        def run(h, R, w):
+            W = lin.weight
+            P = Fn.linear(h, W[:, :F])
+            Q = Fn.linear(h, W[:, F:2 * F])
+            C = W[:, 2 * F:].t()
+            return fused_message_aggregate(P, Q, ei, R, C, lin.bias, w, activation="silu", plan=plan,
+                                           backend=backend)
+    return run
+
+
+def worker(spec: dict) -> dict:
+    import torch
+    device = torch.device(spec.get("device", "cpu"))
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    if spec.get("chunk_elements"):
+        from gnnmegatron.ops import settings
+        settings.chunk_elements = int(spec["chunk_elements"])
+    if spec.get("compile"):
+        from gnnmegatron.ops import settings
+        settings.compile = spec["compile"]
+    N, E, F, K = spec["N"], spec["E"], spec["F"], spec["K"]
+    ei, h, R, w, lin, grad_m = _make_inputs(N, E, F, K, device, dtype)
+    run = _method(spec["method"], ei, lin, F, N)
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step():
+        for t in (h, R, w, *lin.parameters()):
+            t.grad = None
+        sync()
+        t0 = time.perf_counter()
+        m = run(h, R, w)
+        sync()
+        t1 = time.perf_counter()
+        m.backward(grad_m)
+        sync()
+        t2 = time.perf_counter()
+        del m
+        return t1 - t0, t2 - t0
+
+    t_warm = time.perf_counter()
+    step()  # warm-up: allocator, autotuning, torch.compile
+    warmup_s = time.perf_counter() - t_warm
+    if spec.get("phase") == "memory":
+        return _memory_row(spec, step, cuda)
+    fwd, total = [], []
+    for _ in range(spec.get("repeats", 3)):
+        f_s, t_s = step()
+        fwd.append(f_s)
+        total.append(t_s)
+    for t in (h, R, w, *lin.parameters()):
+        t.grad = None
+    row = dict(spec)
+    row.update(fwd_s=statistics.median(fwd), fwd_bwd_s=statistics.median(total), fwd_bwd_min_s=min(total),
+               warmup_s=warmup_s)
+    if cuda:
+        row.update(_memory_row(spec, step, cuda))
+        if spec["method"] == "fused-triton":
+            from gnnmegatron.kernels.fused_message import fused_message_bytes
+            nbytes = fused_message_bytes(N, E, F, K, h.element_size(), has_w=True)
+            name = torch.cuda.get_device_name()
+            bw = next((b for key, b in HBM_BANDWIDTH if key in name), None)
+            row.update(fwd_bytes=nbytes, fwd_bytes_per_s=nbytes / row["fwd_s"], device_name=name,
+                       hbm_bytes_per_s=bw, hbm_fraction=(nbytes / row["fwd_s"] / bw) if bw else None)
+    return row
+
+
+def _memory_row(spec, step, cuda) -> dict:
+    """Peak working memory of one step (see the module docstring)."""
+    import torch
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        return dict(peak_mem_bytes=torch.cuda.max_memory_allocated() - before)
+    with RssSampler() as sampler:
+        step()
+    return dict(peak_mem_bytes=sampler.peak - sampler.base, rss_before_step_bytes=sampler.base,
+                ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+# ----------------------------------------------------------------------------- driver side
+def _spawn(spec: dict, timeout: float, env=None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timeout after {timeout:.0f} s")
+    if proc.returncode != 0:
+        return dict(error=(proc.stderr.strip().splitlines() or ["?"])[-1][:300])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_worker(spec: dict, timeout: float) -> dict:
+    """Timing in one subprocess; on CPU the memory step in a second one whose glibc malloc has a
+    fixed 128 KiB mmap threshold, so every tensor buffer is mapped on allocation and unmapped on
+    free and RSS follows live tensors (timing runs with the default allocator behaviour)."""
+    t0 = time.time()
+    row = dict(spec)
+    row.update(_spawn(dict(spec, phase="time"), timeout))
+    if spec["device"] == "cpu" and "error" not in row:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+        mem = _spawn(dict(spec, phase="memory"), timeout, env)
+        row.update(mem if "error" not in mem else {"memory_error": mem["error"]})
+    row["wall_s"] = round(time.time() - t0, 1)
+    return row
+
+
+def available_methods(device: str) -> list[str]:
+    import importlib.util
+    methods = ["naive"]
+    for name, module in (("torch_scatter", "torch_scatter"), ("pyg", "torch_geometric")):
+        if importlib.util.find_spec(module) is not None:
+            methods.append(name)
+    methods.append("fused-torch")
+    if device == "cuda":
+        methods.append("fused-triton")
+    return methods
+
+
+def machine_info(device: str) -> str:
+    if device == "cuda":
+        import torch
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB"
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for dist in ("torch", "triton", "megatron-core", "numpy", "torch-scatter", "torch-geometric"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def plot(rows, headline_key, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    head = [r for r in rows if r.get("group") == "headline" and "error" not in r]
+    names = [r["method"] for r in head]
+    axes[0].bar(names, [r["fwd_bwd_s"] for r in head], color="tab:blue")
+    axes[0].set_ylabel("forward + backward (s)")
+    axes[0].set_title(f"{headline_key}: time")
+    axes[1].bar(names, [r["peak_mem_bytes"] / 2**30 for r in head], color="tab:orange")
+    axes[1].set_ylabel("peak working memory (GiB)")
+    axes[1].set_title(f"{headline_key}: memory")
+    for group, marker in (("sweep_degree", "o"), ("sweep_F", "s")):
+        sweep = [r for r in rows if r.get("group") == group and "error" not in r]
+        xs = sorted({(r["E"] // r["N"], r["F"]) for r in sweep})
+        speed = []
+        for x in xs:
+            by = {r["method"]: r for r in sweep if (r["E"] // r["N"], r["F"]) == x}
+            if "naive" in by and "fused-torch" in by:
+                speed.append((x, by["naive"]["fwd_bwd_s"] / by["fused-torch"]["fwd_bwd_s"]))
+        if speed:
+            labels = [f"E/N={d}" if group == "sweep_degree" else f"F={f}" for (d, f), _ in speed]
+            axes[2].plot(labels, [s for _, s in speed], marker=marker, label=group.replace("sweep_", "vs "))
+    axes[2].axhline(TARGET_SPEEDUP, color="gray", ls="--", lw=1, label=f"target {TARGET_SPEEDUP:g}x")
+    axes[2].set_ylabel("speed-up of fused vs naive (fwd+bwd)")
+    axes[2].set_title("sweeps (N = 16384)")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--machine", default=None, help="results name suffix (default: cpu<cores> or the GPU kind)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
+    ap.add_argument("--sweep-chunk", action="store_true", help="time the torch backend's chunk sizes only")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.machine:
+        machine = args.machine
+    elif device == "cuda":
+        name = torch.cuda.get_device_name()
+        machine = "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
+    else:
+        machine = f"cpu{os.cpu_count()}"
+    methods = available_methods(device)
+    if args.quick:
+        head, base_n, degrees, widths = dict(N=4096, E=65536, F=64, K=16), 2048, (8, 32), (32, 64)
+    else:
+        head, base_n, degrees, widths = HEADLINE, 16384, (8, 16, 32), (64, 128)
+    specs = []
+    if args.sweep_chunk:
+        for ce in (1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21):
+            specs.append(dict(head, method="fused-torch", group="chunk", chunk_elements=ce))
+    else:
+        specs += [dict(head, method=m, group="headline") for m in methods]
+        specs += [dict(N=base_n, E=base_n * d, F=256 if not args.quick else 64, K=head["K"], method=m,
+                       group="sweep_degree") for d in degrees for m in methods if m in ("naive", "fused-torch",
+                                                                                           "fused-triton")]
+        specs += [dict(N=base_n, E=base_n * 32, F=f, K=head["K"], method=m, group="sweep_F")
+                  for f in widths for m in methods if m in ("naive", "fused-torch", "fused-triton")]
+    rows = []
+    for spec in specs:
+        spec.update(device=device, dtype="float32", repeats=args.repeats)
+        row = run_worker(spec, args.timeout)
+        rows.append(row)
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                 if k in ("method", "group", "N", "E", "F", "fwd_s", "fwd_bwd_s", "peak_mem_bytes", "error",
+                          "chunk_elements", "hbm_fraction")}
+        print(json.dumps(shown), flush=True)
+
+    def get(method, group="headline"):
+        return next((r for r in rows if r["method"] == method and r.get("group") == group and "error" not in r), None)
+
+    summary = {}
+    naive, fused = get("naive"), get("fused-triton" if device == "cuda" else "fused-torch")
+    if naive and fused:
+        summary.update(
+            size=f"N={head['N']} E={head['E']} F={head['F']} K={head['K']}",
+            fused_backend=fused["method"],
+            naive_fwd_bwd_s=round(naive["fwd_bwd_s"], 3), fused_fwd_bwd_s=round(fused["fwd_bwd_s"], 3),
+            speedup_vs_naive=round(naive["fwd_bwd_s"] / fused["fwd_bwd_s"], 2),
+            forward_speedup_vs_naive=round(naive["fwd_s"] / fused["fwd_s"], 2),
+            naive_peak_mem_bytes=naive["peak_mem_bytes"], fused_peak_mem_bytes=fused["peak_mem_bytes"],
+            peak_memory_ratio_vs_naive=round(naive["peak_mem_bytes"] / max(1, fused["peak_mem_bytes"]), 2),
+            ru_maxrss_ratio_vs_naive=round(naive["ru_maxrss_bytes"] / max(1, fused["ru_maxrss_bytes"]), 2),
+            target_speedup=TARGET_SPEEDUP, target_peak_memory_ratio=TARGET_MEMORY_RATIO,
+        )
+        summary["meets_targets"] = bool(summary["speedup_vs_naive"] >= TARGET_SPEEDUP
+                                        and summary["peak_memory_ratio_vs_naive"] >= TARGET_MEMORY_RATIO)
+        if fused.get("hbm_fraction") is not None:
+            summary["hbm_bandwidth_fraction"] = round(fused["hbm_fraction"], 3)
+            summary["fwd_bytes"] = fused["fwd_bytes"]
+            summary["meets_targets"] = summary["meets_targets"] and summary["hbm_bandwidth_fraction"] >= \
+                TARGET_BANDWIDTH_FRACTION
+    for other in ("torch_scatter", "pyg"):
+        r = get(other)
+        if r and fused:
+            summary[f"speedup_vs_{other}"] = round(r["fwd_bwd_s"] / fused["fwd_bwd_s"], 2)
+    if "torch_scatter" not in methods:
+        summary["torch_scatter"] = "not installed: baseline skipped"
+    if "pyg" not in methods:
+        summary["pyg"] = "not installed: baseline skipped"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "kernels" if not args.sweep_chunk else "kernels-chunk"
+    base = RESULTS / f"{name}-{machine}"
+    doc = {
+        "benchmark": name,
+        "machine": machine_info(device),
+        "command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""), "python"]
+                            + [shlex.quote(a) for a in sys.argv]),
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "method": {
+            "computation": "m_i = sum_j w_ij silu(W [h_i; h_j; R_ij] + b), backward of a random dL/dm to h, R, w, "
+                           "W, b; float32",
+            "time": f"median of {args.repeats} forward+backward steps after one warm-up step (the warm-up includes "
+                    "torch.compile's compile on CPU and autotuning on GPU)",
+            "peak_mem_bytes": ("CPU: peak RSS sampled every 0.5 ms during one forward+backward step (after a "
+                               "warm-up step) minus the RSS just before it: the working memory of the step; "
+                               "inputs, parameters and compiled code excluded. Measured in a separate subprocess "
+                               "per configuration with MALLOC_MMAP_THRESHOLD_=131072 so that freed tensor "
+                               "buffers leave the RSS (glibc's default dynamic threshold keeps them, which hides "
+                               "reuse). GPU: "
+                               "torch.cuda.max_memory_allocated minus the allocation before the step."),
+            "ru_maxrss_bytes": "whole-life peak RSS of the configuration's subprocess (imports, inputs, warm-up "
+                               "and compile included)",
+        },
+        "rows": rows,
+        "summary": summary,
+    }
+    base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(base.with_suffix(".csv"), "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows(rows)
+    if not args.sweep_chunk:
+        plot(rows, summary.get("size", ""), base.with_suffix(".png"))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {base.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

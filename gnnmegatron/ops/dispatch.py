@@ -1,0 +1,182 @@
+"""Backend choice, CSR plans and the knobs of the chunked torch path.
+
+Backends (one public function per op, ``backend=`` picks one):
+
+* ``"reference"``: plain torch that materialises every edge tensor; autograd does the
+  rest. The oracle of the tests.
+* ``"torch"``: the CPU path. Edges are processed in chunks (bounded memory), backward
+  recomputes; large problems run the chunk body through ``torch.compile`` (lazily, cached).
+* ``"triton"``: the GPU kernels in ``gnnmegatron.kernels``. On CPU only with
+  ``TRITON_INTERPRET=1`` set before the kernels are imported (slow; tests use it).
+
+Which backend runs, first match wins:
+
+1. the op's ``backend=`` argument (``ModelConfig.ops_backend`` when it is not ``"auto"``);
+2. ``use_backend(name)`` (context manager) or ``set_backend(name)`` (process-wide);
+3. the environment variable ``GNNMEGATRON_OPS_BACKEND``;
+4. by device: ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``.
+
+``"auto"`` at any level means "no preference here".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton")
+ENV_BACKEND = "GNNMEGATRON_OPS_BACKEND"
+ENV_COMPILE = "GNNMEGATRON_OPS_COMPILE"
+ENV_CHUNK = "GNNMEGATRON_OPS_CHUNK_ELEMENTS"
+
+_override: str | None = None
+
+
+@dataclass
+class OpsSettings:
+    """Knobs of the chunked torch backend (module-level ``settings``; tests change them).
+
+    Attributes:
+        chunk_elements: edges per chunk = ``max(1, chunk_elements // F)``, so each [chunk, F]
+            temporary holds ``chunk_elements`` values. 2^20 (4 MiB fp32, 4096 edges at F=256):
+            on 2 EPYC cores at N=16k, E=512k, F=256 forward+backward took 0.88 s compiled
+            (1.4 s eager) at 2^20 against 1.2 s at 2^18 and 1.7 s at 2^16 -- fewer chunk calls,
+            temporaries still cache-sized; ``benchmarks/kernels.py --sweep-chunk`` re-measures.
+        chunk_edges: if set, a fixed number of edges per chunk (overrides ``chunk_elements``).
+        compile: ``"auto"`` (compile the chunk bodies when ``E * F >= compile_min_elements``),
+            ``"always"``, or ``"never"``. Env ``GNNMEGATRON_OPS_COMPILE`` sets the default.
+        compile_min_elements: ``E * F`` from which ``"auto"`` compiles. A cold compile costs
+            20-50 s on 2 cores (about 4 s from the inductor cache); the compiled body saves
+            about 2.5x of eager time, so it pays on large, repeated calls only.
+    """
+
+    chunk_elements: int = int(os.environ.get(ENV_CHUNK, 1 << 20))
+    chunk_edges: int | None = None
+    compile: str = os.environ.get(ENV_COMPILE, "auto")
+    compile_min_elements: int = 1 << 24
+
+    def edges_per_chunk(self, num_features: int) -> int:
+        if self.chunk_edges is not None:
+            return max(1, int(self.chunk_edges))
+        return max(1, int(self.chunk_elements) // max(1, int(num_features)))
+
+    def want_compile(self, work: int) -> bool:
+        mode = {"1": "always", "0": "never", "true": "always", "false": "never"}.get(str(self.compile).lower(),
+                                                                                     str(self.compile).lower())
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"ops compile setting must be auto, always or never, got {self.compile!r}")
+        return mode == "always" or (mode == "auto" and work >= self.compile_min_elements)
+
+
+settings = OpsSettings()
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown ops backend {name!r} from {where}; use one of {list(BACKENDS)} or 'auto'")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Process-wide backend override (``None`` or ``"auto"`` removes it)."""
+    global _override
+    _override = None if name in (None, "auto") else _check_name(name, "set_backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """``with use_backend("reference"): ...`` -- override inside the block only."""
+    global _override
+    before = _override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _override = before
+
+
+def triton_interpret() -> bool:
+    """True when ``TRITON_INTERPRET=1``: triton kernels then run on CPU tensors (slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401  (only checks that it imports)
+    except Exception:  # pragma: no cover - triton missing or broken
+        return False
+    return True
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend that runs for tensors on ``device`` (see the module docstring for the order)."""
+    name = "auto"
+    for value, where in ((backend, "the backend= argument"), (_override, "set_backend/use_backend"),
+                         (os.environ.get(ENV_BACKEND), f"${ENV_BACKEND}")):
+        if value not in (None, "", "auto"):
+            name = _check_name(value, where)
+            break
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("ops backend 'triton' was asked for but triton does not import; "
+                               "use backend='torch' or install triton")
+        if device.type != "cuda" and not triton_interpret():
+            raise RuntimeError(f"ops backend 'triton' needs CUDA tensors, got device {device}; set "
+                               f"TRITON_INTERPRET=1 before importing the kernels to run them on CPU (slow)")
+    return name
+
+
+class CSRPlan(NamedTuple):
+    """Destination-sorted (CSR) view of an edge list, computed once per graph and shared by ops.
+
+    Attributes:
+        ptr: [N + 1] int64; the edges of destination i are sorted positions ptr[i]..ptr[i+1].
+        perm: [E] int64 edge ids in destination order, or ``None`` when the edges are already
+            sorted by destination (then sorted position == edge id).
+        index: [E] int64 destination of each edge (in the caller's edge order).
+    """
+
+    ptr: torch.Tensor
+    perm: torch.Tensor | None
+    index: torch.Tensor
+
+
+def is_sorted(index: torch.Tensor) -> bool:
+    """Whether ``index`` is non-decreasing (one pass and a device sync)."""
+    return index.numel() <= 1 or bool((index[1:] >= index[:-1]).all())
+
+
+def csr_plan(index: torch.Tensor, num_nodes: int, sorted: bool | None = None) -> CSRPlan:
+    """Build the ``CSRPlan`` of destination ``index`` [E] over ``num_nodes`` nodes.
+
+    Args:
+        index: [E] int64 destination of each edge (``edge_index[0]``), values in [0, num_nodes).
+        num_nodes: N.
+        sorted: ``True`` if ``index`` is known to be sorted, ``False`` if known not to be,
+            ``None`` to check (a device sync; under ``torch.compile`` it assumes unsorted,
+            which stays traceable and is correct for sorted input too).
+    """
+    index = index.reshape(-1).to(torch.long)
+    if sorted is None:
+        sorted = False if torch.compiler.is_compiling() else is_sorted(index)
+    perm = None if sorted else torch.argsort(index, stable=True)
+    keys = index if perm is None else index[perm]
+    ptr = torch.searchsorted(keys, torch.arange(num_nodes + 1, device=index.device, dtype=torch.long))
+    return CSRPlan(ptr, perm, index)
+
+
+def ptr_to_index(ptr: torch.Tensor) -> torch.Tensor:
+    """[N + 1] CSR pointer -> [E] sorted segment id of each row."""
+    counts = ptr[1:] - ptr[:-1]
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=ptr.device), counts)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for half types, the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -1,0 +1,280 @@
+"""``fused_message_aggregate``: EGNN's first edge layer, gathered, activated and summed per node.
+
+::
+
+    z_ij = P_i + Q_j + R_ij C + b          (P = h A^T, Q = h B^T: per-node GEMMs done by the caller)
+    m_i  = sum_{j : (i, j) in E} w_ij act(z_ij)
+    s_ij = act(z_ij) . v                    (optional per-edge scalars: coordinate / force heads)
+
+No ``[E, F]`` tensor is stored for backward: the backward op recomputes ``z`` chunk by chunk
+(torch backend) or tile by tile (triton backend). Gradients reach P, Q, R, C, b, w and v.
+
+Double backward (conservative-force training differentiates the backward once more) is a
+slower differentiable formulation: the backward op's own autograd re-runs the chunk's
+backward in plain torch under autograd and takes its vector-Jacobian product, one chunk at
+a time, so it is exact and its memory stays ``O(chunk * F)``.
+
+Registered ops (``torch.library.custom_op``, with fake implementations for torch.compile):
+``gnnmegatron::fused_message_fwd`` and ``gnnmegatron::fused_message_bwd``.
+
+Shapes:
+    P [N, F], Q [N_src, F], edge_index [2, E] (row 0 = dst i, row 1 = src j), R [E, K],
+    C [K, F], b [F], w [E], v [F] -> m [N, F], s [E].
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from gnnmegatron.ops.activations import act, act_and_grad, check_activation
+from gnnmegatron.ops.dispatch import CSRPlan, compute_dtype, csr_plan, resolve_backend, settings
+from gnnmegatron.ops.fused_message_torch import fused_message_bwd_torch, fused_message_fwd_torch
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------- reference
+def fused_message_reference(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tensor, C: Tensor, b: Tensor | None = None,
+                            w: Tensor | None = None, v: Tensor | None = None, activation: str = "silu"):
+    """Plain torch oracle that materialises the [E, F] pre-activations (fp32 math for half inputs)."""
+    dst, src = edge_index[0], edge_index[1]
+    cdt = compute_dtype(P.dtype)
+    z = P[dst].to(cdt) + Q[src].to(cdt) + R.to(cdt) @ C.to(cdt)
+    if b is not None:
+        z = z + b.to(cdt)
+    a = act(activation, z)
+    msg = a * w.to(cdt).unsqueeze(1) if w is not None else a
+    m = msg.new_zeros((P.shape[0], P.shape[1])).index_add(0, dst, msg).to(P.dtype)
+    if v is None:
+        return m
+    return m, (a @ v.to(cdt)).to(P.dtype)
+
+
+# ----------------------------------------------------------------------------- forward op
+@torch.library.custom_op("gnnmegatron::fused_message_fwd", mutates_args=())
+def fused_message_fwd(P: Tensor, Q: Tensor, dst: Tensor, src: Tensor, ptr: Tensor, perm: Optional[Tensor],
+                      R: Tensor, C: Tensor, b: Tensor, w: Optional[Tensor], v: Optional[Tensor],
+                      activation: str, backend: str) -> tuple[Tensor, Tensor]:
+    """``(m [N, F], s [E] or [0])``; ``dst`` in caller order, ``ptr``/``perm`` its CSR plan."""
+    if backend == "triton":
+        from gnnmegatron.kernels.fused_message import fused_message_fwd as launch
+        return launch(P.contiguous(), Q.contiguous(), src, ptr, perm, R.contiguous(), C.contiguous(), b.contiguous(),
+                      w, v, activation)
+    return fused_message_fwd_torch(P, Q, dst, src, perm, R, C, b, w, v, activation)
+
+
+@fused_message_fwd.register_fake
+def _(P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, backend):
+    return P.new_empty(P.shape), P.new_empty((R.shape[0],) if v is not None else (0,))
+
+
+# ----------------------------------------------------------------------------- backward op
+@torch.library.custom_op("gnnmegatron::fused_message_bwd", mutates_args=())
+def fused_message_bwd(gm: Tensor, gs: Optional[Tensor], P: Tensor, Q: Tensor, dst: Tensor, src: Tensor, ptr: Tensor,
+                      perm: Optional[Tensor], R: Tensor, C: Tensor, b: Tensor, w: Optional[Tensor], v: Optional[Tensor],
+                      activation: str, backend: str, needs: Sequence[bool]) -> list[Tensor]:
+    """``[dP, dQ, dR, dC, db, dw, dv]``; an entry not in ``needs`` (or dw/dv without w/v) is empty."""
+    needs = [bool(n) for n in needs]
+    if backend == "triton":
+        from gnnmegatron.kernels.fused_message import fused_message_bwd as launch
+        return list(launch(gm.contiguous(), gs, P.contiguous(), Q.contiguous(), src, ptr, perm, R.contiguous(),
+                           C.contiguous(), b.contiguous(), w, v, activation, needs))
+    return list(fused_message_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, needs))
+
+
+def _bwd_shapes(P, Q, R, C, b, w, v, needs):
+    full = [P, Q, R, C, b, w, v]
+    return [t.new_empty(t.shape) if (n and t is not None) else P.new_empty(0) for t, n in zip(full, needs)]
+
+
+@fused_message_bwd.register_fake
+def _(gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, backend, needs):
+    return _bwd_shapes(P, Q, R, C, b, w, v, needs)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _fwd_setup(ctx, inputs, output):
+    P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, backend = inputs
+    ctx.activation, ctx.backend = activation, backend
+    ctx.save_for_backward(P, Q, dst, src, ptr, perm, R, C, b, w, v)
+
+
+def _fwd_backward(ctx, gm, gs):
+    P, Q, dst, src, ptr, perm, R, C, b, w, v = ctx.saved_tensors
+    ng = ctx.needs_input_grad
+    needs = [ng[0], ng[1], ng[6], ng[7], ng[8], bool(ng[9] and w is not None), bool(ng[10] and v is not None)]
+    if gm is None:
+        gm = torch.zeros_like(P)
+    if v is None:
+        gs = None
+    elif gs is None:
+        gs = P.new_zeros(R.shape[0])
+    outs = fused_message_bwd(gm.contiguous(), gs, P, Q, dst, src, ptr, perm, R, C, b, w, v,
+                             ctx.activation, ctx.backend, needs)
+    dP, dQ, dR, dC, db, dw, dv = [o if n else None for o, n in zip(outs, needs)]
+    return dP, dQ, None, None, None, None, dR, dC, db, dw, dv, None, None
+
+
+fused_message_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+def _bwd_setup(ctx, inputs, output):
+    gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, backend, needs = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(gm, gs, P, Q, dst, src, perm, R, C, b, w, v)
+
+
+def _bwd_backward(ctx, *grads):
+    """Double backward: chunked VJP of a differentiable torch re-computation of the backward."""
+    gm, gs, P, Q, dst, src, perm, R, C, b, w, v = ctx.saved_tensors
+    ng = ctx.needs_input_grad
+    need = dict(gm=ng[0], gs=ng[1] and gs is not None, P=ng[2], Q=ng[3], R=ng[8], C=ng[9], b=ng[10],
+                w=ng[11] and w is not None, v=ng[12] and v is not None)
+    if len(grads) == 1 and isinstance(grads[0], (list, tuple)):  # list-returning ops get one list
+        grads = tuple(grads[0])
+    gg = [g if (g is not None and g.numel() > 0) else None for g in grads]
+    out = double_backward(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, ctx.activation, gg, need)
+    return (out["gm"], out["gs"], out["P"], out["Q"], None, None, None, None, out["R"], out["C"], out["b"],
+            out["w"], out["v"], None, None, None)
+
+
+fused_message_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
+
+
+def double_backward(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, gg, need) -> dict:
+    """Gradients of ``<gg, fused_message_bwd(gm, gs, P, ...)>`` w.r.t. gm, gs, P, Q, R, C, b, w, v.
+
+    ``gg`` = (ggP, ggQ, ggR, ggC, ggb, ggw, ggv), ``None`` where absent. Chunk by chunk, the
+    chunk's share of the backward is rebuilt with torch ops and differentiated by autograd;
+    with ``create_graph`` (grad mode on) the result is differentiable once more.
+    """
+    ggP, ggQ, ggR, ggC, ggb, ggw, ggv = gg
+    out = {k: None for k in need}
+    if not any(need.values()):
+        return out
+    create = torch.is_grad_enabled()
+    E, F = R.shape[0], P.shape[1]
+    cdt = compute_dtype(P.dtype)
+    full = dict(gm=gm, gs=gs, P=P, Q=Q, R=R, C=C, b=b, w=w, v=v)
+    leaf = {}
+    for name, t in full.items():
+        if t is None:
+            leaf[name] = None
+            continue
+        t = t if create else t.detach()
+        if need[name] and not t.requires_grad:
+            t = t.requires_grad_()
+        leaf[name] = t
+    acc = {name: (torch.zeros(full[name].shape, dtype=cdt, device=P.device) if need[name] else None)
+           for name in full}
+
+    def add(name, idx, g, rows):
+        if g is None or acc[name] is None:
+            return
+        if rows == "all":
+            acc[name] = acc[name] + g if create else acc[name].add_(g)
+        elif rows == "edge":
+            acc[name] = acc[name].index_put((idx,), g, accumulate=True) if create else \
+                acc[name].index_put_((idx,), g, accumulate=True)
+        else:
+            acc[name] = acc[name].index_add(0, rows, g) if create else acc[name].index_add_(0, rows, g)
+
+    step = settings.edges_per_chunk(F)
+    with torch.enable_grad():
+        Cc, bc = leaf["C"].to(cdt), leaf["b"].to(cdt)
+        vc = leaf["v"].to(cdt) if v is not None else None
+        for e0 in range(0, E, step):
+            e1 = min(E, e0 + step)
+            idx = torch.arange(e0, e1, device=P.device) if perm is None else perm[e0:e1]
+            d, j = dst[idx], src[idx]
+            parts = dict(P=leaf["P"][d], Q=leaf["Q"][j], gm=leaf["gm"][d], R=leaf["R"][idx],
+                         gs=leaf["gs"][idx] if gs is not None else None, w=leaf["w"][idx] if w is not None else None)
+            z = torch.addmm(bc, parts["R"].to(cdt), Cc) + parts["P"].to(cdt) + parts["Q"].to(cdt)
+            a, da = act_and_grad(activation, z)
+            gmr = parts["gm"].to(cdt)
+            g = gmr * parts["w"].to(cdt).unsqueeze(1) if w is not None else gmr
+            if v is not None:
+                g = g + parts["gs"].to(cdt).unsqueeze(1) * vc
+            dz = g * da
+            G = None
+            for term in (ggP[d] if ggP is not None else None, ggQ[j] if ggQ is not None else None,
+                         ggR[idx].to(cdt) @ Cc if ggR is not None else None,
+                         parts["R"].to(cdt) @ ggC.to(cdt) if ggC is not None else None,
+                         ggb if ggb is not None else None):
+                if term is not None:
+                    G = term.to(cdt) if G is None else G + term.to(cdt)
+            loss = (dz * G).sum() if G is not None else z.new_zeros(())
+            if ggw is not None and w is not None:
+                loss = loss + (ggw[idx].to(cdt) * (gmr * a).sum(1)).sum()
+            if ggv is not None and v is not None:
+                loss = loss + (parts["gs"].to(cdt) @ (a @ ggv.to(cdt))).sum()
+            names = [n for n in ("P", "Q", "gm", "R", "gs", "w") if need[n]] + \
+                    [n for n in ("C", "b", "v") if need[n]]
+            tensors = [parts[n] if n in parts else leaf[n] for n in names]
+            if not loss.requires_grad:
+                continue
+            grads = torch.autograd.grad(loss, tensors, allow_unused=True, create_graph=create)
+            for n, gr in zip(names, grads):
+                if gr is None:
+                    continue
+                gr = gr.to(cdt)
+                rows = {"P": d, "gm": d, "Q": j}.get(n, "edge" if n in ("R", "gs", "w") else "all")
+                add(n, idx, gr, rows)
+    for name, t in acc.items():
+        if t is not None:
+            out[name] = t.to(full[name].dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- public
+def fused_message_aggregate(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tensor, C: Tensor, b: Tensor | None = None,
+                            w: Tensor | None = None, v: Tensor | None = None, *, activation: str = "silu",
+                            sorted: bool | None = None, plan: CSRPlan | None = None, backend: str | None = None):
+    """``m_i = sum_j w_ij act(P_i + Q_j + R_ij C + b)`` and optionally ``s_ij = act(...) . v``.
+
+    Args:
+        P: [N, F] receiver projections (``h @ A^T``), one row per destination node.
+        Q: [N_src, F] neighbour projections (``h @ B^T``).
+        edge_index: [2, E] int64, row 0 = dst i, row 1 = src j (sorted by dst or not).
+        R: [E, K] radial basis features.
+        C: [K, F] radial weight; ``b``: [F] bias (optional).
+        w: [E] per-edge envelope (optional, 1 when absent).
+        v: [F] vector of the per-edge scalars (optional).
+        activation: ``"silu"`` (default), ``"gelu"``, ``"tanh"`` or ``"softplus"``.
+        sorted: dst known sorted / unsorted / ``None`` to check.
+        plan: shared ``CSRPlan`` of ``edge_index[0]`` (then ``sorted`` is ignored).
+        backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``None``/``"auto"``.
+
+    Returns:
+        ``m`` [N, F], or ``(m, s)`` with ``s`` [E] when ``v`` is given; dtype of P.
+    """
+    check_activation(activation)
+    N, F = P.shape
+    E = edge_index.shape[1]
+    problems = []
+    if Q.dim() != 2 or Q.shape[1] != F:
+        problems.append(f"Q {list(Q.shape)} must be [N_src, F={F}]")
+    if R.dim() != 2 or R.shape[0] != E:
+        problems.append(f"R {list(R.shape)} must be [E={E}, K]")
+    K = R.shape[1] if R.dim() == 2 else -1
+    if tuple(C.shape) != (K, F):
+        problems.append(f"C {list(C.shape)} must be [K={K}, F={F}]")
+    for name, t, shape in (("b", b, (F,)), ("w", w, (E,)), ("v", v, (F,))):
+        if t is not None and tuple(t.shape) != shape:
+            problems.append(f"{name} {list(t.shape)} must be {list(shape)}")
+    dtypes = {t.dtype for t in (P, Q, R, C, b, w, v) if t is not None}
+    if len(dtypes) != 1:
+        problems.append(f"all float inputs must share one dtype, got {sorted(str(d) for d in dtypes)}")
+    if problems:
+        raise ValueError("fused_message_aggregate: " + "; ".join(problems))
+    name = resolve_backend(backend, P.device)
+    if name == "reference":
+        return fused_message_reference(P, Q, edge_index, R, C, b, w, v, activation)
+    if plan is None:
+        plan = csr_plan(edge_index[0], N, sorted)
+    if b is None:
+        b = P.new_zeros(F)
+    m, s = fused_message_fwd(P, Q, plan.index, edge_index[1], plan.ptr, plan.perm, R, C, b, w, v, activation, name)
+    return m if v is None else (m, s)
