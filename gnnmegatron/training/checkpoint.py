@@ -96,9 +96,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+# How a model is executed, not what it is: a checkpoint resumes under another setting of these.
+EXECUTION_FIELDS = ("execution", "ops_backend")
+
+
 def check_model_compatible(path: Path, saved_model_config: dict, model_config: dict) -> None:
-    """Raises CheckpointError naming each differing model field."""
-    keys = sorted(set(saved_model_config) | set(model_config))
+    """Raises CheckpointError naming each differing model field (execution settings excepted)."""
+    keys = sorted((set(saved_model_config) | set(model_config)) - set(EXECUTION_FIELDS))
     diff = [f"{k}: checkpoint={saved_model_config.get(k)!r} config={model_config.get(k)!r}"
             for k in keys if saved_model_config.get(k) != model_config.get(k)]
     if diff:

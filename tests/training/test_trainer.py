@@ -114,3 +114,14 @@ def test_report_counts_atoms_and_flops(emt_store, tmp_path):
     assert seen["atoms"] > 0 and seen["edges"] > seen["atoms"] and seen["flops"] > 6 * seen["atoms"]
     assert 0 < report["parameters_non_embedding"] < report["parameters"]
     assert report["val"]["loss"] == pytest.approx(report["val"]["energy_mae_per_atom"] + report["val"]["force_mae"])
+
+
+def test_checkpoint_resumes_under_fused_execution(emt_store, tmp_path):
+    """Execution mode is not model identity: an unfused run continues in fused mode, same weights."""
+    Trainer(_cfg(emt_store, tmp_path / "run", max_steps=2), resume="never").fit()
+    fused = _cfg(emt_store, tmp_path / "run", max_steps=3)
+    fused.model["execution"] = "fused"
+    trainer = Trainer(fused, resume="auto")
+    assert trainer.step == 2 and trainer.model_cfg.execution == "fused"
+    trainer.fit()
+    assert trainer.step == 3
