@@ -34,7 +34,13 @@ def pin_one_core() -> int:
     return cpu
 
 
-def machine_info() -> str:
+def machine_info(device: str = "cpu") -> str:
+    """GPU name and memory for ``device="cuda"``, else the CPU model and core count."""
+    if device == "cuda":
+        import torch
+
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB"
     model = "unknown CPU"
     try:
         for line in open("/proc/cpuinfo"):
@@ -49,7 +55,8 @@ def machine_info() -> str:
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
     out = {}
-    for dist in ("torch", "triton", "megatron-core", "zarr", "numcodecs", "numpy", "ase"):
+    for dist in ("torch", "triton", "megatron-core", "zarr", "numcodecs", "numpy", "ase", "torch-scatter",
+                 "torch-geometric"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:

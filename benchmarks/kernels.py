@@ -55,6 +55,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import machine_info, versions
+
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADLINE = dict(N=65536, E=2_000_000, F=256, K=32)
 TARGET_SPEEDUP = 3.0
@@ -266,33 +268,6 @@ def available_methods(device: str) -> list[str]:
     if device == "cuda":
         methods.append("fused-triton")
     return methods
-
-
-def machine_info(device: str) -> str:
-    if device == "cuda":
-        import torch
-        p = torch.cuda.get_device_properties(0)
-        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB"
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for dist in ("torch", "triton", "megatron-core", "numpy", "torch-scatter", "torch-geometric"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def plot(rows, headline_key, path):

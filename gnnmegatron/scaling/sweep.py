@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import fnmatch
 import gc
 import hashlib
@@ -68,14 +67,13 @@ import math
 import os
 import sys
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gnnmegatron.training.config import ConfigError, PretrainConfig, config_from_dict
+from gnnmegatron.training.config import ConfigError, PretrainConfig, build_dataclass, config_from_dict
 
 BUDGET_RULES = ("epochs", "atoms")
 RECORD_FILE = "record.json"
@@ -257,23 +255,7 @@ class SweepConfig:
 
 
 def _build(cls, values: Any, where: str):
-    if not isinstance(values, dict):
-        raise SweepError(f"{where} must be a mapping, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise SweepError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(names)}")
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for k, v in values.items():  # YAML 1.1 reads 1e-3 as a string
-        kinds = typing.get_args(hints[k]) or (hints[k],)
-        if isinstance(v, str) and (float in kinds or int in kinds):
-            try:
-                v = float(v) if float in kinds else int(v)
-            except ValueError as exc:
-                raise SweepError(f"{where}.{k} must be a number, got {v!r}") from exc
-        out[k] = v
-    return cls(**out)
+    return build_dataclass(cls, values, where, error=SweepError)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

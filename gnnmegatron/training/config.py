@@ -221,7 +221,7 @@ _SECTIONS = {
 }
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def _coerce(value: Any, hint: Any, where: str, error: type[Exception] = ConfigError) -> Any:
     """Converts YAML strings such as ``1e-3`` (YAML 1.1 reads them as str) to the field's number type."""
     if not isinstance(value, str):
         return value
@@ -229,23 +229,24 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     for number in (int, float):
         if number in args:
             try:
-                return number(value) if number is float else int(value)
+                return number(value)
             except ValueError:
                 continue
     if int in args or float in args:
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+        raise error(f"{where} must be a number, got {value!r}")
     return value
 
 
-def _build(cls, values: dict[str, Any], where: str):
+def build_dataclass(cls, values: dict[str, Any], where: str, error: type[Exception] = ConfigError):
+    """``cls(**values)`` refusing unknown keys and converting YAML number strings; errors name ``where``."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
+        raise error(f"{where} must be a mapping, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(names)}")
+        raise error(f"unknown key(s) {unknown} in {where}; allowed: {sorted(names)}")
     hints = typing.get_type_hints(cls)
-    values = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    values = {k: _coerce(v, hints[k], f"{where}.{k}", error) for k, v in values.items()}
     try:
         return cls(**values)
     except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
@@ -262,7 +263,7 @@ def config_from_dict(values: dict[str, Any]) -> PretrainConfig:
     kwargs: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         if name in values:
-            kwargs[name] = _build(cls, values.pop(name) or {}, name)
+            kwargs[name] = build_dataclass(cls, values.pop(name) or {}, name)
     if "model" in values:
         model = values.pop("model")
         if not isinstance(model, dict):
