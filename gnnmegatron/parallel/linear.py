@@ -260,9 +260,45 @@ def _nn_linear_init(weight: torch.Tensor) -> None:
 
 
 class _MegatronLinear(_ShardedLinear):
-    """Holds a megatron-core layer as ``self.layer``; ``weight``/``bias`` are its parameters."""
+    """Holds a megatron-core layer as ``self.layer``; ``weight``/``bias`` are its parameters.
+
+    Subclasses name the megatron-core class (``_mcore_name``), the dimension split over tp
+    (``_sharded_features``) and the extra constructor arguments (``_mcore_kwargs``).
+    """
 
     layer: nn.Module
+    _mcore_name: str
+    _sharded_features: str
+    _mcore_kwargs: dict
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        layout: ParallelLayout,
+        bias: bool = True,
+        *,
+        init_method: Callable | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        from megatron.core import tensor_parallel
+
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError("the megatron wrappers build on CPU (use_cpu_initialization); move the module afterwards")
+        self.in_features, self.out_features = in_features, out_features
+        self.tp_group = layout.tp_group
+        layout.check_divisible(getattr(self, self._sharded_features), self._sharded_features)
+        self.layer = getattr(tensor_parallel, self._mcore_name)(
+            in_features,
+            out_features,
+            config=_megatron_config(layout, dtype),
+            init_method=init_method or _nn_linear_init,
+            bias=bias,
+            tp_group=layout.tp_group,
+            **self._mcore_kwargs,
+        )
 
     @property
     def weight(self) -> nn.Parameter:
@@ -286,35 +322,9 @@ class MegatronColumnParallelLinear(_MegatronLinear):
 
     _weight_dim = 0
     _bias_sharded = True
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        layout: ParallelLayout,
-        bias: bool = True,
-        *,
-        init_method: Callable | None = None,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        from megatron.core.tensor_parallel import ColumnParallelLinear as _McoreColumn
-
-        if device is not None and torch.device(device).type != "cpu":
-            raise ValueError("the megatron wrappers build on CPU (use_cpu_initialization); move the module afterwards")
-        self.in_features, self.out_features = in_features, out_features
-        self.tp_group = layout.tp_group
-        layout.check_divisible(out_features, "out_features")
-        self.layer = _McoreColumn(
-            in_features,
-            out_features,
-            config=_megatron_config(layout, dtype),
-            init_method=init_method or _nn_linear_init,
-            bias=bias,
-            gather_output=False,
-            tp_group=layout.tp_group,
-        )
+    _mcore_name = "ColumnParallelLinear"
+    _sharded_features = "out_features"
+    _mcore_kwargs = {"gather_output": False}
 
 
 class MegatronRowParallelLinear(_MegatronLinear):
@@ -325,33 +335,7 @@ class MegatronRowParallelLinear(_MegatronLinear):
 
     _weight_dim = 1
     _bias_sharded = False
+    _mcore_name = "RowParallelLinear"
+    _sharded_features = "in_features"
+    _mcore_kwargs = {"input_is_parallel": True, "skip_bias_add": False}
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        layout: ParallelLayout,
-        bias: bool = True,
-        *,
-        init_method: Callable | None = None,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        from megatron.core.tensor_parallel import RowParallelLinear as _McoreRow
-
-        if device is not None and torch.device(device).type != "cpu":
-            raise ValueError("the megatron wrappers build on CPU (use_cpu_initialization); move the module afterwards")
-        self.in_features, self.out_features = in_features, out_features
-        self.tp_group = layout.tp_group
-        layout.check_divisible(in_features, "in_features")
-        self.layer = _McoreRow(
-            in_features,
-            out_features,
-            config=_megatron_config(layout, dtype),
-            init_method=init_method or _nn_linear_init,
-            bias=bias,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=layout.tp_group,
-        )
