@@ -223,8 +223,13 @@ def fused_message_bytes(N: int, E: int, F: int, K: int, itemsize: int, has_w=Tru
     return total
 
 
+def _contiguous(*vectors):
+    return tuple(x.contiguous() if x is not None else None for x in vectors)
+
+
 def fused_message_fwd(P, Q, src, ptr, perm, R, C, b, w, v, activation):
     """Launch the forward: returns (m [N, F] in P's dtype, s [E] or [0])."""
+    b, w, v = _contiguous(b, w, v)  # the kernels index these 1-D vectors with unit stride
     N, F = P.shape
     E, K = R.shape
     acc_tl, acc_torch = acc_dtype(P.dtype)
@@ -250,6 +255,7 @@ def fused_message_fwd(P, Q, src, ptr, perm, R, C, b, w, v, activation):
 
 def fused_message_bwd(gm, gs, P, Q, src, ptr, perm, R, C, b, w, v, activation, needs):
     """Launch the backward: returns [dP, dQ, dR, dC, db, dw, dv] (empty where not needed)."""
+    b, w, v = _contiguous(b, w, v)
     N, F = P.shape
     E, K = R.shape
     need_P, need_Q, need_R, need_C, need_b, need_w, need_v = needs

@@ -9,6 +9,9 @@
   direction); free when inactive.
 * :mod:`.linear` -- ``ColumnParallelLinear``/``RowParallelLinear`` (ours, double-backward
   correct) and wrappers of megatron-core's layers; ``from_full_weight``/``full_weight``.
+* :mod:`.egnn_tp` -- ``TPEGCL`` (tensor-parallel node_split EGNN block: node-sized
+  collectives only) and ``TPEGCLFaithful`` (HydraGNN's E_GCL under TP, E x H collectives).
+* :mod:`.parallelize` -- ``parallelize(model, layout)``, ``gather_state_dict``, ``gather_grads``.
 * :mod:`.testing` -- ``run_distributed`` for gloo tests (imported on demand).
 
 Importing this package does not import megatron-core (a ~5 s CPU import); ``init_layout`` and
@@ -24,6 +27,7 @@ from .collectives import (
     scatter_to_tp_region,
 )
 from .comm_stats import CommCounter, CommRecord
+from .egnn_tp import TPEGCL, TPEGCLFaithful
 from .layout import ParallelLayout, destroy_layout, init_layout, single
 from .linear import (
     ColumnParallelLinear,
@@ -32,6 +36,7 @@ from .linear import (
     RowParallelLinear,
     shard,
 )
+from .parallelize import gather_grads, gather_state_dict, parallelize
 
 __all__ = [
     "ColumnParallelLinear",
@@ -41,12 +46,17 @@ __all__ = [
     "MegatronRowParallelLinear",
     "ParallelLayout",
     "RowParallelLinear",
+    "TPEGCL",
+    "TPEGCLFaithful",
     "all_gather_along_dim",
     "all_reduce_sum_scalars",
     "copy_to_tp_region",
     "destroy_layout",
     "gather_from_tp_region",
+    "gather_grads",
+    "gather_state_dict",
     "init_layout",
+    "parallelize",
     "reduce_from_tp_region",
     "scatter_to_tp_region",
     "shard",
