@@ -101,7 +101,18 @@ EXECUTION_FIELDS = ("execution", "ops_backend")
 
 
 def check_model_compatible(path: Path, saved_model_config: dict, model_config: dict) -> None:
-    """Raises CheckpointError naming each differing model field (execution settings excepted)."""
+    """Raises CheckpointError naming each differing model field (execution settings excepted).
+
+    Fields added to ``ModelConfig`` after a checkpoint was written take their defaults, so older
+    checkpoints keep loading.
+    """
+    import dataclasses
+
+    from gnnmegatron.models.config import ModelConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    saved_model_config = {**defaults, **saved_model_config}
+    model_config = {**defaults, **model_config}
     keys = sorted((set(saved_model_config) | set(model_config)) - set(EXECUTION_FIELDS))
     diff = [f"{k}: checkpoint={saved_model_config.get(k)!r} config={model_config.get(k)!r}"
             for k in keys if saved_model_config.get(k) != model_config.get(k)]

@@ -125,3 +125,13 @@ def test_checkpoint_resumes_under_fused_execution(emt_store, tmp_path):
     assert trainer.step == 2 and trainer.model_cfg.execution == "fused"
     trainer.fit()
     assert trainer.step == 3
+
+
+def test_checkpoint_without_newer_model_fields_still_resumes(emt_store, tmp_path):
+    """A checkpoint written before a ModelConfig field existed resumes with that field's default."""
+    Trainer(_cfg(emt_store, tmp_path / "run", max_steps=1), resume="never").fit()
+    path = next((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    state = torch.load(path, weights_only=False)
+    del state["model_config"]["message"]
+    torch.save(state, path)
+    assert Trainer(_cfg(emt_store, tmp_path / "run", max_steps=2), resume="auto").step == 1
