@@ -49,8 +49,9 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
     val = [r for r in records if r.get("split") == "val"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     if train:
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
-    axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
+        axes[0].plot([r["step"] for r in train], [r.get("loss_mean", r["loss"]) for r in train], lw=1)
+    axes[0].set(xlabel="step", ylabel="training loss (mean over each log interval)", yscale="log",
+                title="training loss")
     for ax, key, base, unit, scale in (
         (axes[1], "energy_mae_per_atom", "baseline_energy_mae_per_atom", "meV/atom", 1000.0),
         (axes[2], "force_mae", "baseline_force_mae", "meV/Å", 1000.0),
