@@ -24,6 +24,8 @@ Shapes:
 
 from __future__ import annotations
 
+import builtins  # the public function's `sorted` argument shadows the builtin
+
 from typing import Optional, Sequence
 
 import torch
@@ -266,7 +268,7 @@ def fused_message_aggregate(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tensor,
             problems.append(f"{name} {list(t.shape)} must be {list(shape)}")
     dtypes = {t.dtype for t in (P, Q, R, C, b, w, v) if t is not None}
     if len(dtypes) != 1:
-        problems.append(f"all float inputs must share one dtype, got {sorted(str(d) for d in dtypes)}")
+        problems.append(f"all float inputs must share one dtype, got {builtins.sorted(str(d) for d in dtypes)}")
     if problems:
         raise ValueError("fused_message_aggregate: " + "; ".join(problems))
     name = resolve_backend(backend, P.device)

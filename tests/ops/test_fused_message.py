@@ -136,3 +136,15 @@ def test_clear_errors():
         fused_message_aggregate(P, Q, ei, R, C, backend="cuda")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         fused_message_aggregate(P, Q, ei, R, C, backend="triton")
+
+
+def test_mixed_dtypes_are_refused_with_their_names():
+    import pytest
+    import torch
+
+    from gnnmegatron.ops import fused_message_aggregate
+
+    P = torch.zeros(3, 4)
+    edge_index = torch.tensor([[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match=r"share one dtype, got \['torch.bfloat16', 'torch.float32'\]"):
+        fused_message_aggregate(P, P, edge_index, torch.zeros(2, 2), torch.zeros(2, 4, dtype=torch.bfloat16))
