@@ -2,7 +2,10 @@
 
 A checkpoint is ``<run_dir>/checkpoints/step_XXXXXXXX.pt`` holding the model and
 optimizer state, the sampler position, every RNG state, the step and the config,
-plus ``latest`` (a text file naming the newest complete checkpoint). Files are written
+plus ``latest`` (a text file naming the newest complete checkpoint). Under tensor parallelism the
+model state is still the gathered single-device one (the file loads under any layout and into
+``gnnmegatron.inference``), and each TP rank's optimizer state lies beside it in
+``step_XXXXXXXX.optim-tp{r}of{tp}.pt`` (written before ``latest`` moves, pruned with it). Files are written
 to a temporary name and renamed, so an interrupted save never replaces a good
 checkpoint with a half-written one.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +69,10 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int =
     latest_tmp = folder / f".latest.tmp-{os.getpid()}"
     latest_tmp.write_text(path.name + "\n")
     os.replace(latest_tmp, folder / "latest")
-    for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+    mains = sorted(f for f in folder.glob("step_*.pt") if re.fullmatch(r"step_\d+\.pt", f.name))
+    for old in mains[:-keep]:
+        for sidecar in folder.glob(f"{old.stem}.optim-*.pt"):  # per-rank optimizer files (TP runs)
+            sidecar.unlink()
         old.unlink()
     return path
 

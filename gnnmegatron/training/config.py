@@ -134,7 +134,15 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """Length of training, evaluation, logging and checkpoint cadence."""
+    """Length of training, evaluation, logging and checkpoint cadence, precision and memory.
+
+    ``dtype="bfloat16"`` keeps float32 weights, optimizer state and data (master weights) and runs
+    the model's forward (and so its backward) under ``torch.autocast(dtype=torch.bfloat16)``.
+    ``activation_checkpointing`` recomputes each message-passing block in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant) instead of keeping its activations.
+    ``init_from`` (path of a checkpoint file) starts a new run (step 0, fresh optimizer) from that
+    checkpoint's model weights; they are single-device, so any tp/dp layout may write or read them.
+    """
 
     max_steps: int = 1000
     eval_every: int = 250
@@ -144,6 +152,8 @@ class TrainConfig:
     num_threads: int | None = None
     dtype: str = "float32"
     progress: bool = True
+    activation_checkpointing: bool = False
+    init_from: str | None = None
 
     def __post_init__(self):
         for name in ("max_steps", "eval_every", "checkpoint_every", "log_every"):
@@ -151,8 +161,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"train.dtype must be float32 or float64, got {self.dtype!r}")
+        if self.dtype not in ("float32", "float64", "bfloat16"):
+            raise ConfigError(f"train.dtype must be float32, float64 or bfloat16, got {self.dtype!r}")
 
 
 @dataclass

@@ -1,14 +1,19 @@
 """The pretraining loop: energy + forces, AdamW with warm-up and cosine, clipping, validation,
 metrics, loss-curve PNG, checkpoints with bit-for-bit resume.
 
-Runs as one process or under ``torchrun``. Every rank of a data-parallel group reads its own
-shard of each global batch (``ChunkAwareSampler``) and gradients are averaged over the group.
-Tensor and pipeline layouts are applied by ``gnnmegatron.parallel`` in later releases;
-until then ``parallel.tp`` and ``parallel.pp`` must be 1.
+Runs as one process or under ``torchrun``. Every data-parallel replica reads its own shard of
+each global batch (``ChunkAwareSampler``, global batch b -> replica ``b % dp``) and gradients are
+averaged over the data-parallel group. With ``parallel.tp > 1`` (message="node_split" models)
+the single-device model is built from the same seed on every rank and ``parallelize``d: the
+``tp`` ranks of a TP group read the same micro-batch and each holds ``H / tp`` of every block
+(see :mod:`gnnmegatron.training.distributed`). Pipeline layouts (``parallel.pp > 1``) are not
+supported by the trainer yet.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import time
@@ -23,19 +28,59 @@ import yaml
 from gnnmegatron.training import checkpoint as ckpt
 from gnnmegatron.training.baselines import composition_energy, fit_reference_energies
 from gnnmegatron.training.config import ConfigError, PretrainConfig
+from gnnmegatron.training.distributed import (
+    TrainGroups,
+    clip_grad_norm,
+    dp_allreduce_grads,
+    optimizer_file,
+    split_params,
+)
 from gnnmegatron.training.logging import MetricsWriter, Progress, plot_loss_curve
 from gnnmegatron.training.losses import ErrorAccumulator, compute_loss
 from gnnmegatron.training.optim import build_optimizer, lr_at, set_lr
 
 
 def init_distributed() -> tuple[int, int]:
-    """Initialises torch.distributed when launched by torchrun; returns (rank, world_size)."""
+    """Initialises torch.distributed when launched by torchrun; returns (rank, world_size).
+
+    A process group initialised by the caller (e.g. ``run_distributed`` in tests) is used as is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     if "WORLD_SIZE" not in os.environ:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> int:
+    """Activation checkpointing: each message-passing block recomputes its forward in the backward.
+
+    Wraps every block's ``forward`` (instance attribute, so module names and state-dict keys are
+    unchanged) in ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (megatron-core's
+    ``tensor_parallel.checkpoint`` needs CUDA). Works on single-device and ``parallelize``d models;
+    the TP collectives of a block run again during recomputation, on every TP rank alike.
+    Returns the number of blocks wrapped.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = model.backbone.blocks if hasattr(model, "backbone") else model.blocks
+    for block in blocks:
+        if getattr(block, "_activation_checkpointed", False):
+            continue
+        forward = block.forward
+
+        @functools.wraps(forward)
+        def wrapped(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = wrapped
+        block._activation_checkpointed = True
+    return len(blocks)
 
 
 def ensure_store(cfg: PretrainConfig, rank: int) -> Path:
@@ -75,13 +120,26 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = init_distributed()
         layout = cfg.parallel.resolve(self.world)
-        if layout.tp != 1 or layout.pp != 1:
-            raise ConfigError(f"pretrain supports data parallelism only in this release (tp={layout.tp}, "
-                              f"pp={layout.pp}); set parallel.tp and parallel.pp to 1")
-        self.dp = layout.dp
+        if layout.pp != 1:
+            raise ConfigError(f"pretrain supports tensor and data parallelism only in this release "
+                              f"(pp={layout.pp}); set parallel.pp to 1")
+        self.model_cfg = cfg.model_config()
+        if layout.tp > 1 and self.model_cfg.message != "node_split":
+            raise ConfigError(f"parallel.tp={layout.tp} needs model.message='node_split' (the TP-native EGNN whose "
+                              f"collectives are node-sized), got message={self.model_cfg.message!r}")
+        if layout.tp > 1 and self.model_cfg.hidden % layout.tp:
+            raise ConfigError(f"model hidden={self.model_cfg.hidden} is not divisible by parallel.tp={layout.tp}")
+        if cfg.train.dtype == "bfloat16" and (layout.tp > 1 or self.model_cfg.execution == "fused"):
+            raise ConfigError(f"train.dtype=bfloat16 (autocast) is supported with tp=1 and the unfused execution "
+                              f"only, got tp={layout.tp}, model.execution={self.model_cfg.execution!r}: the fused "
+                              f"message op (used by every tp>1 block) needs all inputs in one dtype; use float32")
+        self.groups = TrainGroups.build(layout.tp, layout.dp, self.rank)
+        self.dp, self.tp = layout.dp, layout.tp
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        self.dtype = getattr(torch, cfg.train.dtype)
+        # bfloat16: float32 master weights and data, bf16 autocast around the model's forward.
+        self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
+        self.dtype = torch.float32 if self.autocast_dtype is not None else getattr(torch, cfg.train.dtype)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +155,7 @@ class Trainer:
         self.train_sampler = ChunkAwareSampler(
             self.store.atom_counts, self.store.graph_chunks, splits["train"], seed=cfg.seed, shuffle=True,
             budget_atoms=cfg.data.budget_atoms, max_graphs=cfg.data.max_graphs,
-            dp_rank=self.rank, dp_size=self.dp)
+            dp_rank=self.groups.dp_rank, dp_size=self.dp)
         if len(self.train_sampler) == 0:
             raise ConfigError(f"the training split gives no batch per rank (train graphs={len(splits['train'])}, "
                               f"dp={self.dp}, budget_atoms={cfg.data.budget_atoms}); use more data or fewer ranks")
@@ -111,7 +169,6 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.model_cfg = cfg.model_config()
         self.model = AtomisticModel(self.model_cfg).to(device=self.device, dtype=self.dtype)
         reference, self.stats = fit_reference_energies(self.store, splits["train"], self.model_cfg.max_z,
                                                        max_graphs=cfg.data.stats_graphs)
@@ -121,15 +178,28 @@ class Trainer:
         self.reference = reference
         self.model.set_reference_energies(reference.to(self.dtype))
         self.model.set_normalization(self.stats["force_rms"], 0.0)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.num_params_non_embedding = sum(p.numel() for n, p in self.model.named_parameters()
+                                            if not n.startswith("embedding"))
         self.step = 0
         self.epoch = 0
         self.seen = {"atoms": 0, "edges": 0, "graphs": 0, "flops": 0.0}
         self.best_val: dict[str, float] | None = None
 
         resume_path = self._resume_path(resume)
-        if resume_path is not None:
-            self._load(resume_path)
+        state = self._load_model(resume_path) if resume_path is not None else None
+        if state is None and cfg.train.init_from:
+            self._init_weights(Path(cfg.train.init_from))
+        if self.tp > 1:
+            from gnnmegatron.parallel import parallelize
+
+            parallelize(self.model, self.groups.layout)
+        if cfg.train.activation_checkpointing:
+            checkpoint_blocks(self.model)
+        self.sharded_params, self.replicated_params = split_params(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        if state is not None:
+            self._load_rest(resume_path, state)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
                                      resume_step=self.step if resume_path is not None else None) \
             if self.rank == 0 else None
@@ -147,10 +217,11 @@ class Trainer:
             return ckpt.find_latest(self.run_dir)
         return Path(resume)
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, model_state: dict | None = None, optimizer_state: dict | None = None) -> dict[str, Any]:
+        """Checkpoint content; under TP the caller passes the gathered model state (optimizer: None)."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.model.state_dict() if model_state is None else model_state,
+            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
             "model_config": self.model_cfg.to_dict(),
             "config": self.cfg.to_dict(),
             "sampler": self.train_loader.state_dict(),
@@ -160,18 +231,54 @@ class Trainer:
             "best_val": self.best_val,
             "stats": self.stats,
             "world_size": self.world,
+            "layout": self.groups.describe(),
         }
 
-    def _load(self, path: Path) -> None:
+    def _load_model(self, path: Path) -> dict[str, Any]:
+        """Reads a checkpoint, checks model and layout, loads the single-device weights (before parallelize)."""
         state = ckpt.load_checkpoint(path)
         ckpt.check_model_compatible(path, state["model_config"], self.model_cfg.to_dict())
-        if state.get("world_size", 1) != self.world:
-            raise ckpt.CheckpointError(f"{path} was written by {state['world_size']} data-parallel ranks but this "
-                                       f"run has {self.world}; resume with the same number of processes")
+        saved = state.get("layout") or {"tp": 1, "pp": 1, "dp": int(state.get("world_size", 1))}
+        here = self.groups.describe()
+        if saved != here:
+            def fmt(d):
+                return f"tp={d['tp']}, pp={d['pp']}, dp={d['dp']}"
+
+            raise ckpt.CheckpointError(
+                f"{path} was written under the layout {fmt(saved)} but this run has {fmt(here)}; resume with the "
+                f"same layout (optimizer shards and the sampler position depend on it). Its model weights are "
+                f"single-device and load under any layout: start a new run_dir with train.init_from={path} to "
+                f"continue from them (weights only) under another layout")
         ckpt.load_model_state(self.model, state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        return state
+
+    def _init_weights(self, path: Path) -> None:
+        """``train.init_from``: model weights only (any layout wrote them), step 0, fresh optimizer."""
+        state = ckpt.load_checkpoint(path)
+        ckpt.check_model_compatible(path, state["model_config"], self.model_cfg.to_dict())
+        ckpt.load_model_state(self.model, state["model"], path)
+        if self.rank == 0:
+            saved = state.get("layout") or {"tp": 1, "pp": 1, "dp": int(state.get("world_size", 1))}
+            print(f"initialised the model weights from {path} (step {state.get('step')}, layout {saved}); "
+                  f"optimizer, sampler and step start fresh", flush=True)
+
+    def _load_rest(self, path: Path, state: dict[str, Any]) -> None:
+        """Optimizer, sampler, counters and RNG of a checkpoint read by ``_load_model``."""
+        if self.tp > 1:
+            opt_path = optimizer_file(path, self.groups.tp_rank, self.tp)
+            if not opt_path.exists():
+                raise ckpt.CheckpointError(f"{path} lacks its optimizer file {opt_path.name} (tp rank "
+                                           f"{self.groups.tp_rank}); the checkpoint is incomplete")
+            self.optimizer.load_state_dict(torch.load(opt_path, map_location="cpu", weights_only=False))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.train_loader.load_state_dict(state["sampler"])
         self.epoch = state["epoch"]
+        if self.train_sampler.batches_done >= len(self.train_sampler):
+            # Saved right after an epoch's last batch: the uninterrupted run moves to the next epoch
+            # here (the sampler alone would replay the finished epoch).
+            self.epoch += 1
+            self.train_sampler.set_epoch(self.epoch)
         self.step = state["step"]
         self.seen = dict(state["seen"])
         self.best_val = state.get("best_val")
@@ -180,12 +287,28 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> Path | None:
-        """Writes a checkpoint and its model card (rank 0)."""
-        if self.rank != 0:
-            return None
+        """Writes a checkpoint and its model card (rank 0).
+
+        Under TP (collective: every rank calls it) the model state is gathered to the single-device
+        one and each TP rank of data-parallel replica 0 writes its optimizer state beside it first.
+        """
         from gnnmegatron.training.model_card import write_model_card
 
-        state = self._state()
+        if self.tp > 1:
+            from gnnmegatron.parallel import gather_state_dict
+
+            model_state = gather_state_dict(self.model)
+            main = self.run_dir / "checkpoints" / f"step_{self.step:08d}.pt"
+            if self.groups.dp_rank == 0:
+                ckpt.atomic_save(self.optimizer.state_dict(), optimizer_file(main, self.groups.tp_rank, self.tp))
+            dist.barrier()
+            if self.rank != 0:
+                return None
+            state = self._state(model_state, optimizer_state={}) | {"optimizer": None}
+        else:
+            if self.rank != 0:
+                return None
+            state = self._state()
         path = ckpt.save_checkpoint(self.run_dir, self.step, state, keep=self.cfg.train.keep_checkpoints)
         write_model_card(path, {**state, "step": self.step})
         return path
@@ -199,30 +322,49 @@ class Trainer:
             self.epoch += 1
             self.train_sampler.set_epoch(self.epoch)
 
+    def _autocast(self):
+        """bf16 autocast for ``train.dtype=bfloat16``; a no-op context otherwise."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _to_float(self, out: dict) -> dict:
+        """Model outputs in the data dtype (losses and metrics in float32 under bf16 autocast)."""
+        if self.autocast_dtype is None:
+            return out
+        return {k: (v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in out.items()}
+
     def _allreduce_grads(self) -> None:
-        if self.world == 1:
-            return
-        for p in self.model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(self.world)
+        dp_allreduce_grads(self.model.parameters(), self.groups)
 
     def train_step(self, batch: dict) -> tuple[float, dict[str, float]]:
         self.model.train()
         set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps))
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(batch, compute_forces=True,
-                         compute_stress=self.cfg.loss.stress_weight > 0 and self.model_cfg.force_mode == "conservative")
+        with self._autocast():
+            out = self.model(batch, compute_forces=True,
+                             compute_stress=self.cfg.loss.stress_weight > 0 and self.model_cfg.force_mode == "conservative")
+        out = self._to_float(out)
         loss, parts = compute_loss(out, batch, self.cfg.loss)
         loss.backward()
         self._allreduce_grads()
         grad_norm = float("nan")
         if self.cfg.optim.clip_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm))
+            if self.tp == 1:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                 self.cfg.optim.clip_grad_norm))
+            else:
+                grad_norm = clip_grad_norm(self.sharded_params, self.replicated_params,
+                                           self.cfg.optim.clip_grad_norm, self.groups)
         self.optimizer.step()
         self.step += 1
         self._count(batch)
-        return float(loss.detach()), {k: float(v) for k, v in parts.items()} | {"grad_norm": grad_norm}
+        # Logged loss: the mean over the data-parallel replicas (the loss of the global batch).
+        values = torch.stack([loss.detach()] + [v.detach() for v in parts.values()]).to(torch.float64)
+        if self.dp > 1:
+            self.groups.dp_all_reduce(values).div_(self.dp)
+        values = values.tolist()
+        return values[0], dict(zip(parts.keys(), values[1:])) | {"grad_norm": grad_norm}
 
     def _count(self, batch: dict) -> None:
         """Adds this step's global atoms, edges, graphs and analytic training FLOPs to ``seen``."""
@@ -230,8 +372,7 @@ class Trainer:
 
         local = torch.tensor([float(batch["num_atoms"].sum()), float(batch["edge_index"].shape[1]),
                               float(batch["num_atoms"].numel())], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(local)
+        self.groups.dp_all_reduce(local)
         atoms, edges, graphs = (int(v) for v in local.tolist())
         self.seen["atoms"] += atoms
         self.seen["edges"] += edges
@@ -243,18 +384,19 @@ class Trainer:
         self.model.eval()
         acc = ErrorAccumulator()
         for k, batch in enumerate(self.val_loader):
-            if k % self.world != self.rank:
+            if k % self.dp != self.groups.dp_rank:  # the TP ranks of a replica run the same batches
                 continue
             batch = {key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
             # Conservative forces are -dE/dx, so evaluation needs autograd (but no second-order graph).
-            with torch.enable_grad() if self.model_cfg.force_mode == "conservative" else torch.no_grad():
-                out = self.model(batch, compute_forces=True)
+            grad_mode = torch.enable_grad() if self.model_cfg.force_mode == "conservative" else torch.no_grad()
+            with grad_mode, self._autocast():
+                out = self._to_float(self.model(batch, compute_forces=True))
             base = composition_energy(self.reference, batch["atomic_numbers"], batch["batch"],
                                       int(batch["num_atoms"].numel()))
             acc.update(out, batch, base)
-        if self.world > 1:
+        if self.dp > 1:
             sums = acc.state()
-            dist.all_reduce(sums)
+            self.groups.dp_all_reduce(sums)
             acc.load(sums)
         result = acc.result()
         # One number to compare runs by (scaling fits): the loss weights applied to the two MAEs.
@@ -281,7 +423,7 @@ class Trainer:
             if not np.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss} at step {self.step}; lower optim.lr or "
                                          f"check the data (last checkpoint is kept in {self.run_dir}/checkpoints)")
-            atoms = int(batch["num_atoms"].sum()) * self.world
+            atoms = int(batch["num_atoms"].sum()) * self.dp
             rate = progress.update(atoms, loss)
             window["loss"] += loss
             window["atoms"] += atoms
@@ -326,9 +468,8 @@ class Trainer:
             "best_val": self.best_val,
             "energy_mae_ratio_vs_composition": val["energy_mae_per_atom"] / max(val["baseline_energy_mae_per_atom"], 1e-12),
             "force_mae_ratio_vs_zero": val["force_mae"] / max(val["baseline_force_mae"], 1e-12),
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "parameters_non_embedding": sum(p.numel() for n, p in self.model.named_parameters()
-                                            if not n.startswith("embedding")),
+            "parameters": self.num_params,
+            "parameters_non_embedding": self.num_params_non_embedding,
             "seen": dict(self.seen),
             "train_fraction": self.cfg.data.train_fraction,
             "preset": self.cfg.model["preset"],
