@@ -104,7 +104,7 @@ def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
-    timeout: float = 60.0,
+    timeout: float = 300.0,
     preload_megatron: bool = True,
 ) -> list[Any]:
     """Call ``fn(*args)`` on ``world_size`` gloo ranks; return their results in rank order.
