@@ -220,6 +220,20 @@ def test_tp2_dp2_trainer_equals_one_process(emt_store, tmp_path):
     ok, err = _close(energy, r0["energy"], rtol=1e-10)
     assert ok, f"energies of the loaded checkpoint differ (rel {err:.2e})"
 
+    # ... and so does the ASE calculator pointed at the tp=2 run directory
+    from ase import Atoms
+
+    from gnnmegatron.inference import GNNMegatronCalculator
+
+    calc = GNNMegatronCalculator(tmp_path / "full", dtype=torch.float64)
+    for g in range(len(batch["num_atoms"])):
+        lo, hi = int(batch["ptr"][g]), int(batch["ptr"][g + 1])
+        atoms = Atoms(numbers=batch["atomic_numbers"][lo:hi].numpy(), positions=batch["positions"][lo:hi].numpy(),
+                      cell=batch["cell"][g].numpy(), pbc=batch["pbc"][g].numpy())
+        atoms.calc = calc
+        e = atoms.get_potential_energy()
+        assert abs(e - float(r0["energy"][g])) <= 1e-9 * max(1.0, abs(e)), (g, e, float(r0["energy"][g]))
+
     # tp=2 checkpoint -> resume on tp=2 continues identically (bit for bit)
     assert r0["resumed_step"] == 12 and r0["stopped_at_epoch_end"]
     assert _train_log(tmp_path / "part") == _train_log(tmp_path / "full")
