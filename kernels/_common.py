@@ -46,6 +46,22 @@ def act_and_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def edge_block(PERM, e0, end, BLOCK_E: tl.constexpr, HAS_PERM: tl.constexpr):
+    """Edge ids and mask of one block ``[e0, e0 + BLOCK_E)`` of a CSR segment ending at ``end``.
+
+    ``PERM`` maps destination-sorted positions to edge ids (unsorted inputs); without it the
+    positions are the edge ids.
+    """
+    e = e0 + tl.arange(0, BLOCK_E)
+    emask = e < end
+    if HAS_PERM:
+        eid = tl.load(PERM + e, mask=emask, other=0)
+    else:
+        eid = e
+    return eid, emask
+
+
+@triton.jit
 def act_fwd(z, ACT: tl.constexpr):
     a, _ = act_and_grad(z, ACT)
     return a

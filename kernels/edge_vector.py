@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gnnmegatron.kernels._common import INTERPRET, acc_dtype, pow2
+from gnnmegatron.kernels._common import INTERPRET, acc_dtype, edge_block, pow2
 
 
 def _configs():
@@ -38,12 +38,7 @@ def _edge_vector_aggregate_fwd_kernel(VEC, G, PTR, PERM, OUT, N, D, stride_vec, 
             end = tl.load(PTR + i + 1)
             acc = tl.zeros([BLOCK_D], ACC)
             for e0 in range(start, end, BLOCK_E):
-                e = e0 + tl.arange(0, BLOCK_E)
-                emask = e < end
-                if HAS_PERM:
-                    eid = tl.load(PERM + e, mask=emask, other=0)
-                else:
-                    eid = e
+                eid, emask = edge_block(PERM, e0, end, BLOCK_E, HAS_PERM)
                 vec = tl.load(VEC + eid[:, None] * stride_vec + offs_d[None, :],
                               mask=emask[:, None] & dmask[None, :], other=0.0).to(ACC)
                 g = tl.load(G + eid, mask=emask, other=0.0).to(ACC)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gnnmegatron.kernels._common import INTERPRET, acc_dtype, act_and_grad, mm_mode, pow2, tile_mm
+from gnnmegatron.kernels._common import INTERPRET, acc_dtype, edge_block, act_and_grad, mm_mode, pow2, tile_mm
 from gnnmegatron.ops.activations import ACT_CODE
 
 # Interpreter configuration (tests may change it to force several F blocks / the atomic paths).
@@ -85,12 +85,7 @@ def _fused_message_fwd_kernel(P, Q, SRC, PTR, PERM, R, C, B, W, V, M, S, N, F, K
             p = tl.load(P + i.to(tl.int64) * stride_p + offs_f, mask=fmask, other=0.0).to(ACC)
             acc = tl.zeros([BLOCK_F], ACC)
             for e0 in range(start, end, BLOCK_E):
-                e = e0 + tl.arange(0, BLOCK_E)
-                emask = e < end
-                if HAS_PERM:
-                    eid = tl.load(PERM + e, mask=emask, other=0)
-                else:
-                    eid = e
+                eid, emask = edge_block(PERM, e0, end, BLOCK_E, HAS_PERM)
                 j = tl.load(SRC + eid, mask=emask, other=0)
                 mask2 = emask[:, None] & fmask[None, :]
                 q = tl.load(Q + j[:, None] * stride_q + offs_f[None, :], mask=mask2, other=0.0).to(ACC)
@@ -146,12 +141,7 @@ def _fused_message_bwd_kernel(GM, GS, P, Q, SRC, PTR, PERM, R, C, B, W, V,
             gm = tl.load(GM + i.to(tl.int64) * stride_gm + offs_f, mask=fmask, other=0.0).to(ACC)
             dp_acc = tl.zeros([BLOCK_F], ACC)
             for e0 in range(start, end, BLOCK_E):
-                e = e0 + tl.arange(0, BLOCK_E)
-                emask = e < end
-                if HAS_PERM:
-                    eid = tl.load(PERM + e, mask=emask, other=0)
-                else:
-                    eid = e
+                eid, emask = edge_block(PERM, e0, end, BLOCK_E, HAS_PERM)
                 j = tl.load(SRC + eid, mask=emask, other=0)
                 mask2 = emask[:, None] & fmask[None, :]
                 q = tl.load(Q + j[:, None] * stride_q + offs_f[None, :], mask=mask2, other=0.0).to(ACC)

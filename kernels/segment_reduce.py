@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gnnmegatron.kernels._common import INTERPRET, acc_dtype, pow2
+from gnnmegatron.kernels._common import INTERPRET, acc_dtype, edge_block, pow2
 
 REDUCE_CODE = {"sum": 0, "mean": 1, "max": 2}
 
@@ -49,12 +49,7 @@ def _segment_reduce_fwd_kernel(SRC, PTR, PERM, OUT, ARG, N, F, E, stride_src, st
             else:
                 acc = tl.zeros([BLOCK_F], ACC)
             for e0 in range(start, end, BLOCK_E):
-                e = e0 + tl.arange(0, BLOCK_E)
-                emask = e < end
-                if HAS_PERM:
-                    eid = tl.load(PERM + e, mask=emask, other=0)
-                else:
-                    eid = e
+                eid, emask = edge_block(PERM, e0, end, BLOCK_E, HAS_PERM)
                 mask2 = emask[:, None] & fmask[None, :]
                 x = tl.load(SRC + eid[:, None] * stride_src + offs_f[None, :], mask=mask2, other=0.0).to(ACC)
                 if REDUCE == 2:
