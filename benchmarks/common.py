@@ -64,18 +64,24 @@ def versions() -> dict:
     return out
 
 
-def write_results(name: str, machine: str, rows: list[dict], summary: dict, plot) -> Path:
-    """Write <name>-<machine>.json/.csv/.png in the project's benchmark format."""
+def write_results(name: str, machine: str, rows: list[dict], summary: dict, plot, *, device: str = "cpu",
+                  extra: dict | None = None) -> Path:
+    """Write <name>-<machine>.json/.csv/.png in the project's benchmark format.
+
+    ``plot(plt)`` returns the figure to save as the PNG (None: no PNG); ``extra`` adds keys to the
+    JSON (e.g. how a quantity was measured); ``device`` picks the machine description.
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = RESULTS / f"{name}-{machine}"
     doc = {
         "benchmark": name,
-        "machine": machine_info(),
+        "machine": machine_info(device),
         "command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""),
                              "python"] + [shlex.quote(a) for a in sys.argv]),
         "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_1min_at_end": os.getloadavg()[0],
+        **(extra or {}),
         "rows": rows,
         "summary": summary,
     }
@@ -85,6 +91,8 @@ def write_results(name: str, machine: str, rows: list[dict], summary: dict, plot
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+    if plot is None:
+        return base.with_suffix(".json")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

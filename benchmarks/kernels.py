@@ -42,22 +42,17 @@ Writes benchmarks/results/kernels-<machine>.json/.csv/.png.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-from common import machine_info, versions
+from common import write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HEADLINE = dict(N=65536, E=2_000_000, F=256, K=32)
 TARGET_SPEEDUP = 3.0
 TARGET_MEMORY_RATIO = 5.0
@@ -270,10 +265,7 @@ def available_methods(device: str) -> list[str]:
     return methods
 
 
-def plot(rows, headline_key, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows, headline_key, plt):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     head = [r for r in rows if r.get("group") == "headline" and "error" not in r]
     names = [r["method"] for r in head]
@@ -299,8 +291,7 @@ def plot(rows, headline_key, path):
     axes[2].set_title("sweeps (N = 16384)")
     axes[2].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None):
@@ -383,17 +374,8 @@ def main(argv=None):
         summary["torch_scatter"] = "not installed: baseline skipped"
     if "pyg" not in methods:
         summary["pyg"] = "not installed: baseline skipped"
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = "kernels" if not args.sweep_chunk else "kernels-chunk"
-    base = RESULTS / f"{name}-{machine}"
-    doc = {
-        "benchmark": name,
-        "machine": machine_info(device),
-        "command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""), "python"]
-                            + [shlex.quote(a) for a in sys.argv]),
-        "versions": versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_1min_at_end": os.getloadavg()[0],
+    extra = {
         "method": {
             "computation": "m_i = sum_j w_ij silu(W [h_i; h_j; R_ij] + b), backward of a random dL/dm to h, R, w, "
                            "W, b; float32",
@@ -409,19 +391,12 @@ def main(argv=None):
             "ru_maxrss_bytes": "whole-life peak RSS of the configuration's subprocess (imports, inputs, warm-up "
                                "and compile included)",
         },
-        "rows": rows,
-        "summary": summary,
     }
-    base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(base.with_suffix(".csv"), "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=keys)
-        wr.writeheader()
-        wr.writerows(rows)
-    if not args.sweep_chunk:
-        plot(rows, summary.get("size", ""), base.with_suffix(".png"))
+    out = write_results(name, machine, rows, summary,
+                        None if args.sweep_chunk else (lambda plt: plot(rows, summary.get("size", ""), plt)),
+                        device=device, extra=extra)
     print(json.dumps(summary, indent=2))
-    print(f"wrote {base.with_suffix('.json')}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
