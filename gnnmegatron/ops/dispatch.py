@@ -22,6 +22,7 @@ Which backend runs, first match wins:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -180,3 +181,27 @@ def ptr_to_index(ptr: torch.Tensor) -> torch.Tensor:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float32 for half types, the dtype itself otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def autocast_inputs(device: torch.device, *tensors, promote: bool = False):
+    """The autocast policy of the fused ops.
+
+    Under ``torch.autocast`` (bf16 or fp16 on the tensors' device), ``fused_message_aggregate``
+    behaves like the GEMMs it replaces: every floating input is cast to the autocast dtype and the
+    op runs in it with float32 accumulation. ``edge_vector_aggregate`` (``promote=True``) is a
+    reduction into coordinates and forces and, like autocast's reductions, runs in the widest
+    input dtype (float32 vectors times bf16 scalars -> float32). The casts are differentiable, so
+    gradients reach each input in its own dtype. Outside autocast the tensors are returned
+    unchanged. Returns ``(tensors, context)``: call the op inside ``context``, which turns autocast
+    off so the ops' own matmuls are not cast again.
+    """
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return tensors, contextlib.nullcontext()
+    floats = [t.dtype for t in tensors if t is not None and t.is_floating_point()]
+    if promote:
+        dt = functools.reduce(torch.promote_types, floats) if floats else None
+    else:
+        dt = torch.get_autocast_dtype(kind)
+    cast = tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
+    return cast, torch.autocast(kind, enabled=False)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from gnnmegatron.ops.dispatch import CSRPlan, compute_dtype, csr_plan, resolve_backend
+from gnnmegatron.ops.dispatch import CSRPlan, autocast_inputs, compute_dtype, csr_plan, resolve_backend
 
 
 def edge_vector_aggregate_reference(vec: torch.Tensor, g: torch.Tensor, dst: torch.Tensor,
@@ -74,7 +74,7 @@ def edge_vector_aggregate(vec: torch.Tensor, g: torch.Tensor, edge_index: torch.
         backend: see ``gnnmegatron.ops.dispatch``.
 
     Returns:
-        [N, D] in the dtype of ``vec``.
+        [N, D] in the dtype of ``vec`` (the wider of ``vec`` and ``g`` under ``torch.autocast``).
     """
     if plan is None:
         if edge_index is None or num_nodes is None:
@@ -86,6 +86,8 @@ def edge_vector_aggregate(vec: torch.Tensor, g: torch.Tensor, edge_index: torch.
         raise ValueError(f"edge_vector_aggregate needs vec [E, D] and g [E] with E={E}, got {list(vec.shape)} "
                          f"and {list(g.shape)}")
     name = resolve_backend(backend, vec.device)
-    if name == "reference":
-        return edge_vector_aggregate_reference(vec, g, plan.index, plan.ptr.numel() - 1)
-    return _edge_vector_op(vec, g, plan.index, plan.ptr, plan.perm, name)
+    (vec, g), autocast_off = autocast_inputs(vec.device, vec, g, promote=True)
+    with autocast_off:
+        if name == "reference":
+            return edge_vector_aggregate_reference(vec, g, plan.index, plan.ptr.numel() - 1)
+        return _edge_vector_op(vec, g, plan.index, plan.ptr, plan.perm, name)

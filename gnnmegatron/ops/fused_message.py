@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from gnnmegatron.ops.activations import act, act_and_grad, check_activation
-from gnnmegatron.ops.dispatch import CSRPlan, compute_dtype, csr_plan, resolve_backend, settings
+from gnnmegatron.ops.dispatch import CSRPlan, autocast_inputs, compute_dtype, csr_plan, resolve_backend, settings
 from gnnmegatron.ops.fused_message_torch import fused_message_bwd_torch, fused_message_fwd_torch
 
 Tensor = torch.Tensor
@@ -251,8 +251,17 @@ def fused_message_aggregate(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tensor,
 
     Returns:
         ``m`` [N, F], or ``(m, s)`` with ``s`` [E] when ``v`` is given; dtype of P.
+
+    Under ``torch.autocast`` every float input is first cast to the autocast dtype (see
+    :func:`gnnmegatron.ops.dispatch.autocast_inputs`); otherwise they must share one dtype.
     """
     check_activation(activation)
+    (P, Q, R, C, b, w, v), autocast_off = autocast_inputs(P.device, P, Q, R, C, b, w, v)
+    with autocast_off:
+        return _fused_message_aggregate(P, Q, edge_index, R, C, b, w, v, activation, sorted, plan, backend)
+
+
+def _fused_message_aggregate(P, Q, edge_index, R, C, b, w, v, activation, sorted, plan, backend):
     N, F = P.shape
     E = edge_index.shape[1]
     problems = []
