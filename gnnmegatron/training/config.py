@@ -85,7 +85,13 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr``."""
+    """AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr``.
+
+    ``zero_stage``: 0 keeps the full AdamW state on every data-parallel replica; 1 shards it over
+    the data-parallel group (ZeRO-1: each replica holds the moments of about 1/dp of the
+    parameters, steps those, and broadcasts the updated values; gradients and parameters stay
+    replicated). Stages 2 and 3 are not offered (README, "Sharded optimizer state").
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -94,9 +100,13 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
     clip_grad_norm: float | None = 10.0
+    zero_stage: int = 0
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
+        if self.zero_stage not in (0, 1):
+            raise ConfigError(f"optim.zero_stage must be 0 (replicated optimizer state) or 1 (sharded over the "
+                              f"data-parallel group), got {self.zero_stage}; stages 2 and 3 are not offered")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from gnnmegatron.training.config import OptimConfig
 
@@ -23,8 +24,15 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; biases, norms and embeddings get no weight decay (as in Megatron-LM)."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, dp_group=None) -> torch.optim.Optimizer:
+    """AdamW; biases, norms and embeddings get no weight decay (as in Megatron-LM).
+
+    With ``cfg.zero_stage == 1`` and a data-parallel group of more than one rank, the AdamW state
+    is sharded over ``dp_group`` by ``torch.distributed.optim.ZeroRedundancyOptimizer`` (whole
+    parameters assigned greedily, largest first, to the least-loaded rank; each rank steps its own
+    and broadcasts them). Its ``state_dict`` needs :func:`consolidate` first on every rank of the
+    group and then holds the full, unsharded AdamW state, loadable under any dp.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -34,7 +42,36 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.zero_stage == 1 and dp_group is not None and dist.get_world_size(dp_group) > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        groups = [g for g in groups if g["params"]]  # ZeRO partitions every group; empty ones add nothing
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=dp_group,
+                                       parameters_as_bucket_view=False, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    """True for a ZeRO-1 optimizer (state sharded over the data-parallel group)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def consolidate(optimizer: torch.optim.Optimizer) -> None:
+    """Collective over the DP group for a ZeRO-1 optimizer: gathers the full state on DP rank 0.
+
+    A no-op for a replicated optimizer. Call on every rank before ``state_dict()`` on DP rank 0.
+    """
+    if is_sharded(optimizer):
+        optimizer.consolidate_state_dict(to=0)
+
+
+def local_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer-state tensors this rank holds (its shard under ZeRO-1)."""
+    inner = optimizer.optim if is_sharded(optimizer) else optimizer
+    return sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()
+               if torch.is_tensor(t))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -37,7 +37,7 @@ from gnnmegatron.training.distributed import (
 )
 from gnnmegatron.training.logging import MetricsWriter, Progress, plot_loss_curve
 from gnnmegatron.training.losses import ErrorAccumulator, compute_loss
-from gnnmegatron.training.optim import build_optimizer, lr_at, set_lr
+from gnnmegatron.training.optim import build_optimizer, consolidate, lr_at, set_lr
 
 
 def init_distributed() -> tuple[int, int]:
@@ -129,10 +129,6 @@ class Trainer:
                               f"collectives are node-sized), got message={self.model_cfg.message!r}")
         if layout.tp > 1 and self.model_cfg.hidden % layout.tp:
             raise ConfigError(f"model hidden={self.model_cfg.hidden} is not divisible by parallel.tp={layout.tp}")
-        if cfg.train.dtype == "bfloat16" and (layout.tp > 1 or self.model_cfg.execution == "fused"):
-            raise ConfigError(f"train.dtype=bfloat16 (autocast) is supported with tp=1 and the unfused execution "
-                              f"only, got tp={layout.tp}, model.execution={self.model_cfg.execution!r}: the fused "
-                              f"message op (used by every tp>1 block) needs all inputs in one dtype; use float32")
         self.groups = TrainGroups.build(layout.tp, layout.dp, self.rank)
         self.dp, self.tp = layout.dp, layout.tp
         if cfg.train.num_threads:
@@ -197,7 +193,7 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             checkpoint_blocks(self.model)
         self.sharded_params, self.replicated_params = split_params(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, dp_group=self.groups.dp_group if self.dp > 1 else None)
         if state is not None:
             self._load_rest(resume_path, state)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
@@ -291,9 +287,12 @@ class Trainer:
 
         Under TP (collective: every rank calls it) the model state is gathered to the single-device
         one and each TP rank of data-parallel replica 0 writes its optimizer state beside it first.
+        Under ZeRO-1 (collective too) the shards are first consolidated on data-parallel replica 0,
+        so the files hold the full optimizer state whatever dp wrote them.
         """
         from gnnmegatron.training.model_card import write_model_card
 
+        consolidate(self.optimizer)  # ZeRO-1: the full optimizer state on DP rank 0 (collective)
         if self.tp > 1:
             from gnnmegatron.parallel import gather_state_dict
 
