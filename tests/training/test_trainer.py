@@ -94,6 +94,33 @@ def test_pretrain_under_torchrun(emt_store, tmp_path):
     assert json.loads((tmp_path / "tr" / "report.json").read_text())["step"] == 3
 
 
+def test_pretrain_under_torchrun_tp2_dp2(emt_store, tmp_path):
+    """torchrun with 4 processes: tp=2 x dp=2, ZeRO-1 and bf16 from --set overrides; the checkpoint
+    (gathered single-device weights) loads into one process and predicts finite energies."""
+    from gnnmegatron.inference import load_model
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(_cfg(emt_store, tmp_path / "tr", max_steps=2, eval_every=2).to_dict()))
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+         "-m", "gnnmegatron.cli", "pretrain", "--config", str(cfg), "--set", "train.max_steps=3",
+         "--set", "parallel.tp=2", "--set", "model.message=node_split", "--set", "optim.zero_stage=1",
+         "--set", "train.dtype=bfloat16", "--set", "train.num_threads=1"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "tr" / "report.json").read_text())
+    assert report["step"] == 3
+    files = sorted(p.name for p in (tmp_path / "tr" / "checkpoints").glob("step_*.pt"))
+    assert files == ["step_00000003.optim-tp0of2.pt", "step_00000003.optim-tp1of2.pt", "step_00000003.pt"], files
+    state = torch.load(tmp_path / "tr" / "checkpoints" / "step_00000003.pt", weights_only=False)
+    assert state["layout"] == {"tp": 2, "pp": 1, "dp": 2}, state["layout"]
+    model, _ = load_model(tmp_path / "tr")
+    from gnnmegatron.data.batch import collate
+
+    batch = collate([{"atomic_numbers": [29, 29], "positions": [[0.0, 0, 0], [2.5, 0, 0]]}], 4.0, dtype=torch.float64)
+    assert torch.isfinite(model(batch)["energy"]).all()
+
+
 def test_nested_train_fractions():
     import numpy as np
 
