@@ -1,8 +1,13 @@
 """Tensor parallelism of a fixed EGNN: parameters, peak memory and step time per rank against tp,
-and the bytes each rank communicates per training step, TP-native (node_split) vs faithful EGNN.
+and the bytes each rank communicates per training step, TP-native vs faithful EGNN.
 
     OMP_NUM_THREADS=1 python benchmarks/tensor_parallel.py [--machine cpu2] [--hidden 256]
-        [--layers 3] [--repeat 4] [--steps 3]
+        [--layers 3] [--repeat 4] [--steps 3] [--message-groups 16]
+
+The TP-native EGNN is the tpegnn family's block: ``message="node_split"`` with grouped message
+mixing (``message_groups``, default 16), one N x H all-reduce per block and direction. The
+node_split block with the dense node MLP (two per direction) is measured beside it
+(``tp_native_dense`` rows).
 
 For tp in {1, 2, 4} (world size = tp, gloo, one torch thread per rank; launched with
 ``gnnmegatron.parallel.testing.run_distributed``) every rank builds the same
@@ -113,12 +118,9 @@ def _reset_hwm() -> bool:
 # ----------------------------------------------------------------------------- one rank
 def _param_split(model) -> dict:
     """Per-rank parameter count/bytes: total, TP-sharded, replicated."""
-    sharded_ids = set()
-    for mod in model.modules():
-        if hasattr(mod, "_weight_dim") and hasattr(mod, "_bias_sharded"):  # column/row-parallel linear
-            sharded_ids.add(id(mod.weight))
-            if mod.bias is not None and mod._bias_sharded:
-                sharded_ids.add(id(mod.bias))
+    from gnnmegatron.training.distributed import is_tp_sharded
+
+    sharded_ids = {i for i, sharded in is_tp_sharded(model).items() if sharded}
     out = {k: 0 for k in ("params", "param_bytes", "sharded_params", "sharded_param_bytes",
                           "replicated_params", "replicated_param_bytes")}
     for p in model.parameters():
@@ -226,7 +228,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=4, help="cubic fcc cells per side (4 atoms each)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
-    parser.add_argument("--faithful-tps", default="2,4", help="tp values for the faithful EGNN")
+    parser.add_argument("--faithful-tps", default="2,4", help="tp values for the faithful EGNN (and the dense TP-native)")
+    parser.add_argument("--message-groups", type=int, default=16,
+                        help="message_groups of the TP-native EGNN (as in the tpegnn presets)")
     args = parser.parse_args(argv)
 
     from gnnmegatron.data.batch import collate
@@ -243,20 +247,24 @@ def main(argv=None) -> dict:
           f"E/N={edges_per_atom:.2f}; model {model_kw}", flush=True)
 
     faithful_tps = [int(t) for t in args.faithful_tps.split(",") if t]
-    configs = [("node_split", tp, "conservative") for tp in TPS]
-    configs += [("faithful", tp, "conservative") for tp in faithful_tps]
+    G = args.message_groups
+    # (row label, message, message_groups, tp, force_mode)
+    configs = [("tp_native", "node_split", G, tp, "conservative") for tp in TPS]
+    configs += [("tp_native_dense", "node_split", None, tp, "conservative") for tp in faithful_tps]
+    configs += [("faithful", "faithful", None, tp, "conservative") for tp in faithful_tps]
     # secondary: direct forces (first-order backward only), same sizes, for the comm comparison
-    configs += [(m, 2, "direct") for m in ("node_split", "faithful")]
+    configs += [("tp_native", "node_split", G, 2, "direct"), ("faithful", "faithful", None, 2, "direct")]
     rows = []
-    for message, tp, force_mode in configs:
+    for label, message, groups, tp, force_mode in configs:
         t0 = time.perf_counter()
-        kw = {**model_kw, "force_mode": force_mode}
+        kw = {**model_kw, "force_mode": force_mode, "message_groups": groups}
         per_rank = run_distributed(_rank_run, tp, tp, message, kw, batch, args.steps, timeout=600)
         wall = time.perf_counter() - t0
         r0 = per_rank[0]
         row = {
-            "model": "tp_native" if message == "node_split" else "faithful",
+            "model": label,
             "message": message,
+            "message_groups": groups,
             "force_mode": force_mode,
             "tp": tp,
             "world_size": tp,
@@ -290,6 +298,7 @@ def main(argv=None) -> dict:
     cons = [r for r in rows if r["force_mode"] == "conservative"]
     native = {r["tp"]: r for r in cons if r["model"] == "tp_native"}
     faithful = {r["tp"]: r for r in cons if r["model"] == "faithful"}
+    dense = {r["tp"]: r for r in cons if r["model"] == "tp_native_dense"}
     direct = {r["model"]: r for r in rows if r["force_mode"] == "direct"}
     base = native[1]["sharded_param_bytes"]
     summary: dict = {
@@ -299,6 +308,7 @@ def main(argv=None) -> dict:
         "cutoff_angstrom": cutoff,
         "hidden": args.hidden,
         "layers": args.layers,
+        "message_groups": G,
         "params_total": native[1]["params"],
         "sharded_param_fraction_tp1": base / native[1]["param_bytes"],
     }
@@ -331,6 +341,10 @@ def main(argv=None) -> dict:
                 faithful[tp]["comm_bytes_total"] / native[tp]["comm_bytes_total"])
             summary[f"comm_ratio_fwd_only_faithful_vs_tp_native_tp{tp}"] = (
                 faithful[tp]["comm_bytes_fwd"] / native[tp]["comm_bytes_fwd"])
+            if tp in dense:
+                summary[f"comm_bytes_per_step_tp_native_dense_tp{tp}"] = dense[tp]["comm_bytes_total"]
+                summary[f"comm_ratio_faithful_vs_tp_native_dense_tp{tp}"] = (
+                    faithful[tp]["comm_bytes_total"] / dense[tp]["comm_bytes_total"])
             summary[f"step_time_s_faithful_tp{tp}"] = faithful[tp]["step_time_s_median_max_rank"]
             summary[f"peak_rss_step_mib_faithful_tp{tp}"] = faithful[tp]["peak_rss_step_mib_max_rank"]
             summary[f"peak_rss_above_start_mib_faithful_tp{tp}"] = faithful[tp]["peak_rss_above_start_mib_max_rank"]
@@ -368,19 +382,21 @@ def main(argv=None) -> dict:
         ax.legend(fontsize=8)
         ax = axes[1]
         ftps = sorted(t for t in faithful if t in native)
-        w = 0.35
         xs = np.arange(len(ftps))
-        ax.bar(xs - w / 2, [native[t]["comm_bytes_total"] / 2**20 for t in ftps], w, label="TP-native (node_split)")
-        ax.bar(xs + w / 2, [faithful[t]["comm_bytes_total"] / 2**20 for t in ftps], w, label="faithful E_GCL")
+        w = 0.27
+        ax.bar(xs - w, [native[t]["comm_bytes_total"] / 2**20 for t in ftps], w,
+               label=f"TP-native (node_split, {G} message groups)")
+        ax.bar(xs, [dense[t]["comm_bytes_total"] / 2**20 for t in ftps], w, label="node_split, dense node MLP")
+        ax.bar(xs + w, [faithful[t]["comm_bytes_total"] / 2**20 for t in ftps], w, label="faithful E_GCL")
         for i, t in enumerate(ftps):
-            ax.text(xs[i] + w / 2, faithful[t]["comm_bytes_total"] / 2**20,
+            ax.text(xs[i] + w, faithful[t]["comm_bytes_total"] / 2**20,
                     f"{faithful[t]['comm_bytes_total'] / native[t]['comm_bytes_total']:.1f}x",
                     ha="center", va="bottom", fontsize=9)
         if len(direct) == 2:
             xd = len(ftps)
-            ax.bar(xd - w / 2, direct["tp_native"]["comm_bytes_total"] / 2**20, w, color="C0", alpha=0.5)
-            ax.bar(xd + w / 2, direct["faithful"]["comm_bytes_total"] / 2**20, w, color="C1", alpha=0.5)
-            ax.text(xd + w / 2, direct["faithful"]["comm_bytes_total"] / 2**20,
+            ax.bar(xd - w, direct["tp_native"]["comm_bytes_total"] / 2**20, w, color="C0", alpha=0.5)
+            ax.bar(xd + w, direct["faithful"]["comm_bytes_total"] / 2**20, w, color="C2", alpha=0.5)
+            ax.text(xd + w, direct["faithful"]["comm_bytes_total"] / 2**20,
                     f"{summary['comm_ratio_faithful_vs_tp_native_direct_forces_tp2']:.1f}x",
                     ha="center", va="bottom", fontsize=9)
             xs = np.append(xs, xd)

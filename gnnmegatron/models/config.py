@@ -62,6 +62,14 @@ class ModelConfig:
             DESIGN.md: one edge linear + act, messages summed with the envelope, the node MLP's
             first linear acting on the summed messages; coordinate and direct-force scalars are
             ``a_ij . v`` with a bias-free ``Linear(H, 1)``).
+        message_groups: node_split only. ``None`` (default): the node MLP's first linear mixes
+            all H message channels, ``W0 [h ; m]``. ``G``: the H message channels form G groups
+            of H/G and the message enters through a block-diagonal ``W0m`` that mixes each group
+            only within itself (``y = W0h h + blockdiag(W0m_1..W0m_G) m``; the node MLP's second
+            linear then mixes all channels), like attention heads before their output
+            projection. Under tensor parallelism (tp must divide G) each rank's message slice
+            then stays on its rank and a block needs one N x H all-reduce per direction instead
+            of two (DESIGN.md; ``gnnmegatron.parallel.egnn_tp``).
         execution: ``"unfused"`` (plain torch edge tensors) or ``"fused"`` (the
             ``gnnmegatron.ops`` message-passing ops; node_split never builds an [E, H] tensor).
             Both give the same outputs and gradients.
@@ -88,6 +96,7 @@ class ModelConfig:
     residual: bool = True
     layer_norm: bool = False
     message: str = "faithful"
+    message_groups: int | None = None
     execution: str = "unfused"
     ops_backend: str = "auto"
 
@@ -118,6 +127,15 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ModelConfigError(f"ModelConfig.{name} must be true or false, got {value!r}")
+        if self.message_groups is not None:
+            g = self.message_groups
+            if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+                raise ModelConfigError(f"ModelConfig.message_groups must be None or an integer >= 1, got {g!r}")
+            if self.message != "node_split":
+                raise ModelConfigError(f"ModelConfig.message_groups={g} needs message='node_split', "
+                                       f"got message={self.message!r}")
+            if self.hidden % g:
+                raise ModelConfigError(f"ModelConfig.message_groups={g} must divide hidden={self.hidden}")
         if self.compute_stress and self.force_mode != "conservative":
             raise ModelConfigError(
                 f"ModelConfig.compute_stress=True needs force_mode='conservative' (stress is dE/dstrain), "

@@ -92,6 +92,16 @@ def scatter_sum(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.
     return out.index_add(0, index, src)
 
 
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal linear map: channel group ``k`` of ``x`` times ``weight[k]^T``.
+
+    Shapes:
+        x [N, G * g], weight [G, g_out, g] -> [N, G * g_out].
+    """
+    G, g_out, g = weight.shape
+    return torch.einsum("ngi,goi->ngo", x.reshape(x.shape[0], G, g), weight).reshape(x.shape[0], G * g_out)
+
+
 class EGCLOutput(NamedTuple):
     """What one block returns.
 
@@ -152,8 +162,15 @@ class EGCL(nn.Module):
                 if cfg.message == "faithful" else nn.Sequential(last)
         else:
             self.coord_mlp = None
+        self.message_groups = cfg.message_groups
         self.node_mlp = nn.Sequential(
-            nn.Linear(2 * H, H), make_activation(cfg.activation), nn.Linear(H, H))
+            nn.Linear(H if cfg.message_groups else 2 * H, H), make_activation(cfg.activation), nn.Linear(H, H))
+        if cfg.message_groups:
+            # block-diagonal W0m: message_groups blocks [out, in] = [H/G, H/G], nn.Linear's init
+            g = H // cfg.message_groups
+            self.node_mix = nn.Parameter(torch.empty(cfg.message_groups, g, g).uniform_(-g ** -0.5, g ** -0.5))
+        else:
+            self.node_mix = None
         self.norm = nn.LayerNorm(H) if cfg.layer_norm else None
 
     @property
@@ -230,7 +247,11 @@ class EGCL(nn.Module):
         Shapes:
             h [N, H], m [N, H] -> [N, H].
         """
-        out = self.node_mlp(torch.cat([h, m], dim=-1))
+        if self.node_mix is None:
+            out = self.node_mlp(torch.cat([h, m], dim=-1))
+        else:
+            y = self.node_mlp[0](h) + grouped_linear(m, self.node_mix)
+            out = self.node_mlp[2](self.node_mlp[1](y))
         if self.residual:
             out = h + out
         if self.norm is not None:

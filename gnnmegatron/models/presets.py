@@ -6,6 +6,12 @@
   and L in 3..6; the large end H = 10000 at L in 3..6; depth series L in 10, 15, 20, 25,
   30 at H = 800, 2500, 10000 (``egnn-h10000-l30`` has about 2.1e10 parameters).
 
+* The TP-native EGNN family ``tpegnn-*``: ``message="node_split"`` with grouped message mixing
+  (``message_groups``), the model whose tensor-parallel block moves only node-sized tensors and
+  one N x H all-reduce per direction (``gnnmegatron.parallel.egnn_tp``): ``tpegnn-small`` (H 256,
+  L 4, 8 groups), ``-base`` (512, 6, 16), ``-large`` (1024, 12, 16), ``-xl`` (2048, 24, 32) and
+  ``-1b`` (4096, 16, 32; about 1.1e9 parameters). tp must divide the group count.
+
 Parameter counts build the model on ``torch.device("meta")`` (no memory, instant even for
 tens of billions of parameters). FLOPs are analytic (see ``forward_flops``).
 """
@@ -42,8 +48,14 @@ def _grid() -> list[tuple[int, int]]:
 STUDY_GRID: list[str] = [preset_name(h, l) for h, l in _grid()]
 """Names of the scaling-study presets, width-major."""
 
+TP_NATIVE_PRESETS = {"tpegnn-small": (256, 4, 8), "tpegnn-base": (512, 6, 16), "tpegnn-large": (1024, 12, 16),
+                     "tpegnn-xl": (2048, 24, 32), "tpegnn-1b": (4096, 16, 32)}
+"""The TP-native EGNN family: name -> (hidden, layers, message_groups)."""
+
 PRESETS: dict[str, ModelConfig] = {name: ModelConfig(hidden=h, layers=l) for name, (h, l) in SMALL_PRESETS.items()}
 PRESETS.update({preset_name(h, l): ModelConfig(hidden=h, layers=l) for h, l in _grid()})
+PRESETS.update({name: ModelConfig(hidden=h, layers=l, message="node_split", message_groups=g)
+                for name, (h, l, g) in TP_NATIVE_PRESETS.items()})
 
 
 class PresetNotFoundError(KeyError):
@@ -54,7 +66,7 @@ class PresetNotFoundError(KeyError):
 
 
 def list_presets() -> list[str]:
-    """All preset names: the small ones, then the study grid."""
+    """All preset names: the small ones, the study grid, then the TP-native family."""
     return list(PRESETS)
 
 
@@ -112,7 +124,8 @@ def forward_flops(cfg: ModelConfig) -> dict[str, int]:
     i.e. about (6 + 2 L_x/L) L H^2 per edge and 6 L H^2 per atom; with 20-60 edges per
     atom the edge MLPs dominate. For ``message="node_split"`` the node-split formulation is
     counted: per edge ``L 2 K H + L_x 2 H (+ 2 H direct) + 18``, per atom
-    ``L (4 H^2 + 4 H^2 + 2 H^2) + 2 H^2 + 2 H`` (P and Q, then the node MLP). ``torch.utils.flop_counter.FlopCounterMode`` reproduces
+    ``L (4 H^2 + 4 H^2 + 2 H^2) + 2 H^2 + 2 H`` (P and Q, then the node MLP; with
+    ``message_groups = G`` the node MLP's first linear costs ``2 H^2 + 2 H^2 / G``). ``torch.utils.flop_counter.FlopCounterMode`` reproduces
     these numbers exactly (tests/models/test_presets.py).
     """
     H, K, L = cfg.hidden, cfg.num_rbf, cfg.layers
@@ -122,7 +135,9 @@ def forward_flops(cfg: ModelConfig) -> dict[str, int]:
         per_edge = L * 2 * K * H + cfg.coord_blocks * 2 * H + 18
         if cfg.force_mode == "direct":
             per_edge += 2 * H
-        per_atom = L * (2 * 2 * H * H + 2 * 2 * H * H + 2 * H * H) + 2 * H * H + 2 * H
+        # node MLP's first linear: W0 on [h ; m] (2 (2H) H), or W0h h + grouped W0m m (2 H^2 + 2 H^2 / G)
+        node0 = 2 * 2 * H * H if not cfg.message_groups else 2 * H * H + 2 * H * (H // cfg.message_groups)
+        per_atom = L * (2 * 2 * H * H + node0 + 2 * H * H) + 2 * H * H + 2 * H
         return dict(per_atom=per_atom, per_edge=per_edge)
     per_edge = L * (2 * (2 * H + K) * H + 2 * H * H) + cfg.coord_blocks * (2 * H * H + 2 * H) + 18
     if cfg.force_mode == "direct":

@@ -22,6 +22,17 @@ and ``W2`` its second linear, one block is::
                                                                    bwd all-gather of N x H/tp shards
     h <- norm(h + u)                                               replicated
 
+With grouped message mixing (``ModelConfig.message_groups = G``, tp dividing G; the tpegnn
+presets) the node MLP's first linear is ``W0h h + blockdiag(W0m_1..W0m_G) m``, and this rank's
+message columns only feed this rank's output columns::
+
+    y_sl = h_tp W0h[sl]^T + b0[sl] + grouped(m_loc, W0m blocks of sl)  column-parallel + local, no comm
+    u = reduce_from(act(y_sl) W2[:, sl]^T) + b2                    row-parallel, fwd all-reduce N x H
+
+so a block moves one ``N x H`` all-reduce forward (``node_mlp2``) and one backward
+(``block_input_h``, shared by P, Q and W0h), plus the E-scalar traffic — as a transformer's
+attention sub-layer, and half the node-sized traffic of the dense node MLP.
+
 Sums over edges commute with the feature split, so ``m_loc`` is exactly this rank's columns of
 the single-device ``m``; ``s_loc`` is a partial dot product, completed by an all-reduce of E
 scalars. No collective moves an ``[E, H]`` tensor (``[E]`` and ``[E, 2]`` only): the block's
@@ -58,6 +69,7 @@ from gnnmegatron.models.egnn import (
     EGCL,
     EGCLOutput,
     edge_vectors,
+    grouped_linear,
     make_activation,
     scatter_sum,
 )
@@ -69,13 +81,14 @@ from gnnmegatron.ops import (
 )
 
 from .collectives import (
+    all_gather_along_dim,
     all_reduce_sum_scalars,
     copy_to_tp_region,
     group_rank,
     scatter_to_tp_region,
 )
 from .layout import ParallelLayout
-from .linear import ColumnParallelLinear, RowParallelLinear
+from .linear import ColumnParallelLinear, RowParallelLinear, shard
 
 __all__ = ["TPEGCL", "TPEGCLFaithful", "deinterleave_node_weight", "interleave_node_weight"]
 
@@ -102,6 +115,7 @@ class _TPBlock(nn.Module):
     MLP on ``[h[:, sl] ; m_loc]``, the coordinate update on reduced scalars, and gathering."""
 
     fused = True  # EGNNStack builds one CSR plan per graph and hands it to every block
+    tp_sharded_parameters = ("node_mix",)  # besides the parallel linears' (training.distributed)
 
     def __init__(self, egcl: EGCL, layout: ParallelLayout):
         super().__init__()
@@ -118,8 +132,18 @@ class _TPBlock(nn.Module):
         self.act = make_activation(egcl.activation)
         self.edge_mlp0 = ColumnParallelLinear.from_linear(egcl.edge_mlp[0], layout, name="edge_mlp0")
         n0 = egcl.node_mlp[0]
-        self.node_mlp0 = RowParallelLinear.from_full_weight(
-            interleave_node_weight(n0.weight.detach(), layout.tp), n0.bias.detach(), layout, name="node_mlp0")
+        self.message_groups = getattr(egcl, "message_groups", None)
+        if self.message_groups:
+            # grouped message mixing: W0h column-parallel, this rank's blocks of W0m, W2 row-parallel
+            if self.message_groups % layout.tp:
+                raise ValueError(f"message_groups={self.message_groups} is not divisible by tp={layout.tp}; "
+                                 f"choose tp dividing the model's message groups")
+            self.node_mlp0 = ColumnParallelLinear.from_linear(n0, layout, name="node_mlp0")
+            self.node_mix = nn.Parameter(shard(egcl.node_mix.detach(), 0, layout.tp_group))
+        else:
+            self.node_mlp0 = RowParallelLinear.from_full_weight(
+                interleave_node_weight(n0.weight.detach(), layout.tp), n0.bias.detach(), layout, name="node_mlp0")
+            self.node_mix = None
         self.node_mlp2 = RowParallelLinear.from_linear(egcl.node_mlp[2], layout, name="node_mlp2")
         self.norm = copy.deepcopy(egcl.norm)
 
@@ -140,11 +164,18 @@ class _TPBlock(nn.Module):
         def b(layer):
             return layer.full_bias_grad() if grad else layer.full_bias()
 
-        out: dict[str, torch.Tensor | None] = {"edge_mlp.0.weight": w(self.edge_mlp0),
-                                               "edge_mlp.0.bias": b(self.edge_mlp0)}
+        out: dict[str, torch.Tensor | None] = {}
+        if self.node_mix is not None:  # EGCL's own parameter: first in its state dict
+            mix = self.node_mix.grad if grad else self.node_mix.detach()
+            out["node_mix"] = None if mix is None else all_gather_along_dim(mix, 0, self.tp_group, name="full_weight")
+        out["edge_mlp.0.weight"] = w(self.edge_mlp0)
+        out["edge_mlp.0.bias"] = b(self.edge_mlp0)
         out.update(self._full_edge(grad))
         n0 = w(self.node_mlp0)
-        out["node_mlp.0.weight"] = None if n0 is None else deinterleave_node_weight(n0, self.tp)
+        if self.node_mix is None:
+            out["node_mlp.0.weight"] = None if n0 is None else deinterleave_node_weight(n0, self.tp)
+        else:
+            out["node_mlp.0.weight"] = n0
         out["node_mlp.0.bias"] = b(self.node_mlp0)
         out["node_mlp.2.weight"] = w(self.node_mlp2)
         out["node_mlp.2.bias"] = b(self.node_mlp2)
@@ -171,9 +202,15 @@ class _TPBlock(nn.Module):
         ``h_tp``: the block input after ``copy_to_tp_region``; ``m_loc`` [N, H/tp] this rank's
         message columns.
         """
-        lo = group_rank(self.tp_group) * self.local_hidden
-        y = self.node_mlp0(torch.cat([h_tp[:, lo:lo + self.local_hidden], m_loc], dim=-1))
-        out = self.node_mlp2(scatter_to_tp_region(self.act(y), self.tp_group, "node_mlp2_input"))
+        if self.node_mix is None:
+            lo = group_rank(self.tp_group) * self.local_hidden
+            y = self.node_mlp0(torch.cat([h_tp[:, lo:lo + self.local_hidden], m_loc], dim=-1))
+            out = self.node_mlp2(scatter_to_tp_region(self.act(y), self.tp_group, "node_mlp2_input"))
+        else:
+            # grouped: y[:, sl] = h W0h[sl]^T + b0[sl] + (this rank's message groups), all local;
+            # h_tp is already the copy_to_tp_region of h, so P, Q and W0h share one bwd all-reduce
+            y = F.linear(h_tp, self.node_mlp0.weight, self.node_mlp0.bias) + grouped_linear(m_loc, self.node_mix)
+            out = self.node_mlp2(self.act(y))
         if self.residual:
             out = h + out
         if self.norm is not None:

@@ -36,6 +36,7 @@ CASES = {
                                      coords_range=0.5, message_normalizer=8.0, coord_normalizer=2.0,
                                      activation="gelu"),
     "node_split-direct": dict(message="node_split", force_mode="direct", activation="tanh"),
+    "node_split-grouped": dict(message="node_split", message_groups=2, layer_norm=True),
 }
 
 

@@ -31,6 +31,25 @@ def expected_parameters(cfg: ModelConfig) -> int:
     return (cfg.max_z + 1) * H + L * (edge + node + norm) + cfg.coord_blocks * coord + heads
 
 
+def expected_parameters_tp_native(cfg: ModelConfig) -> int:
+    """Closed form for node_split with grouped message mixing (the tpegnn family)."""
+    H, K, L, G = cfg.hidden, cfg.num_rbf, cfg.layers, cfg.message_groups
+    edge = (2 * H + K) * H + H                      # one edge linear (A, B, C and b)
+    node = H * H + H + G * (H // G) ** 2 + H * H + H  # W0h, b0, block-diagonal W0m, W2, b2
+    heads = (H * H + H + H) * (2 if cfg.force_mode == "direct" else 1)
+    return (cfg.max_z + 1) * H + L * (edge + node) + cfg.coord_blocks * H + heads
+
+
+def test_tp_native_family():
+    from gnnmegatron.models.presets import TP_NATIVE_PRESETS
+
+    for name, (h, layers, g) in TP_NATIVE_PRESETS.items():
+        cfg = PRESETS[name]
+        assert (cfg.hidden, cfg.layers, cfg.message, cfg.message_groups) == (h, layers, "node_split", g)
+        assert count_parameters(name)["total"] == expected_parameters_tp_native(cfg), name
+    assert 1.0e9 < count_parameters("tpegnn-1b")["total"] < 1.2e9
+
+
 def test_study_grid_present():
     for hidden in (800, 1100, 1700, 2500, 5400):
         for layers in (3, 4, 5, 6):
@@ -77,6 +96,9 @@ def test_largest_preset_counted_quickly_on_meta():
     (dict(activation="relu"), r"activation='relu'"),
     (dict(update_coords="yes"), r"update_coords must be true or false, got 'yes'"),
     (dict(force_mode="direct", compute_stress=True), r"compute_stress=True needs force_mode='conservative'"),
+    (dict(message_groups=4), r"message_groups=4 needs message='node_split', got message='faithful'"),
+    (dict(message="node_split", hidden=12, message_groups=5), r"message_groups=5 must divide hidden=12"),
+    (dict(message="node_split", message_groups=0), r"message_groups must be None or an integer >= 1, got 0"),
 ])
 def test_bad_config_values_raise_with_numbers(kwargs, pattern):
     with pytest.raises(ModelConfigError, match=pattern):

@@ -21,6 +21,10 @@ backward (first order)::
 
 No collective ever carries E x H elements (forward, backward or double backward).
 
+With grouped message mixing (``message_groups``; the tpegnn presets) the message slice and
+W0h's output stay on their rank: forward ``node_mlp2`` N x H + ``edge_scalars`` E x 2, backward
+``block_input_h`` N x H + ``edge_inputs`` E x 2 + ``scalar_vector`` H / tp.
+
 The faithful E_GCL twin (TPEGCLFaithful), same sizes, for the comparison::
 
     forward : edge_mlp2 all-reduce E x H, node_mlp0 / node_mlp2 all-reduce N x H
@@ -68,13 +72,25 @@ def analytic_faithful(N: int, E: int, H: int, tp: int, b: int = 4) -> dict:
     }
 
 
-def _inputs(tp, message="node_split"):
+def analytic_grouped(N: int, E: int, H: int, tp: int, b: int = 4) -> dict:
+    """Same for the block with grouped message mixing (``message_groups``): the message slice and
+    W0h's output stay on their rank, so one N x H all-reduce per direction."""
+    return {
+        ("node_mlp2", "all_reduce", "fwd"): (1, b * N * H),
+        ("edge_scalars", "all_reduce", "fwd"): (1, b * 2 * E),
+        ("block_input_h", "all_reduce", "bwd"): (1, b * N * H),
+        ("edge_inputs", "all_reduce", "bwd"): (1, b * 2 * E),
+        ("scalar_vector", "all_gather", "bwd"): (1, b * H // tp),
+    }
+
+
+def _inputs(tp, message="node_split", groups=None):
     from gnnmegatron.parallel import init_layout
     from gnnmegatron.parallel.egnn_tp import TPEGCL, TPEGCLFaithful
 
     torch.set_num_threads(1)
     layout = init_layout(tp=tp, groups="torch")
-    block, x0, h0, ei, offset, env, sv = _block_inputs(0, hidden=H, message=message)
+    block, x0, h0, ei, offset, env, sv = _block_inputs(0, hidden=H, message=message, message_groups=groups)
     block, x0, h0, offset, sv = block.float(), x0.float(), h0.float(), offset.float(), sv.float()
     twin = TPEGCL if message == "node_split" else TPEGCLFaithful
     return twin.from_egcl(block, layout), x0, h0, ei, offset, env, (sv if message == "node_split" else None)
@@ -92,10 +108,10 @@ def _forward(tpb, x0, h0, ei, offset, env, sv):
     return energy, x
 
 
-def _count(tp: int, message: str = "node_split") -> dict:
+def _count(tp: int, message: str = "node_split", groups=None) -> dict:
     from gnnmegatron.parallel import CommCounter
 
-    tpb, x0, h0, ei, offset, env, sv = _inputs(tp, message)
+    tpb, x0, h0, ei, offset, env, sv = _inputs(tp, message, groups)
     N, E = h0.shape[0], ei.shape[1]
     with CommCounter() as first:
         energy, _ = _forward(tpb, x0, h0, ei, offset, env, sv)
@@ -138,3 +154,19 @@ def test_faithful_block_pays_edge_sized_all_reduce():
     node_split_fwd = 4 * (2 * N * H + 2 * E)
     faithful_fwd = sum(v[1] for k, v in r["first"].items() if k[2] == "fwd")
     assert faithful_fwd == 4 * (E * H + 2 * N * H) > node_split_fwd
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_grouped_block_communication_volume(tp):
+    """message_groups=4: one N x H all-reduce forward and one backward (half the dense block's)."""
+    res = run_distributed(_count, tp, tp, "node_split", 4)
+    for rank, r in enumerate(res):
+        N, E = r["N"], r["E"]
+        expected = analytic_grouped(N, E, H, tp)
+        assert r["first"] == expected, (
+            f"tp={tp} rank {rank} N={N} E={E} H={H}: measured {r['first']}\nexpected {expected}")
+        dense = sum(v[1] for v in analytic(N, E, H, tp).values())
+        grouped = sum(v[1] for v in r["first"].values())
+        assert grouped == dense - 4 * (N * H + N * H // tp)
+        assert all(n != E * H and n <= max(N * H, 2 * E) for n in r["double_numel"]), (
+            f"tp={tp}: a collective moved an edge-sized feature tensor: {r['double_shapes']}")

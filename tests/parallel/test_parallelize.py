@@ -28,6 +28,9 @@ CASES = {
                                       "coords_range": 0.5},
     "direct": {"force_mode": "direct", "activation": "tanh"},
     "direct-fused-3layers": {"force_mode": "direct", "execution": "fused", "layers": 3},
+    # grouped message mixing (message_groups): W0h column-parallel, W0m blocks sharded by group
+    "grouped-conservative": {"message_groups": 4},
+    "grouped-direct-fused-ln": {"message_groups": 4, "force_mode": "direct", "execution": "fused", "layer_norm": True},
     # the faithful E_GCL through TPEGCLFaithful (allow_edge_collectives=True)
     "faithful-conservative": {"message": "faithful"},
     "faithful-direct": {"message": "faithful", "force_mode": "direct"},
