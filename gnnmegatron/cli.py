@@ -59,7 +59,8 @@ def _cmd_model_info(args) -> int:
 def _cmd_scaling_fit(args) -> int:
     from gnnmegatron.scaling.fit import fit_records, load_records
 
-    fits = fit_records(load_records(args.runs), loss_key=args.loss_key, n_boot=args.n_boot, seed=args.seed)
+    fits = fit_records(load_records(args.runs), loss_key=args.loss_key, n_key=args.n_key, d_key=args.d_key,
+                       n_boot=args.n_boot, seed=args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(fits, indent=1))
     print(f"wrote {args.out}")
@@ -72,7 +73,8 @@ def _cmd_scaling_report(args) -> int:
 
     fits = json.loads(Path(args.fits).read_text()) if args.fits else None
     paths = write_report(load_records(args.runs), fits, args.out_dir, title=args.title,
-                         **({} if fits else {"n_boot": args.n_boot, "loss_key": args.loss_key}))
+                         **({} if fits else {"n_boot": args.n_boot, "loss_key": args.loss_key,
+                                             "n_key": args.n_key, "d_key": args.d_key}))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -142,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     sfit.add_argument("runs", help="run records (JSON list, {'runs': [...]} or JSON lines)")
     sfit.add_argument("--out", default="fits.json")
     sfit.add_argument("--loss-key", default="val_loss")
+    sfit.add_argument("--n-key", default="params", help="record field used as N (default: non-embedding parameters)")
+    sfit.add_argument("--d-key", default="atoms_seen", choices=["atoms_seen", "train_atoms", "graphs_seen", "train_graphs"],
+                       help="record field used as D: atoms_seen (atoms processed in training, the epochs rule) or "
+                            "train_atoms (atoms in the training subset, for iso-data sweeps under the atoms rule)")
     sfit.add_argument("--n-boot", type=int, default=200)
     sfit.add_argument("--seed", type=int, default=0)
     sfit.set_defaults(func=_cmd_scaling_fit)
@@ -151,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     srep.add_argument("--out-dir", default="scaling-report")
     srep.add_argument("--title", default="Scaling-law fits")
     srep.add_argument("--loss-key", default="val_loss")
+    srep.add_argument("--n-key", default="params", help="record field used as N (default: non-embedding parameters)")
+    srep.add_argument("--d-key", default="atoms_seen", choices=["atoms_seen", "train_atoms", "graphs_seen", "train_graphs"],
+                       help="record field used as D: atoms_seen (atoms processed in training, the epochs rule) or "
+                            "train_atoms (atoms in the training subset, for iso-data sweeps under the atoms rule)")
     srep.add_argument("--n-boot", type=int, default=200)
     srep.set_defaults(func=_cmd_scaling_report)
 

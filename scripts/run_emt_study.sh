@@ -14,14 +14,15 @@ PY=${PYTHON:-.venv/bin/python}
 CONFIG=${1:-gnnmegatron/configs/scaling_emt.yaml}
 N_BOOT=${N_BOOT:-200}
 MACHINE=${MACHINE:-cpu2}
-OUT=$("$PY" -c "import sys; from gnnmegatron.scaling.sweep import load_sweep_config as l; print(l(sys.argv[1]).out_dir)" "$CONFIG")
+read -r OUT D_KEY < <("$PY" -c "import sys; from gnnmegatron.scaling.sweep import load_sweep_config as l; c = l(sys.argv[1]); print(c.out_dir, c.fit_d_key)" "$CONFIG")
+[ -n "$OUT" ] && [ -n "$D_KEY" ] || { echo "cannot read the sweep config $CONFIG" >&2; exit 1; }
 start=$(date +%s)
 
 echo "== sweep ($CONFIG -> $OUT)"
 "$PY" -m gnnmegatron.scaling.sweep "$CONFIG"
 
 echo "== fit"
-"$PY" -m gnnmegatron.cli scaling fit "$OUT/runs.jsonl" --out "$OUT/fits.json" --n-boot "$N_BOOT"
+"$PY" -m gnnmegatron.cli scaling fit "$OUT/runs.jsonl" --out "$OUT/fits.json" --n-boot "$N_BOOT" --d-key "$D_KEY"
 
 echo "== report"
 "$PY" -m gnnmegatron.cli scaling report "$OUT/runs.jsonl" --fits "$OUT/fits.json" --out-dir "$OUT" \

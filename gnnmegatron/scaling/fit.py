@@ -638,7 +638,9 @@ def fit_records(records: Sequence[dict], loss_key: str = "val_loss", n_key: str 
     joint = _fit_with_ci(fit_joint, Nv, Dv, yv, label="joint L(N, D)", **bk, **kw)
     if joint is not None:
         out["joint"] = joint.to_dict()
-        k_runs = estimate_flops_per_param_per_atom(recs, n_key, d_key)
+        # k is the cost of one parameter meeting one atom: always per atom processed (atoms_seen),
+        # whatever D means in the fit, so C = k N D counts one pass over D atoms.
+        k_runs = estimate_flops_per_param_per_atom(recs, n_key, "atoms_seen")
         if flops_per_param_per_atom:
             k, k_source = float(flops_per_param_per_atom), "given"
         elif k_runs:

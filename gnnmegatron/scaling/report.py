@@ -173,12 +173,23 @@ def _runs_md(recs: list, cfg: dict) -> list:
     return _table(["run", "preset", "N", "D", "FLOPs", "val energy MAE", "val force MAE", lk], rows)
 
 
+_KEY_MEANING = {
+    "params": "non-embedding parameters",
+    "params_total": "all parameters",
+    "atoms_seen": "atoms processed in training, repeats counted",
+    "train_atoms": "atoms in the run's training subset, each counted once",
+    "graphs_seen": "graphs processed in training, repeats counted",
+    "train_graphs": "graphs in the run's training subset",
+}
+
+
 def _markdown(title: str, recs: list, fits: dict, plots: list) -> str:
     cfg = fits["config"]
     lk = cfg["loss_key"]
     L = [f"# {title}", "",
          f"{fits['n_used']} of {fits['n_records']} runs used; loss fitted: `{lk}`; N = `{cfg['n_key']}` "
-         f"(non-embedding parameters), D = `{cfg['d_key']}` (atoms seen in training). Fits are "
+         f"({_KEY_MEANING.get(cfg['n_key'], 'from the run records')}), D = `{cfg['d_key']}` "
+         f"({_KEY_MEANING.get(cfg['d_key'], 'from the run records')}). Fits are "
          f"{cfg['loss']} (scale {cfg['delta']:g}) on log-loss; intervals are {100 * cfg['level']:g} % "
          f"percentile bootstrap over runs ({cfg['n_boot']} resamples, seed {cfg['seed']}).", ""]
     L += ["## Runs", ""] + _runs_md(recs, cfg) + [""]
@@ -216,7 +227,11 @@ def _markdown(title: str, recs: list, fits: dict, plots: list) -> str:
     if co:
         ci = co.get("ci", {})
         cis = lambda k: f" ({_g(ci[k][0])} .. {_g(ci[k][1])})" if k in ci else ""  # noqa: E731
-        L += [f"With C = k N D, k = {co['k']:.4g} FLOPs per parameter per atom ({co.get('k_source', 'given')}):", "",
+        L += [f"With C = k N D, k = {co['k']:.4g} FLOPs per parameter per atom processed "
+              f"({co.get('k_source', 'given')})"
+              + ("" if cfg["d_key"] == "atoms_seen" else
+                 f"; D here is `{cfg['d_key']}`, so C counts one pass over the data and the frontier is that "
+                 f"of the data-limited law measured (runs that repeat their data)") + ":", "",
               f"- N_opt ∝ C^a, **a = {co['a']:.4f}**{cis('a')}  (a = beta / (alpha + beta))",
               f"- D_opt ∝ C^b, **b = {co['b']:.4f}**{cis('b')}  (b = alpha / (alpha + beta))",
               f"- N_opt = G (C/k)^a with G = {co['G']:.4g}; D_opt = (C/k) / N_opt", ""]

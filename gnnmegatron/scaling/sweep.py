@@ -163,6 +163,10 @@ class SweepConfig:
         evals_per_run: validation passes per run (evenly spaced; the last step always evaluates).
         checkpoints_per_run: checkpoints per run (the last step always saves).
         out_dir: where ``runs/``, ``runs.jsonl`` (and the fit/report, by the study script) go.
+        d_key: the run-record field that is D when the study is fitted (:attr:`fit_d_key`): None
+            picks ``atoms_seen`` under the epochs rule (more data = more atoms processed) and
+            ``train_atoms`` under the atoms rule (iso-data: every run processes the same atoms, D is
+            the size of its training subset).
         base_dir: directory a relative ``base`` path is read from (the sweep file's directory).
 
     The base config's ``model`` keys other than ``preset`` (e.g. ``force_mode``) apply to every
@@ -182,7 +186,15 @@ class SweepConfig:
     evals_per_run: int = 4
     checkpoints_per_run: int = 4
     out_dir: str = "runs/sweep"
+    d_key: str | None = None
     base_dir: str = "."
+
+    @property
+    def fit_d_key(self) -> str:
+        """D of this study's fits: ``d_key`` or the budget rule's natural choice."""
+        if self.d_key is not None:
+            return self.d_key
+        return "train_atoms" if self.budget.rule == "atoms" else "atoms_seen"
 
     def __post_init__(self):
         if isinstance(self.budget, dict):
@@ -199,6 +211,9 @@ class SweepConfig:
             raise SweepError(f"data_fractions must lie in (0, 1], got {bad}")
         if len(set(self.data_fractions)) != len(self.data_fractions):
             raise SweepError(f"data_fractions has repeats: {self.data_fractions}")
+        if self.d_key not in (None, "atoms_seen", "train_atoms", "graphs_seen", "train_graphs"):
+            raise SweepError(f"d_key must be atoms_seen, train_atoms, graphs_seen, train_graphs or null, "
+                             f"got {self.d_key!r}")
         if self.evals_per_run < 1 or self.checkpoints_per_run < 1:
             raise SweepError(f"evals_per_run and checkpoints_per_run must be >= 1, got "
                              f"{self.evals_per_run} and {self.checkpoints_per_run}")

@@ -94,11 +94,21 @@ def test_lr_and_warmup_rules():
     ({"presets": ["egnn-tiny"], "models": [{"preset": "egnn-tiny"}], "grid": None}, "model names repeat"),
     ({"grid": None}, "the sweep has no models"),
     ({"bogus": 1}, "unknown key(s) ['bogus']"),
+    ({"d_key": "edges_seen"}, "d_key must be atoms_seen, train_atoms, graphs_seen, train_graphs or null, got 'edges_seen'"),
 ])
 def test_bad_sweep_configs_name_the_numbers(tmp_path, change, message):
     with pytest.raises(SweepError) as err:
         sweep_config_from_dict(_sweep_dict("unused.zarr", tmp_path, **change))
     assert message in str(err.value)
+
+
+def test_d_key_follows_the_budget_rule(tmp_path):
+    """D of the fits: atoms processed under the epochs rule, the subset's atoms under iso-data atoms."""
+    epochs = sweep_config_from_dict(_sweep_dict("unused.zarr", tmp_path))
+    atoms = sweep_config_from_dict(_sweep_dict("unused.zarr", tmp_path, budget={"rule": "atoms", "atoms": 1000}))
+    forced = sweep_config_from_dict(_sweep_dict("unused.zarr", tmp_path, d_key="atoms_seen",
+                                                budget={"rule": "atoms", "atoms": 1000}))
+    assert (epochs.fit_d_key, atoms.fit_d_key, forced.fit_d_key) == ("atoms_seen", "train_atoms", "atoms_seen")
 
 
 def test_yaml_base_path_is_relative_to_the_sweep_file(emt_store, tmp_path):
