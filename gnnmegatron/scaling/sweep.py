@@ -705,6 +705,7 @@ def study_summary(records: list[dict], fits: dict, *, command: str, wall_s: floa
         "alpha_L_N": exp(l_n, "alpha")["value"], "alpha_L_N_ci": exp(l_n, "alpha")["ci"],
         "alpha_L_D": exp(l_d, "alpha")["value"], "alpha_L_D_ci": exp(l_d, "alpha")["ci"],
         "compute_optimal_a": co.get("a"), "compute_optimal_b": co.get("b"),
+        "n_key": fits.get("config", {}).get("n_key"), "d_key": fits.get("config", {}).get("d_key"),
         "study_wall_s": wall_s, "train_wall_s": sum(r.get("wall_time_s", 0.0) for r in records),
         "total_flops": sum(r.get("flops", 0.0) for r in records),
     }
