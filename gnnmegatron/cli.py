@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sfit.add_argument("--out", default="fits.json")
     sfit.add_argument("--loss-key", default="val_loss")
     sfit.add_argument("--n-key", default="params", help="record field used as N (default: non-embedding parameters)")
-    sfit.add_argument("--d-key", default="atoms_seen", choices=["atoms_seen", "train_atoms", "graphs_seen", "train_graphs"],
+    sfit.add_argument("--d-key", default="atoms_seen", choices=["atoms_seen", "train_atoms"],
                        help="record field used as D: atoms_seen (atoms processed in training, the epochs rule) or "
                             "train_atoms (atoms in the training subset, for iso-data sweeps under the atoms rule)")
     sfit.add_argument("--n-boot", type=int, default=200)
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     srep.add_argument("--title", default="Scaling-law fits")
     srep.add_argument("--loss-key", default="val_loss")
     srep.add_argument("--n-key", default="params", help="record field used as N (default: non-embedding parameters)")
-    srep.add_argument("--d-key", default="atoms_seen", choices=["atoms_seen", "train_atoms", "graphs_seen", "train_graphs"],
+    srep.add_argument("--d-key", default="atoms_seen", choices=["atoms_seen", "train_atoms"],
                        help="record field used as D: atoms_seen (atoms processed in training, the epochs rule) or "
                             "train_atoms (atoms in the training subset, for iso-data sweeps under the atoms rule)")
     srep.add_argument("--n-boot", type=int, default=200)

@@ -78,7 +78,11 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=4, help="message_groups (tp must divide it); 0: dense")
     args = parser.parse_args()
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():  # one GPU per rank, NCCL
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.set_num_threads(1)
     layout = init_layout(tp=dist.get_world_size())
     from ase.build import bulk
@@ -87,11 +91,12 @@ def main() -> None:
     atoms.rattle(0.1, seed=1)
     batch = collate([{"atomic_numbers": atoms.numbers, "positions": atoms.positions, "cell": atoms.cell[:],
                       "pbc": atoms.pbc}], cutoff=4.5, dtype=torch.float64)
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     torch.manual_seed(0)  # same weights on every rank
     cfg = ModelConfig(hidden=args.hidden, layers=args.layers, num_rbf=8, cutoff=4.5, message="node_split",
                       message_groups=args.groups or None)
-    single = MyPotential(cfg).double()
+    single = MyPotential(cfg).double().to(device)
     parallel = tensor_parallel(copy.deepcopy(single), layout)
 
     results = {}

@@ -68,8 +68,9 @@ class ModelConfig:
             only within itself (``y = W0h h + blockdiag(W0m_1..W0m_G) m``; the node MLP's second
             linear then mixes all channels), like attention heads before their output
             projection. Under tensor parallelism (tp must divide G) each rank's message slice
-            then stays on its rank and a block needs one N x H all-reduce per direction instead
-            of two (DESIGN.md; ``gnnmegatron.parallel.egnn_tp``).
+            then stays on its rank and a block needs one N x H all-reduce per direction (the
+            dense block: two forward, one plus an all-gather of N x H/tp backward;
+            ``gnnmegatron.parallel.egnn_tp``).
         execution: ``"unfused"`` (plain torch edge tensors) or ``"fused"`` (the
             ``gnnmegatron.ops`` message-passing ops; node_split never builds an [E, H] tensor).
             Both give the same outputs and gradients.

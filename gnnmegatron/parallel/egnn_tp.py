@@ -31,7 +31,7 @@ message columns only feed this rank's output columns::
 
 so a block moves one ``N x H`` all-reduce forward (``node_mlp2``) and one backward
 (``block_input_h``, shared by P, Q and W0h), plus the E-scalar traffic — as a transformer's
-attention sub-layer, and half the node-sized traffic of the dense node MLP.
+attention sub-layer: 2 NH elements per block instead of the dense node MLP's 3 NH + NH/tp.
 
 Sums over edges commute with the feature split, so ``m_loc`` is exactly this rank's columns of
 the single-device ``m``; ``s_loc`` is a partial dot product, completed by an all-reduce of E

@@ -644,7 +644,7 @@ def fit_records(records: Sequence[dict], loss_key: str = "val_loss", n_key: str 
         if flops_per_param_per_atom:
             k, k_source = float(flops_per_param_per_atom), "given"
         elif k_runs:
-            k, k_source = k_runs, "median C/(N D) of runs"
+            k, k_source = k_runs, "median C/(N x atoms processed) of runs"
         else:
             k, k_source = 6.0, "default 6 (no run has flops)"
         C_runs = np.array([float(r["flops"]) for r in recs if r.get("flops")])

@@ -178,8 +178,6 @@ _KEY_MEANING = {
     "params_total": "all parameters",
     "atoms_seen": "atoms processed in training, repeats counted",
     "train_atoms": "atoms in the run's training subset, each counted once",
-    "graphs_seen": "graphs processed in training, repeats counted",
-    "train_graphs": "graphs in the run's training subset",
 }
 
 

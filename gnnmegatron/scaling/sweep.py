@@ -211,9 +211,8 @@ class SweepConfig:
             raise SweepError(f"data_fractions must lie in (0, 1], got {bad}")
         if len(set(self.data_fractions)) != len(self.data_fractions):
             raise SweepError(f"data_fractions has repeats: {self.data_fractions}")
-        if self.d_key not in (None, "atoms_seen", "train_atoms", "graphs_seen", "train_graphs"):
-            raise SweepError(f"d_key must be atoms_seen, train_atoms, graphs_seen, train_graphs or null, "
-                             f"got {self.d_key!r}")
+        if self.d_key not in (None, "atoms_seen", "train_atoms"):
+            raise SweepError(f"d_key must be atoms_seen, train_atoms or null, got {self.d_key!r}")
         if self.evals_per_run < 1 or self.checkpoints_per_run < 1:
             raise SweepError(f"evals_per_run and checkpoints_per_run must be >= 1, got "
                              f"{self.evals_per_run} and {self.checkpoints_per_run}")

@@ -65,9 +65,18 @@ class TrainGroups:
         return {"tp": self.tp, "pp": 1, "dp": self.dp}
 
     def dp_all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over the data-parallel group in place (no-op at dp == 1)."""
+        """Sum ``t`` over the data-parallel group in place (no-op at dp == 1).
+
+        Host tensors (counters, metric sums) go through the GPU under NCCL, which reduces
+        device tensors only.
+        """
         if self.dp > 1:
-            dist.all_reduce(t, group=self.dp_group)
+            if not t.is_cuda and dist.get_backend(self.dp_group) == "nccl":
+                buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+                dist.all_reduce(buf, group=self.dp_group)
+                t.copy_(buf)
+            else:
+                dist.all_reduce(t, group=self.dp_group)
         return t
 
 

@@ -42,10 +42,12 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, dp_group=None) -> 
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # Empty groups are dropped (ZeRO cannot partition them), in both cases, so that the state dicts
+    # of zero_stage 0 and 1 have the same groups and load into each other.
+    groups = [g for g in groups if g["params"]]
     if cfg.zero_stage == 1 and dp_group is not None and dist.get_world_size(dp_group) > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        groups = [g for g in groups if g["params"]]  # ZeRO partitions every group; empty ones add nothing
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=dp_group,
                                        parameters_as_bucket_view=False, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
@@ -65,6 +67,12 @@ def consolidate(optimizer: torch.optim.Optimizer) -> None:
     """
     if is_sharded(optimizer):
         optimizer.consolidate_state_dict(to=0)
+
+
+def release_consolidated(optimizer: torch.optim.Optimizer) -> None:
+    """Frees the full state a ZeRO-1 :func:`consolidate` left on DP rank 0 (once it is saved)."""
+    if is_sharded(optimizer) and hasattr(optimizer, "_all_state_dicts"):
+        optimizer._all_state_dicts = []
 
 
 def local_state_bytes(optimizer: torch.optim.Optimizer) -> int:

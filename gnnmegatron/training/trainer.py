@@ -37,7 +37,7 @@ from gnnmegatron.training.distributed import (
 )
 from gnnmegatron.training.logging import MetricsWriter, Progress, plot_loss_curve
 from gnnmegatron.training.losses import ErrorAccumulator, compute_loss
-from gnnmegatron.training.optim import build_optimizer, consolidate, lr_at, set_lr
+from gnnmegatron.training.optim import build_optimizer, consolidate, lr_at, release_consolidated, set_lr
 
 
 def init_distributed() -> tuple[int, int]:
@@ -51,6 +51,8 @@ def init_distributed() -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":  # one GPU per local rank, before any collective touches a device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
 
@@ -290,9 +292,15 @@ class Trainer:
         Under ZeRO-1 (collective too) the shards are first consolidated on data-parallel replica 0,
         so the files hold the full optimizer state whatever dp wrote them.
         """
+        consolidate(self.optimizer)  # ZeRO-1: the full optimizer state on DP rank 0 (collective)
+        try:
+            return self._save()
+        finally:
+            release_consolidated(self.optimizer)  # DP rank 0 drops its full copy again
+
+    def _save(self) -> Path | None:
         from gnnmegatron.training.model_card import write_model_card
 
-        consolidate(self.optimizer)  # ZeRO-1: the full optimizer state on DP rank 0 (collective)
         if self.tp > 1:
             from gnnmegatron.parallel import gather_state_dict
 

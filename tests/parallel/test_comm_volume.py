@@ -165,8 +165,5 @@ def test_grouped_block_communication_volume(tp):
         expected = analytic_grouped(N, E, H, tp)
         assert r["first"] == expected, (
             f"tp={tp} rank {rank} N={N} E={E} H={H}: measured {r['first']}\nexpected {expected}")
-        dense = sum(v[1] for v in analytic(N, E, H, tp).values())
-        grouped = sum(v[1] for v in r["first"].values())
-        assert grouped == dense - 4 * (N * H + N * H // tp)
         assert all(n != E * H and n <= max(N * H, 2 * E) for n in r["double_numel"]), (
             f"tp={tp}: a collective moved an edge-sized feature tensor: {r['double_shapes']}")

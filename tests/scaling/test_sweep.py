@@ -94,7 +94,7 @@ def test_lr_and_warmup_rules():
     ({"presets": ["egnn-tiny"], "models": [{"preset": "egnn-tiny"}], "grid": None}, "model names repeat"),
     ({"grid": None}, "the sweep has no models"),
     ({"bogus": 1}, "unknown key(s) ['bogus']"),
-    ({"d_key": "edges_seen"}, "d_key must be atoms_seen, train_atoms, graphs_seen, train_graphs or null, got 'edges_seen'"),
+    ({"d_key": "edges_seen"}, "d_key must be atoms_seen, train_atoms or null, got 'edges_seen'"),
 ])
 def test_bad_sweep_configs_name_the_numbers(tmp_path, change, message):
     with pytest.raises(SweepError) as err:

@@ -8,8 +8,8 @@ On gloo, tp=1 x dp=2 (2 processes) and tp=2 x dp=2 (4 processes), float64, clipp
   the largest is below it;
 * a run interrupted and resumed under ZeRO-1 equals the uninterrupted one, and its checkpoint
   holds the full optimizer state: resuming it with zero_stage=0 continues identically too;
-* bf16 autocast trains under tp=2 with float32 master weights (tests/parallel/test_bf16_tp.py
-  checks its numbers against the single-device model).
+* bf16 autocast trains under tp=2 x dp=2 with ZeRO-1 (a smoke test: finite, sensible validation
+  error; tests/parallel/test_bf16_tp.py checks bf16 numbers against the single-device model).
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ def _worker(store, root, tp):
     if tp > 1:
         t = Trainer(_cfg(store, root / "bf16", tp=tp, dtype="bfloat16", max_steps=4), resume="never")
         report = t.fit()
-        out["bf16_param_dtypes"] = sorted({str(p.dtype) for p in t.model.parameters()})
         out["bf16_energy_mae"] = report["val"]["energy_mae_per_atom"]
     return out
 
@@ -104,7 +103,6 @@ def test_zero1_equals_replicated_optimizer(emt_store, tmp_path, tp, world):
         assert sum(shards) == full, f"tp rank {t}: shards {shards} do not add up to the full state {full}"
         assert max(shards) < full and min(shards) > 0, f"tp rank {t}: shards {shards} of {full}"
     if tp > 1:
-        assert r0["bf16_param_dtypes"] == ["torch.float32"], r0["bf16_param_dtypes"]
         assert 0 < r0["bf16_energy_mae"] < 1.0, r0["bf16_energy_mae"]
 
 
