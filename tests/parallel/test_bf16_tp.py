@@ -69,7 +69,8 @@ def _compare(tp: int, overrides: dict) -> dict:
     return res
 
 
-CASES = {"conservative": {}, "direct-fused": {"force_mode": "direct", "execution": "fused"}}
+CASES = {"conservative": {}, "direct-fused": {"force_mode": "direct", "execution": "fused"},
+         "grouped-fused": {"message_groups": 4, "execution": "fused"}}
 
 
 @pytest.mark.parametrize("case", list(CASES))
