@@ -7,9 +7,10 @@ Trains the demo's model (``egnn-small``: hidden 64, 3 blocks, conservative force
 use), once with the dense node MLP (``groups`` 1 in the table: ``message_groups=None``) and once
 per requested group count, with the demo's optimiser, loss and batch size, the same seed, data
 order and number of steps. Reports parameters, validation energy MAE (meV/atom) and force MAE
-(meV/Å) at the end and the wall time. The grouped block halves the node-sized collectives per
-block under tensor parallelism (``benchmarks/tensor_parallel.py``); this measures what it costs
-in accuracy at equal steps.
+(meV/Å) at the end and the wall time. Under tensor parallelism the grouped block needs one N x H
+all-reduce per direction instead of the dense block's two forward plus an all-reduce and an
+all-gather backward (``benchmarks/tensor_parallel.py``); this measures what it costs in accuracy at
+equal steps.
 """
 
 from __future__ import annotations

@@ -101,6 +101,14 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _add_fit_keys(parser: argparse.ArgumentParser) -> None:
+    """``--n-key`` / ``--d-key`` of ``scaling fit`` and ``scaling report``."""
+    parser.add_argument("--n-key", default="params", help="record field used as N (default: non-embedding parameters)")
+    parser.add_argument("--d-key", default="atoms_seen", choices=["atoms_seen", "train_atoms"],
+                        help="record field used as D: atoms_seen (atoms processed in training, the epochs rule) or "
+                             "train_atoms (atoms in the training subset, for iso-data sweeps under the atoms rule)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gnnmegatron", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,10 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sfit.add_argument("runs", help="run records (JSON list, {'runs': [...]} or JSON lines)")
     sfit.add_argument("--out", default="fits.json")
     sfit.add_argument("--loss-key", default="val_loss")
-    sfit.add_argument("--n-key", default="params", help="record field used as N (default: non-embedding parameters)")
-    sfit.add_argument("--d-key", default="atoms_seen", choices=["atoms_seen", "train_atoms"],
-                       help="record field used as D: atoms_seen (atoms processed in training, the epochs rule) or "
-                            "train_atoms (atoms in the training subset, for iso-data sweeps under the atoms rule)")
+    _add_fit_keys(sfit)
     sfit.add_argument("--n-boot", type=int, default=200)
     sfit.add_argument("--seed", type=int, default=0)
     sfit.set_defaults(func=_cmd_scaling_fit)
@@ -157,10 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     srep.add_argument("--out-dir", default="scaling-report")
     srep.add_argument("--title", default="Scaling-law fits")
     srep.add_argument("--loss-key", default="val_loss")
-    srep.add_argument("--n-key", default="params", help="record field used as N (default: non-embedding parameters)")
-    srep.add_argument("--d-key", default="atoms_seen", choices=["atoms_seen", "train_atoms"],
-                       help="record field used as D: atoms_seen (atoms processed in training, the epochs rule) or "
-                            "train_atoms (atoms in the training subset, for iso-data sweeps under the atoms rule)")
+    _add_fit_keys(srep)
     srep.add_argument("--n-boot", type=int, default=200)
     srep.set_defaults(func=_cmd_scaling_report)
 

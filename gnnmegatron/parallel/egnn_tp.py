@@ -135,9 +135,7 @@ class _TPBlock(nn.Module):
         self.message_groups = getattr(egcl, "message_groups", None)
         if self.message_groups:
             # grouped message mixing: W0h column-parallel, this rank's blocks of W0m, W2 row-parallel
-            if self.message_groups % layout.tp:
-                raise ValueError(f"message_groups={self.message_groups} is not divisible by tp={layout.tp}; "
-                                 f"choose tp dividing the model's message groups")
+            layout.check_divisible(self.message_groups, "message_groups")
             self.node_mlp0 = ColumnParallelLinear.from_linear(n0, layout, name="node_mlp0")
             self.node_mix = nn.Parameter(shard(egcl.node_mix.detach(), 0, layout.tp_group))
         else:

@@ -118,7 +118,7 @@ def _run_errors(tp: int) -> list[str]:
 
     layout = init_layout(tp=tp, groups="torch")
     msgs = []
-    for overrides in ({"message": "faithful"}, {"hidden": 6}):
+    for overrides in ({"message": "faithful"}, {"hidden": 6}, {"message_groups": 2}):
         try:
             parallelize(make_model(**overrides), layout)
         except ValueError as exc:
@@ -128,9 +128,10 @@ def _run_errors(tp: int) -> list[str]:
 
 def test_parallelize_errors():
     msgs = run_distributed(_run_errors, 4, 4)[0]
-    assert len(msgs) == 2, msgs
+    assert len(msgs) == 3, msgs
     assert "use message='node_split'" in msgs[0] and "allow_edge_collectives=True" in msgs[0]
     assert "hidden size 6 is not divisible by tp=4" in msgs[1]
+    assert "message_groups size 2 is not divisible by tp=4" in msgs[2]
 
 
 def test_tp1_single_layout_runs_without_distributed():
