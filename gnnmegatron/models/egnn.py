@@ -157,7 +157,8 @@ class EGCL(nn.Module):
             self.edge_mlp = nn.Sequential(nn.Linear(2 * H + K, H), make_activation(cfg.activation))
         if update_coords:
             last = nn.Linear(H, 1, bias=False)
-            nn.init.xavier_uniform_(last.weight, gain=0.001)
+            last.xavier_gain = 0.001  # read by gnnmegatron.models.init (layout-independent init)
+            nn.init.xavier_uniform_(last.weight, gain=last.xavier_gain)
             self.coord_mlp = nn.Sequential(nn.Linear(H, H), make_activation(cfg.activation), last) \
                 if cfg.message == "faithful" else nn.Sequential(last)
         else:
@@ -176,6 +177,15 @@ class EGCL(nn.Module):
     @property
     def update_coords(self) -> bool:
         return self.coord_mlp is not None
+
+    def init_spec(self, name: str, param: torch.Tensor):
+        """Initialisation of this block's own parameters (``gnnmegatron.models.init``)."""
+        if name == "node_mix":
+            from gnnmegatron.models.init import InitSpec
+
+            bound = param.shape[-1] ** -0.5
+            return InitSpec("uniform", -bound, bound)
+        return None
 
     def edge_messages(self, h: torch.Tensor, edge_index: torch.Tensor, rbf: torch.Tensor) -> torch.Tensor:
         """``a_ij = phi_e([h_i ; h_j ; rbf_ij])``.
@@ -332,3 +342,24 @@ class EGNNStack(nn.Module):
                         scalar_vector=scalar_vector if i == last else None)
             h, x = out.h, out.x
         return out
+
+
+def block_container(model: nn.Module) -> nn.ModuleList | nn.ModuleDict:
+    """The container of a model's message-passing blocks: ``model.backbone.blocks`` or ``model.blocks``.
+
+    A ``ModuleList`` for single-device models, a ``ModuleDict`` keyed by the global block index for
+    a pipeline stage (which holds only some blocks). Used by ``parallelize`` and activation
+    checkpointing, so that both find the same blocks.
+    """
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and hasattr(backbone, "blocks"):
+        return backbone.blocks
+    if hasattr(model, "blocks") and isinstance(model.blocks, (nn.ModuleList, nn.ModuleDict)):
+        return model.blocks
+    raise TypeError(f"{type(model).__name__} has neither .backbone.blocks nor .blocks")
+
+
+def named_blocks(model: nn.Module) -> list[tuple[int | str, nn.Module]]:
+    """``[(key, block)]`` of ``block_container(model)``: list indices or ``ModuleDict`` keys."""
+    blocks = block_container(model)
+    return list(blocks.items()) if isinstance(blocks, nn.ModuleDict) else list(enumerate(blocks))

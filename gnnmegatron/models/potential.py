@@ -28,6 +28,7 @@ Shapes:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -54,6 +55,9 @@ class AtomisticModel(nn.Module):
         forward(batch) -> dict(energy [B], node_energy [N], forces [N, 3] (if asked),
         stress [B, 3, 3] (if asked)).
     """
+
+    buffer_init = {"reference_energies": 0.0, "energy_scale": 1.0, "energy_shift": 0.0}
+    """Initial values of the persistent buffers (``gnnmegatron.models.init``)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -215,54 +219,127 @@ class AtomisticModel(nn.Module):
             Under ``torch.no_grad()`` conservative forces are still computed (grad is
             enabled inside) and every output is returned detached.
         """
-        if compute_stress is None:
-            compute_stress = self.cfg.compute_stress
-        if compute_stress and self.cfg.force_mode != "conservative":
-            raise ValueError("stress needs force_mode='conservative' (stress = dE/dstrain / V); this model uses "
-                             "force_mode='direct', which has no stress — call forward(compute_stress=False)")
+        compute_stress = resolve_stress(self.cfg, compute_stress)
         self._check_batch(batch)
-        z, cell, graph = batch["atomic_numbers"], batch["cell"], batch["batch"]
-        edge_index, edge_shift = batch["edge_index"], batch["edge_shift"]
-        num_graphs, num_atoms = cell.shape[0], z.shape[0]
-        positions = batch["positions"]
-        conservative = self.cfg.force_mode == "conservative"
-        need_grad = conservative and (compute_forces or compute_stress)
+        need_grad = self.cfg.force_mode == "conservative" and (compute_forces or compute_stress)
         grad_enabled = torch.is_grad_enabled()
-
         with torch.set_grad_enabled(need_grad or grad_enabled):
-            inputs = []
-            if need_grad and compute_forces:
-                if not positions.requires_grad:
-                    positions = positions.detach().requires_grad_(True)
-                inputs.append(positions)
-            x, cell_used = positions, cell
-            if compute_stress:
-                displacement = torch.zeros((num_graphs, 3, 3), dtype=cell.dtype, device=cell.device,
-                                           requires_grad=True)
-                inputs.append(displacement)
-                strain = 0.5 * (displacement + displacement.transpose(1, 2))
-                x = x + torch.bmm(x.unsqueeze(1), strain[graph]).squeeze(1)
-                cell_used = cell + torch.bmm(cell, strain)
-            offset = self.edge_offsets(edge_index, edge_shift, cell_used, graph)
-            out, edge_weight = self.represent(z, x, edge_index, offset)
-            node_energy = self.node_energies(z, out.h)
-            energy = scatter_sum(node_energy, graph, num_graphs)
-            result = {"energy": energy, "node_energy": node_energy}
-
+            geom = prepare_geometry(batch, self.envelope, need_grad and compute_forces, compute_stress)
+            z, edge_index = batch["atomic_numbers"], batch["edge_index"]
+            scalar_vector = None
+            if self.force_head is not None and self.cfg.message == "node_split" and self.cfg.execution == "fused":
+                scalar_vector = self.force_head[-1].weight[0]
+            out = self.backbone(self.embedding(z), geom.x, edge_index, geom.offset, geom.edge_weight, scalar_vector)
+            result = self.head(out, batch, geom, compute_forces and not need_grad)
             if need_grad:
-                grads = _grad(energy.sum(), inputs, create_graph=self.training)
-                if compute_forces:
-                    result["forces"] = -grads[0]
-                if compute_stress:
-                    volume = torch.linalg.det(cell).abs()
-                    periodic = volume > 0
-                    safe = torch.where(periodic, volume, torch.ones_like(volume))
-                    result["stress"] = grads[-1] / safe[:, None, None] * periodic[:, None, None]
-            elif compute_forces:
-                result["forces"] = self.direct_forces(out, edge_weight, edge_index, num_atoms)
+                result.update(conservative_outputs(result["energy"].sum(), geom, batch, compute_forces,
+                                                   compute_stress, create_graph=self.training))
         if not grad_enabled:  # called under torch.no_grad() (e.g. MD): keep no graph alive
             result = {k: v.detach() for k, v in result.items()}
         return result
+
+    def head(self, out: EGCLOutput, batch: Mapping[str, torch.Tensor], geom: "Geometry",
+             direct_forces: bool) -> dict[str, torch.Tensor]:
+        """Energies from the last block's output (and direct forces when asked).
+
+        Shapes:
+            out.h [N, H] -> dict(energy [B], node_energy [N], forces [N, 3] if ``direct_forces``).
+        """
+        z, graph = batch["atomic_numbers"], batch["batch"]
+        node_energy = self.node_energies(z, out.h)
+        result = {"energy": scatter_sum(node_energy, graph, batch["cell"].shape[0]), "node_energy": node_energy}
+        if direct_forces:
+            result["forces"] = self.direct_forces(out, geom.edge_weight, batch["edge_index"], z.shape[0])
+        return result
+
+
+class Geometry(NamedTuple):
+    """The input geometry of a batch as every block (and every pipeline stage) sees it.
+
+    Attributes:
+        inputs: autograd leaves that conservative forces and stress differentiate against:
+            ``[positions]`` and/or ``[displacement]`` (in that order; empty for direct forces).
+        positions: the positions leaf (or the batch's positions).
+        displacement: [B, 3, 3] the strain leaf (stress), or None.
+        x: [N, 3] (strained) positions, the first block's coordinates.
+        offset: [E, 3] Cartesian image shifts of the (strained) cell.
+        edge_weight: [E] envelope of the input edge lengths, shared by all blocks.
+    """
+
+    inputs: list
+    positions: torch.Tensor
+    displacement: Optional[torch.Tensor]
+    x: torch.Tensor
+    offset: torch.Tensor
+    edge_weight: torch.Tensor
+
+
+def resolve_stress(cfg: ModelConfig, compute_stress: bool | None) -> bool:
+    """``compute_stress`` or the config's default; refuses stress for direct forces."""
+    if compute_stress is None:
+        compute_stress = cfg.compute_stress
+    if compute_stress and cfg.force_mode != "conservative":
+        raise ValueError("stress needs force_mode='conservative' (stress = dE/dstrain / V); this model uses "
+                         "force_mode='direct', which has no stress — call forward(compute_stress=False)")
+    return compute_stress
+
+
+def prepare_geometry(batch: Mapping[str, torch.Tensor], envelope: nn.Module, positions_grad: bool,
+                     compute_stress: bool) -> Geometry:
+    """Leaves, strained positions, image offsets and envelope weights of a batch.
+
+    Stress: a symmetric strain ``eps`` (zeros that require grad) is applied to the positions and
+    the cell, ``x' = x (I + eps)``, ``cell' = cell (I + eps)`` (rows are vectors). Every pipeline
+    stage calls this on the same batch, so each holds its own leaves of the same values.
+
+    Shapes:
+        -> Geometry(x [N, 3], offset [E, 3], edge_weight [E], displacement [B, 3, 3]).
+    """
+    cell, graph, edge_index = batch["cell"], batch["batch"], batch["edge_index"]
+    positions = batch["positions"]
+    inputs = []
+    if positions_grad:
+        positions = positions.detach().requires_grad_(True)
+        inputs.append(positions)
+    x, cell_used, displacement = positions, cell, None
+    if compute_stress:
+        displacement = torch.zeros((cell.shape[0], 3, 3), dtype=cell.dtype, device=cell.device, requires_grad=True)
+        inputs.append(displacement)
+        strain = 0.5 * (displacement + displacement.transpose(1, 2))
+        x = x + torch.bmm(x.unsqueeze(1), strain[graph]).squeeze(1)
+        cell_used = cell + torch.bmm(cell, strain)
+    offset = AtomisticModel.edge_offsets(edge_index, batch["edge_shift"], cell_used, graph)
+    _, dist0 = edge_vectors(x, edge_index, offset)
+    return Geometry(inputs, positions, displacement, x, offset, envelope(dist0))
+
+
+def conservative_outputs(energy: torch.Tensor, geom: Geometry, batch: Mapping[str, torch.Tensor],
+                         compute_forces: bool, compute_stress: bool, create_graph: bool) -> dict[str, torch.Tensor]:
+    """``forces = -dE/dx`` and ``stress = (1/V) dE/deps`` from the geometry leaves.
+
+    Shapes:
+        energy: [] (summed over graphs) -> dict(forces [N, 3], stress [B, 3, 3]).
+    """
+    grads = _grad(energy, geom.inputs, create_graph=create_graph)
+    return stress_and_forces(grads, batch, compute_forces, compute_stress)
+
+
+def stress_and_forces(grads: list[torch.Tensor], batch: Mapping[str, torch.Tensor], compute_forces: bool,
+                      compute_stress: bool) -> dict[str, torch.Tensor]:
+    """Forces and stress from ``[dE/dpositions][, dE/ddisplacement]`` (the order of ``Geometry.inputs``).
+
+    Also used by the pipeline, where the gradients are sums of the stages' shares.
+    """
+    result = {}
+    if compute_forces:
+        result["forces"] = -grads[0]
+    if compute_stress:
+        cell = batch["cell"]
+        volume = torch.linalg.det(cell).abs()
+        periodic = volume > 0
+        safe = torch.where(periodic, volume, torch.ones_like(volume))
+        result["stress"] = grads[-1] / safe[:, None, None] * periodic[:, None, None]
+    return result
 
 
 def _grad(output: torch.Tensor, inputs: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:

@@ -30,7 +30,14 @@ class BesselBasis(nn.Module):
         super().__init__()
         self.num_rbf = int(num_rbf)
         self.cutoff = float(cutoff)
-        self.register_buffer("frequencies", torch.arange(1, num_rbf + 1) * (math.pi / cutoff), persistent=False)
+        self.register_buffer("frequencies", torch.empty(num_rbf), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the constants (after ``to_empty`` of a model built on the meta device)."""
+        values = torch.arange(1, self.num_rbf + 1) * (math.pi / self.cutoff)  # as in the first release
+        self.frequencies.copy_(values.to(self.frequencies.device))
 
     def forward(self, distances: torch.Tensor) -> torch.Tensor:
         d = distances.unsqueeze(-1)
@@ -58,7 +65,14 @@ class GaussianBasis(nn.Module):
         self.num_rbf = int(num_rbf)
         self.cutoff = float(cutoff)
         self.width = float(width) if width is not None else (cutoff / (num_rbf - 1) if num_rbf > 1 else cutoff)
-        self.register_buffer("centers", torch.linspace(0.0, cutoff, num_rbf), persistent=False)
+        self.register_buffer("centers", torch.empty(num_rbf), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the constants (after ``to_empty`` of a model built on the meta device)."""
+        values = torch.linspace(0.0, self.cutoff, self.num_rbf)
+        self.centers.copy_(values.to(self.centers.device))
 
     def forward(self, distances: torch.Tensor) -> torch.Tensor:
         diff = distances.unsqueeze(-1) - self.centers.to(distances.dtype)

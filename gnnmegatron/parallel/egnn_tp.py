@@ -89,6 +89,7 @@ from .collectives import (
 )
 from .layout import ParallelLayout
 from .linear import ColumnParallelLinear, RowParallelLinear, shard
+from .sharding import Piece, sharded_piece, whole_piece
 
 __all__ = ["TPEGCL", "TPEGCLFaithful", "deinterleave_node_weight", "interleave_node_weight"]
 
@@ -123,6 +124,7 @@ class _TPBlock(nn.Module):
         self.hidden = H
         self.local_hidden = layout.check_divisible(H, "hidden")
         self.tp = layout.tp
+        self.tp_rank = layout.tp_rank
         self.tp_group = layout.tp_group
         self.message = egcl.message
         for name in ("residual", "coord_tanh", "coords_range", "coord_clamp", "coord_normalizer",
@@ -137,7 +139,8 @@ class _TPBlock(nn.Module):
             # grouped message mixing: W0h column-parallel, this rank's blocks of W0m, W2 row-parallel
             layout.check_divisible(self.message_groups, "message_groups")
             self.node_mlp0 = ColumnParallelLinear.from_linear(n0, layout, name="node_mlp0")
-            self.node_mix = nn.Parameter(shard(egcl.node_mix.detach(), 0, layout.tp_group))
+            self.node_mix = nn.Parameter(shard(egcl.node_mix.detach(), 0, layout.tp_group, rank=layout.tp_rank,
+                                                size=layout.tp))
         else:
             self.node_mlp0 = RowParallelLinear.from_full_weight(
                 interleave_node_weight(n0.weight.detach(), layout.tp), n0.bias.detach(), layout, name="node_mlp0")
@@ -153,6 +156,46 @@ class _TPBlock(nn.Module):
     # ------------------------------------------------------------------ gathering
     def _full_edge(self, grad: bool) -> dict[str, torch.Tensor | None]:
         raise NotImplementedError
+
+    def _edge_layers(self) -> dict[str, tuple[str, nn.Module]]:
+        """{local module name: (EGCL module name, module)} of the edge-side layers (subclasses)."""
+        raise NotImplementedError
+
+    def shard_pieces(self) -> dict[str, list[Piece]]:
+        """Where each local tensor sits in the single-device ``EGCL``'s state dict (keys relative to
+        the block; ``gnnmegatron.parallel.sharding``). The dense node MLP's interleaved
+        ``[W0h[:, sl] | W0m[:, sl]]`` weight is two pieces: columns ``sl`` and ``H + sl``."""
+        H, hl, r = self.hidden, self.local_hidden, self.tp_rank
+        out: dict[str, list[Piece]] = {}
+
+        def linear(local: str, layer: nn.Module, egcl_name: str) -> None:
+            for k, plist in layer.shard_pieces().items():
+                out[f"{local}.{k}"] = [p.renamed(f"{egcl_name}.{p.key}") for p in plist]
+
+        linear("edge_mlp0", self.edge_mlp0, "edge_mlp.0")
+        for local, (egcl_name, layer) in self._edge_layers().items():
+            if hasattr(layer, "shard_pieces"):
+                linear(local, layer, egcl_name)
+            else:  # replicated
+                for k, t in layer.named_parameters():
+                    out[f"{local}.{k}"] = [whole_piece(f"{egcl_name}.{k}", t.shape)]
+        if self.node_mix is None:
+            w = self.node_mlp0.weight  # [H, 2H/tp] = [W0h[:, sl] | W0m[:, sl]]
+            shape = (H, 2 * H)
+            out["node_mlp0.weight"] = [
+                Piece("node_mlp.0.weight", shape, (slice(0, H), slice(0, hl)), (0, r * hl)),
+                Piece("node_mlp.0.weight", shape, (slice(0, H), slice(hl, 2 * hl)), (0, H + r * hl)),
+            ]
+            assert tuple(w.shape) == (H, 2 * hl)
+            out["node_mlp0.bias"] = [whole_piece("node_mlp.0.bias", self.node_mlp0.bias.shape)]
+        else:
+            linear("node_mlp0", self.node_mlp0, "node_mlp.0")
+            out["node_mix"] = [sharded_piece("node_mix", self.node_mix.shape, 0, r, self.tp)]
+        linear("node_mlp2", self.node_mlp2, "node_mlp.2")
+        if self.norm is not None:
+            for k, t in self.norm.named_parameters():
+                out[f"norm.{k}"] = [whole_piece(f"norm.{k}", t.shape)]
+        return out
 
     def _full(self, grad: bool) -> dict[str, torch.Tensor | None]:
         """EGCL-named full tensors (weights, or their gradients; ``None`` where no gradient)."""
@@ -268,6 +311,9 @@ class TPEGCL(_TPBlock):
     def update_coords(self) -> bool:
         return self.coord_v is not None
 
+    def _edge_layers(self) -> dict[str, tuple[str, nn.Module]]:
+        return {} if self.coord_v is None else {"coord_v": ("coord_mlp.0", self.coord_v)}
+
     def _full_edge(self, grad: bool) -> dict[str, torch.Tensor | None]:
         if self.coord_v is None:
             return {}
@@ -360,6 +406,12 @@ class TPEGCLFaithful(_TPBlock):
     @property
     def update_coords(self) -> bool:
         return self.coord_mlp is not None
+
+    def _edge_layers(self) -> dict[str, tuple[str, nn.Module]]:
+        out = {"edge_mlp2": ("edge_mlp.2", self.edge_mlp2)}
+        if self.coord_mlp is not None:
+            out["coord_mlp"] = ("coord_mlp", self.coord_mlp)
+        return out
 
     def _full_edge(self, grad: bool) -> dict[str, torch.Tensor | None]:
         out = {"edge_mlp.2.weight": self.edge_mlp2.full_weight_grad() if grad else self.edge_mlp2.full_weight(),

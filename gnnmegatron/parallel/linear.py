@@ -59,12 +59,17 @@ __all__ = [
 ]
 
 
-def shard(full: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """This rank's contiguous slice of ``full`` along ``dim`` (a copy; group order)."""
-    size = group_size(group)
+def shard(full: torch.Tensor, dim: int, group, *, rank: int | None = None, size: int | None = None) -> torch.Tensor:
+    """This rank's contiguous slice of ``full`` along ``dim`` (a copy; group order).
+
+    ``rank``/``size`` (the layout's ``tp_rank``/``tp``) replace the group's, so that a layout
+    without process groups (building one rank's shards on the meta device) shards the same way.
+    """
+    size = group_size(group) if size is None else size
+    rank = group_rank(group) if rank is None else rank
     if full.shape[dim] % size:
         raise ValueError(f"dim {dim} of a {tuple(full.shape)} tensor is not divisible by the group size {size}")
-    return full.chunk(size, dim)[group_rank(group)].clone()
+    return full.chunk(size, dim)[rank].clone()
 
 
 class _ShardedLinear(nn.Module):
@@ -72,9 +77,29 @@ class _ShardedLinear(nn.Module):
 
     _weight_dim: int
     _bias_sharded: bool
+    _param_prefix = ""  # where weight/bias live in this module's state dict ("layer." for megatron's)
     tp_group = None
+    tp = 1
+    tp_rank = 0
     in_features: int
     out_features: int
+
+    def _set_layout(self, layout: ParallelLayout) -> None:
+        self.tp_group = layout.tp_group
+        self.tp = layout.tp
+        self.tp_rank = layout.tp_rank
+
+    def shard_pieces(self) -> dict:
+        """Where this rank's weight and bias sit in the full ``[out, in]`` / ``[out]`` tensors
+        (``gnnmegatron.parallel.sharding``)."""
+        from .sharding import sharded_piece, whole_piece
+
+        pre = self._param_prefix
+        out = {pre + "weight": [sharded_piece("weight", self.weight.shape, self._weight_dim, self.tp_rank, self.tp)]}
+        if self.bias is not None:
+            out[pre + "bias"] = [sharded_piece("bias", self.bias.shape, 0, self.tp_rank, self.tp)
+                                 if self._bias_sharded else whole_piece("bias", self.bias.shape)]
+        return out
 
     @torch.no_grad()
     def load_full_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -83,11 +108,11 @@ class _ShardedLinear(nn.Module):
             raise ValueError(
                 f"full weight has shape {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}"
             )
-        self.weight.copy_(shard(weight, self._weight_dim, self.tp_group))
+        self.weight.copy_(shard(weight, self._weight_dim, self.tp_group, rank=self.tp_rank, size=self.tp))
         if (bias is None) != (self.bias is None):
             raise ValueError(f"bias given: {bias is not None}, layer has bias: {self.bias is not None}")
         if bias is not None:
-            self.bias.copy_(shard(bias, 0, self.tp_group) if self._bias_sharded else bias)
+            self.bias.copy_(shard(bias, 0, self.tp_group, rank=self.tp_rank, size=self.tp) if self._bias_sharded else bias)
 
     def full_weight(self) -> torch.Tensor:
         """The full ``[out, in]`` weight, gathered from the TP group (no autograd)."""
@@ -132,7 +157,7 @@ class _ShardedLinear(nn.Module):
         return cls.from_full_weight(linear.weight.detach(), bias, layout, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, tp={group_size(self.tp_group)}, bias={self.bias is not None}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, tp={self.tp}, bias={self.bias is not None}"
 
 
 def _init_from_nn_linear(layer: _ShardedLinear, bias: bool, device, dtype) -> None:
@@ -174,7 +199,7 @@ class ColumnParallelLinear(_ShardedLinear):
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.tp_group = layout.tp_group
+        self._set_layout(layout)
         self.gather_output = gather_output
         self.name = name
         local = layout.check_divisible(out_features, "out_features")
@@ -226,7 +251,7 @@ class RowParallelLinear(_ShardedLinear):
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.tp_group = layout.tp_group
+        self._set_layout(layout)
         self.input_is_parallel = input_is_parallel
         self.name = name
         local = layout.check_divisible(in_features, "in_features")
@@ -267,6 +292,7 @@ class _MegatronLinear(_ShardedLinear):
     """
 
     layer: nn.Module
+    _param_prefix = "layer."
     _mcore_name: str
     _sharded_features: str
     _mcore_kwargs: dict
@@ -288,7 +314,7 @@ class _MegatronLinear(_ShardedLinear):
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError("the megatron wrappers build on CPU (use_cpu_initialization); move the module afterwards")
         self.in_features, self.out_features = in_features, out_features
-        self.tp_group = layout.tp_group
+        self._set_layout(layout)
         layout.check_divisible(getattr(self, self._sharded_features), self._sharded_features)
         self.layer = getattr(tensor_parallel, self._mcore_name)(
             in_features,

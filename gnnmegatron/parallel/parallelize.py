@@ -27,18 +27,12 @@ import dataclasses
 import torch
 from torch import nn
 
+from gnnmegatron.models.egnn import block_container, named_blocks
+
 from .egnn_tp import TPEGCL, TPEGCLFaithful, _TPBlock
 from .layout import ParallelLayout
 
 __all__ = ["gather_grads", "gather_state_dict", "parallelize", "tp_blocks"]
-
-
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    if hasattr(model, "backbone") and hasattr(model.backbone, "blocks"):
-        return model.backbone.blocks
-    if hasattr(model, "blocks"):
-        return model.blocks
-    raise TypeError(f"{type(model).__name__} has neither .backbone.blocks nor .blocks; nothing to parallelize")
 
 
 def parallelize(model: nn.Module, layout: ParallelLayout, *, allow_edge_collectives: bool = False) -> nn.Module:
@@ -67,16 +61,20 @@ def parallelize(model: nn.Module, layout: ParallelLayout, *, allow_edge_collecti
     if cfg is not None and getattr(cfg, "message", "node_split") not in allowed:
         raise ValueError(f"parallelize: ModelConfig.message={cfg.message!r} has no node-granularity "
                          f"tensor-parallel twin; {hint}")
-    blocks = _blocks(model)
-    for i, block in enumerate(blocks):
+    try:
+        blocks = block_container(model)
+    except TypeError as exc:
+        raise TypeError(f"{exc}; nothing to parallelize") from None
+    named = named_blocks(model)
+    for i, block in named:
         if isinstance(block, _TPBlock):
             raise TypeError(f"parallelize: block {i} is already tensor-parallel")
         if getattr(block, "message", None) not in allowed:
             raise ValueError(f"parallelize: block {i} has message={getattr(block, 'message', None)!r}; {hint}")
         layout.check_divisible(block.hidden, "hidden")
-    for i in range(len(blocks)):
-        twin = TPEGCL if blocks[i].message == "node_split" else TPEGCLFaithful
-        blocks[i] = twin.from_egcl(blocks[i], layout)
+    for i, block in named:
+        twin = TPEGCL if block.message == "node_split" else TPEGCLFaithful
+        blocks[i] = twin.from_egcl(block, layout)
     if cfg is not None and dataclasses.is_dataclass(cfg) and getattr(cfg, "execution", "fused") != "fused":
         model.cfg = dataclasses.replace(cfg, execution="fused")
     model.tp_layout = layout

@@ -68,7 +68,9 @@ def checkpoint_blocks(model: torch.nn.Module) -> int:
     """
     from torch.utils.checkpoint import checkpoint
 
-    blocks = model.backbone.blocks if hasattr(model, "backbone") else model.blocks
+    from gnnmegatron.models.egnn import named_blocks
+
+    blocks = [block for _, block in named_blocks(model)]
     for block in blocks:
         if getattr(block, "_activation_checkpointed", False):
             continue

@@ -1,0 +1,1 @@
+"""Pipeline parallelism for variable-size graphs (see ``engine.py`` for the executor)."""
