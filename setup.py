@@ -43,7 +43,10 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "h5py>=3.8", "lmdb>=1.4", "orjson>=3.9"],
+        # Readers of HDF5 (ANI-1x, QM7-X) and LMDB (OC20/OC22, OMat24/Alexandria) releases; orjson speeds up
+        # MPtrj JSON and ASE-LMDB rows (the stdlib json is the fallback).
+        "importers": ["h5py>=3.8", "lmdb>=1.4", "orjson>=3.9"],
         # Optional baselines for the kernel benchmarks; torch-scatter builds from source (~9 min).
         "baselines": ["torch-scatter>=2.1", "torch-geometric>=2.5"],
         # apex is optional: used only if a user already has NVIDIA's apex installed.

@@ -2,7 +2,8 @@
 
     gnnmegatron data emt --out data/emt.zarr --num 3000        # embedded EMT dataset
     gnnmegatron data import a.extxyz b.db --out data/mine.zarr  # any ASE-readable files
-    gnnmegatron data info data/emt.zarr
+    gnnmegatron data import MPtrj_2022.9_full.json --format mptrj --workers 8 --out data/mptrj.zarr
+    gnnmegatron data info data/emt.zarr [--verify]
     gnnmegatron model info egnn-h800-l3                         # parameter counts (or --list)
     gnnmegatron predict runs/demo data/emt.zarr --split test    # batched inference with errors
     torchrun --standalone --nproc_per_node=1 -m gnnmegatron.cli pretrain --config CONFIG.yaml
@@ -27,24 +28,80 @@ def _cmd_data_emt(args) -> int:
     return 0
 
 
-def _cmd_data_import(args) -> int:
-    from gnnmegatron.data.importers import import_ase
+def _data_error(exc) -> int:
+    """One line on stderr, exit code 2 (GNNMEGATRON_DEBUG=1 re-raises for the traceback)."""
+    import os
 
-    summary = import_ase(args.inputs, args.out, index=args.index, overwrite=args.overwrite,
-                         skip_missing_energy=args.skip_missing_energy)
+    if os.environ.get("GNNMEGATRON_DEBUG"):
+        raise exc
+    text = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror or exc}: {exc.filename or ''}".strip()
+    print(f"gnnmegatron: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _cmd_data_import(args) -> int:
+    from gnnmegatron.data.formats import DataImportError, ImportOptions
+    from gnnmegatron.data.import_driver import import_dataset
+    from gnnmegatron.data.import_report import format_summary
+    from gnnmegatron.data.schema import StoreError
+
+    try:
+        opts = ImportOptions(format=args.format, energy=args.energy, lmdb_energy=args.lmdb_energy,
+                             oc20_ref=args.oc20_ref, index=args.index, ase_format=args.ase_format,
+                             workers=args.workers, on_bad=args.on_bad, skip_missing_energy=args.skip_missing_energy,
+                             shard_bytes=int(args.shard_mb * 2**20), shard_structures=args.shard_structures,
+                             source_names=args.source_name)
+        summary = import_dataset(args.inputs, args.out, opts, overwrite=args.overwrite, restart=args.restart,
+                                 progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"gnnmegatron: interrupted; run the same command again to continue ({args.out}.partial keeps the "
+              "finished shards)", file=sys.stderr)
+        return 130
+    except (DataImportError, StoreError, OSError) as exc:
+        return _data_error(exc)
+    print(format_summary(summary), file=sys.stderr)
     print(json.dumps(summary, indent=2, default=str, ensure_ascii=False))
     return 0
 
 
 def _cmd_data_info(args) -> int:
+    from gnnmegatron.data.schema import StoreError
     from gnnmegatron.data.store import GraphStore
+    from gnnmegatron.data.verify import check_store
 
-    store = GraphStore(args.path)
-    meta = dict(store.metadata)
-    counts = store.atom_counts
-    meta["atoms_per_graph"] = {"min": int(counts.min()), "mean": float(counts.mean()), "max": int(counts.max())}
-    meta["storage_chunks"] = int(len(store.graph_chunks) - 1)
+    try:
+        store = GraphStore(args.path)
+        meta = dict(store.metadata)
+        counts = store.atom_counts
+        if len(counts):
+            meta["atoms_per_graph"] = {"min": int(counts.min()), "mean": float(counts.mean()),
+                                       "max": int(counts.max())}
+        meta["storage_chunks"] = int(len(store.graph_chunks) - 1)
+        if isinstance(meta.get("shards"), list):
+            meta["shards"] = {"count": len(meta["shards"]), "first": meta["shards"][:3]}
+        meta["check"] = check_store(args.path, full=args.verify)
+    except (StoreError, OSError) as exc:
+        return _data_error(exc)
     print(json.dumps(meta, indent=2, default=str, ensure_ascii=False))
+    check = meta["check"]
+    if not check["ok"]:
+        more = "" if args.verify else "; run `gnnmegatron data info --verify` to decode every chunk"
+        print(f"gnnmegatron: error: store {args.path} is damaged ({len(check['problems'])} problem(s), first: "
+              f"{check['problems'][0]}){more}; re-import the data", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_data_join(args) -> int:
+    from gnnmegatron.data.manifest import join_datasets
+    from gnnmegatron.data.schema import StoreError
+
+    try:
+        attrs = join_datasets(args.inputs, args.out, overwrite=args.overwrite)
+    except (StoreError, OSError) as exc:
+        return _data_error(exc)
+    print(json.dumps({"path": args.out, "num_graphs": attrs["num_graphs"], "num_atoms": attrs["num_atoms"],
+                      "sources": attrs["sources"], "shards": len(attrs["shards"])}, indent=2))
     return 0
 
 
@@ -124,17 +181,47 @@ def build_parser() -> argparse.ArgumentParser:
     emt.add_argument("--overwrite", action="store_true")
     emt.set_defaults(func=_cmd_data_emt)
 
-    imp = data.add_parser("import", help="import ASE-readable files (extxyz, ASE db, ...) into a store")
-    imp.add_argument("inputs", nargs="+", help="input files; each becomes its own data source")
-    imp.add_argument("--out", required=True)
-    imp.add_argument("--index", default=":", help="ASE frame selection for each file (default: all)")
-    imp.add_argument("--skip-missing-energy", action="store_true", help="skip (and count) frames without energy")
-    imp.add_argument("--overwrite", action="store_true")
+    from gnnmegatron.data.formats import FORMATS
+
+    imp = data.add_parser("import", help="import a data release (MPtrj, ANI-1x, OC20/OC22, QM7-X, OMat24, "
+                                         "Alexandria) or ASE-readable files into a sharded store",
+                          description="Parallel, resumable import into a sharded store; units are converted to "
+                                      "eV, Å, eV/Å, eV/Å^3 (see the per-format notes in gnnmegatron.data.formats).")
+    imp.add_argument("inputs", nargs="+", help="input files or release folders (--format ase: each file is a source)")
+    imp.add_argument("--out", required=True, help="dataset directory to create")
+    imp.add_argument("--format", default="ase", choices=sorted(FORMATS), help="source release format (default: ase)")
+    imp.add_argument("--energy", default=None, help="which energy to take (per format; default: the documented one, "
+                                                    "e.g. corrected_total_energy for mptrj, total for oc20)")
+    imp.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    imp.add_argument("--on-bad", default="refuse", choices=("refuse", "skip"),
+                     help="bad records (NaN, missing labels, degenerate cell, overlapping atoms): stop (refuse, "
+                          "default) or skip and log them to <out>/rejections.jsonl")
+    imp.add_argument("--index", default=":", help="--format ase: ASE frame selection for each file (default: all)")
+    imp.add_argument("--ase-format", default=None, help="--format ase: ASE format name for ambiguous suffixes")
+    imp.add_argument("--skip-missing-energy", action="store_true", help="skip (and log) frames without energy")
+    imp.add_argument("--lmdb-energy", default="adsorption", choices=("adsorption", "total"),
+                     help="OC20 LMDBs: what their energy is (fairchem's S2EF LMDBs: adsorption)")
+    imp.add_argument("--oc20-ref", default=None, help="fairchem's oc20_ref.pkl, for total energies from OC20 LMDBs")
+    imp.add_argument("--shard-mb", type=float, default=512, help="input MB per shard for text releases (default 512)")
+    imp.add_argument("--shard-structures", type=int, default=100_000,
+                     help="structures per shard for HDF5/LMDB releases (default 100000)")
+    imp.add_argument("--source-name", action="append", default=None, help="source name(s) (default: the format name)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    imp.add_argument("--restart", action="store_true", help="discard an interrupted import instead of continuing it")
+    imp.add_argument("--no-progress", action="store_true")
     imp.set_defaults(func=_cmd_data_import)
 
-    info = data.add_parser("info", help="print a store's metadata")
+    info = data.add_parser("info", help="print a store's metadata and check its files")
     info.add_argument("path")
+    info.add_argument("--verify", action="store_true", help="read and decode every chunk (checksums, truncation, "
+                                                            "never-written data); exit 2 if anything is wrong")
     info.set_defaults(func=_cmd_data_info)
+
+    join = data.add_parser("join", help="one dataset over several stores/datasets (a manifest, no copying)")
+    join.add_argument("inputs", nargs="+")
+    join.add_argument("--out", required=True)
+    join.add_argument("--overwrite", action="store_true")
+    join.set_defaults(func=_cmd_data_join)
 
     model = sub.add_parser("model", help="model presets").add_subparsers(dest="model_cmd", required=True)
     minfo = model.add_parser("info", help="parameter counts, weight memory and FLOPs of presets")

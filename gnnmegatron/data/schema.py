@@ -26,6 +26,9 @@ array              shape           dtype      unit     meaning
 ``has_forces``     [G]             bool       -        the structure has force labels
 ``has_stress``     [G]             bool       -        the structure has a stress label
 ``source``         [G]             int32      -        index into the ``sources`` attribute
+``ids``            [G]             string     -        optional (importers write it): the
+                                                       structure's identifier in its source
+                                                       release, e.g. ``mp-1234/mp-1234-0-5``
 =================  ==============  =========  =======  ============================================
 
 Storage: every array uses the Zarr v3 sharding codec. Per-atom arrays have inner chunks of
@@ -64,6 +67,14 @@ Group attributes (dataset metadata, JSON):
 - ``atoms_per_chunk``, ``graphs_per_chunk``, ``chunks_per_shard`` (per-atom arrays),
   ``graph_chunks_per_shard``; ``known_elements`` (the writer's allowed set or None).
 
+Sharded datasets (written by ``gnnmegatron data import``, see
+:mod:`gnnmegatron.data.manifest`): a root group whose attributes hold the dataset metadata above
+(``format``, ``complete``, ``sources``, ``num_graphs``, ...) plus ``layout="sharded"`` and
+``shards`` (the manifest: one entry per shard store, in dataset order, each with its relative
+``path``, ``num_graphs`` and ``num_atoms``). Every shard is a complete store in the layout above
+(by default a child group ``shard-00000``, ...). ``GraphStore`` reads the shards back to back as
+one dataset; graph indices, ``atom_offsets`` and storage chunks are global.
+
 Reading without gnnmegatron (plain zarr)::
 
     g = zarr.open_group("data.zarr", mode="r")
@@ -96,12 +107,22 @@ UNITS = {
 }
 
 
-class StructureError(ValueError):
-    """A structure failed validation; ``index`` and ``field`` name the culprit."""
+# Why a structure was refused (``StructureError.reason``): the importers count and log these.
+REJECTION_REASONS = ("empty", "unknown_element", "nan", "shape", "bad_value", "degenerate_cell",
+                     "overlapping_atoms", "missing_energy", "missing_forces", "other")
 
-    def __init__(self, index: int, field: str, message: str):
+
+class StructureError(ValueError):
+    """A structure failed validation; ``index`` and ``field`` name the culprit.
+
+    ``reason`` is one of :data:`REJECTION_REASONS` (e.g. ``"nan"``, ``"overlapping_atoms"``).
+    """
+
+    def __init__(self, index: int, field: str, message: str, reason: str = "other"):
         self.index = index
         self.field = field
+        self.reason = reason if reason in REJECTION_REASONS else "other"
+        self.detail = message
         super().__init__(f"structure {index}, field '{field}': {message}")
 
 
@@ -138,9 +159,10 @@ ARRAYS: dict[str, ArraySpec] = {
     )
 }
 
-# Keys a structure dict may carry ("index" is what GraphStore adds; it is ignored on write).
+# Keys a structure dict may carry ("index" is what GraphStore adds; it is ignored on write; "id"
+# is the original identifier, stored only by writers created with ``ids=True``).
 STRUCTURE_KEYS = frozenset(
-    {"atomic_numbers", "positions", "cell", "pbc", "energy", "forces", "stress", "source", "index"}
+    {"atomic_numbers", "positions", "cell", "pbc", "energy", "forces", "stress", "source", "index", "id"}
 )
 
 
@@ -259,15 +281,15 @@ def _float_array(i: int, field: str, value: Any, shape: tuple[int, ...], what: s
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise StructureError(i, field, f"cannot convert to float ({e}); {what}") from None
+        raise StructureError(i, field, f"cannot convert to float ({e}); {what}", "bad_value") from None
     if arr.shape != shape:
-        raise StructureError(i, field, f"has shape {arr.shape}, expected {shape}; {what}")
+        raise StructureError(i, field, f"has shape {arr.shape}, expected {shape}; {what}", "shape")
     bad = ~np.isfinite(arr)
     if bad.any():
         where = np.argwhere(bad)[0].tolist()
         raise StructureError(
             i, field, f"contains NaN/inf (first at {where}: {arr[tuple(where)]}); "
-            "fix or drop this structure before importing")
+            "fix or drop this structure before importing", "nan")
     return arr
 
 
@@ -373,14 +395,14 @@ def validate_structure(i: int, s: Any, known_elements=None,
             raise StructureError(i, key, "missing; every structure needs atomic_numbers and positions")
     z = np.asarray(s["atomic_numbers"])
     if z.ndim != 1:
-        raise StructureError(i, "atomic_numbers", f"has shape {z.shape}, expected [n]")
+        raise StructureError(i, "atomic_numbers", f"has shape {z.shape}, expected [n]", "shape")
     n = z.shape[0]
     if n == 0:
-        raise StructureError(i, "atomic_numbers", "empty structure (0 atoms); drop it")
+        raise StructureError(i, "atomic_numbers", "empty structure (0 atoms); drop it", "empty")
     if not np.issubdtype(z.dtype, np.integer):
         zf = np.asarray(z, dtype=np.float64)
         if not np.all(np.isfinite(zf)) or np.any(zf != np.round(zf)):
-            raise StructureError(i, "atomic_numbers", f"not integers (dtype {z.dtype})")
+            raise StructureError(i, "atomic_numbers", f"not integers (dtype {z.dtype})", "bad_value")
     z = z.astype(np.int64)
     bad = (z < 1) | (z > MAX_Z)
     if known_elements is not None:
@@ -389,7 +411,7 @@ def validate_structure(i: int, s: Any, known_elements=None,
         a = int(np.argmax(bad))
         allowed = "1..118" if known_elements is None else f"{sorted(int(e) for e in known_elements)}"
         raise StructureError(i, "atomic_numbers", f"unknown element Z={z[a]} at atom {a} "
-                             f"(allowed: {allowed})")
+                             f"(allowed: {allowed})", "unknown_element")
     pos = _float_array(i, "positions", s["positions"], (n, 3), f"the structure has {n} atoms")
     cell_in = s.get("cell")
     cell = np.zeros((3, 3)) if cell_in is None else _float_array(
@@ -399,7 +421,7 @@ def validate_structure(i: int, s: Any, known_elements=None,
     if pbc.shape == ():
         pbc = np.full(3, bool(pbc))
     if pbc.shape != (3,):
-        raise StructureError(i, "pbc", f"has shape {pbc.shape}, expected [3]")
+        raise StructureError(i, "pbc", f"has shape {pbc.shape}, expected [3]", "shape")
     energy = s.get("energy")
     if energy is not None:
         energy = float(_float_array(i, "energy", energy, (), "energy is one number (eV)"))
@@ -408,7 +430,7 @@ def validate_structure(i: int, s: Any, known_elements=None,
         f = np.asarray(forces)
         if f.ndim >= 1 and f.shape[0] != n:
             raise StructureError(i, "forces", f"has {f.shape[0]} rows but the structure has "
-                                 f"{n} atoms; forces must be [n_atoms, 3]")
+                                 f"{n} atoms; forces must be [n_atoms, 3]", "shape")
         forces = _float_array(i, "forces", f, (n, 3), f"the structure has {n} atoms")
     stress = s.get("stress")
     if stress is not None:
@@ -426,12 +448,12 @@ def validate_structure(i: int, s: Any, known_elements=None,
         if heights.min() < 2 * min_distance:
             raise StructureError(i, "cell", f"periodic cell is degenerate (height "
                                  f"{heights.min():.3g} Å < {2 * min_distance} Å along a periodic "
-                                 f"direction, pbc={pbc.tolist()}); fix the cell or pbc")
+                                 f"direction, pbc={pbc.tolist()}); fix the cell or pbc", "degenerate_cell")
     pair = find_close_pair(pos, cell, pbc, min_distance)
     if pair is not None:
         a, b, d = pair
         raise StructureError(i, "positions", f"duplicate atoms {a} and {b} are {d:.4f} Å apart "
                              f"(< {min_distance} Å, minimum image, pbc={pbc.tolist()}); "
-                             "remove the duplicate")
+                             "remove the duplicate", "overlapping_atoms")
     return {"atomic_numbers": z, "positions": pos, "cell": cell, "pbc": pbc, "energy": energy,
             "forces": forces, "stress": stress, "source": source}

@@ -1,55 +1,26 @@
-"""Zarr v3 graph store: streaming, validating, atomic writer and a chunk-caching reader.
+"""Zarr v3 graph store: a chunk-caching reader (:class:`GraphStore`) of one store or sharded dataset.
 
-The layout is documented in :mod:`gnnmegatron.data.schema`. Writing goes to a sibling
-directory ``<path>.partial`` (attribute ``complete=False``) that is renamed into place on
-``close()``; readers refuse anything not marked complete.
+The layout is documented in :mod:`gnnmegatron.data.schema`; the writer lives in
+:mod:`gnnmegatron.data.writer` (re-exported here). Writing goes to a sibling directory
+``<path>.partial`` (attribute ``complete=False``) that is renamed into place on ``close()``;
+readers refuse anything not marked complete.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import os
-import shutil
-import socket
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable
 
 import numpy as np
 import zarr
 
-import gnnmegatron
+from gnnmegatron.data.schema import ARRAYS, SCHEMA_VERSION, STORE_FORMAT, ShardReader, StoreError
+from gnnmegatron.data.writer import (DEFAULT_ATOMS_PER_CHUNK, DEFAULT_GRAPHS_PER_CHUNK,  # noqa: F401
+                                     SHARD_ATOMS, SHARD_GRAPHS, GraphStoreWriter, _partial_path,
+                                     _pid_alive, _read_attrs)
 
-from gnnmegatron.data.schema import (ARRAYS, MAX_Z, MIN_DISTANCE, SCHEMA_VERSION, STORE_FORMAT,
-                                     UNITS, ShardReader, StoreError, StructureError,
-                                     chunk_compressors, validate_structure)
-
-# Measured by benchmarks/store_chunks.py (results/store_chunks-cpu2.json: 20k graphs of 4..64
-# atoms, one core, chunk-aware batches of 32, best of 9): 1024 atoms/chunk 75k graphs/s, 4096
-# 134k, 8192 153k, 16384 164k, 65536 167k; per-graph work dominates from ~8192 on. 8192 is the
-# smallest within 10% of the best; smaller chunks give the sampler finer shuffling and make
-# random-order access cheaper (1.9k graphs/s at 8192 vs 0.7k at 65536). A decoded chunk: 0.46 MB.
-DEFAULT_ATOMS_PER_CHUNK = 8192
-# Per-graph arrays are read whole at open, so this only sets shard/file granularity.
-DEFAULT_GRAPHS_PER_CHUNK = 8192
-# Shard files hold 2^19 atoms and 2^16 graphs by default: ~2000 files per array at 10^9 atoms,
-# and the writer's buffers (one shard per array) stay at ~30 MB.
-SHARD_ATOMS = 1 << 19
-SHARD_GRAPHS = 1 << 16
 DEFAULT_CACHE_CHUNKS = 16
-
-
-def _partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
-def _read_attrs(path: Path) -> dict | None:
-    """Group attributes of a zarr group at ``path`` or None if it is not one."""
-    try:
-        return dict(zarr.open_group(str(path), mode="r").attrs)
-    except Exception:
-        return None
 
 
 def _try(fn, *args):
@@ -58,248 +29,6 @@ def _try(fn, *args):
         return fn(*args)
     except Exception as e:
         return e
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _Column:
-    """Append buffer (one shard of rows) for one zarr array; writes whole shards only.
-
-    Full shards are written once each (no read-modify-write of a partial shard); ``finish``
-    writes the final partial shard and sets the exact length. Memory: one shard per array.
-    """
-
-    def __init__(self, array: zarr.Array, shard_rows: int):
-        self.array = array
-        self.shard_rows = shard_rows
-        self.written = 0
-        self.buf = np.empty((shard_rows,) + tuple(array.shape[1:]), dtype=array.dtype)
-        self.n = 0
-
-    def append(self, block: np.ndarray) -> None:
-        k = 0
-        while k < block.shape[0]:
-            take = min(block.shape[0] - k, self.shard_rows - self.n)
-            self.buf[self.n:self.n + take] = block[k:k + take]
-            self.n += take
-            k += take
-            if self.n == self.shard_rows:
-                self._flush()
-
-    def append_row(self, row) -> None:
-        self.buf[self.n] = row
-        self.n += 1
-        if self.n == self.shard_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.n:
-            end = self.written + self.n
-            self.array.resize((end,) + self.array.shape[1:])
-            self.array[self.written:end] = self.buf[:self.n]
-            self.written, self.n = end, 0
-
-    def finish(self) -> None:
-        self._flush()
-
-
-class GraphStoreWriter:
-    """Stream structures into a new graph store; commit atomically on ``close()``.
-
-    Usage::
-
-        with GraphStoreWriter("data.zarr", producer="my importer") as w:
-            w.append(structures)            # dicts or ase.Atoms, any number of calls
-
-    Args:
-        path: target directory. Data goes to ``<path>.partial`` until ``close()`` renames it.
-        producer: free text stored in the metadata (tool + input).
-        sources: names of the data sources; ``append(..., source=k)`` tags graphs with k.
-        overwrite: replace an existing gnnmegatron store at ``path`` (on successful close).
-        atoms_per_chunk / graphs_per_chunk: inner chunk rows of per-atom / per-graph arrays.
-        chunks_per_shard: inner chunks per shard file (the writer buffers one shard per array);
-            default: shards of 2^19 atoms and 2^16 graphs.
-        known_elements: optional allowed atomic numbers (default 1..118).
-        min_distance: duplicate-atom threshold in Å.
-
-    Raises:
-        StoreError: ``path`` exists and ``overwrite`` is False, ``path`` is not a gnnmegatron
-            store, or another live process is writing the same store.
-        StructureError: from ``append`` for an invalid structure (the writer stays usable; an
-            exception that leaves a ``with`` block aborts the whole write).
-    """
-
-    def __init__(self, path, *, producer: str, sources: Iterable[str] = ("default",),
-                 overwrite: bool = False, atoms_per_chunk: int = DEFAULT_ATOMS_PER_CHUNK,
-                 graphs_per_chunk: int = DEFAULT_GRAPHS_PER_CHUNK,
-                 chunks_per_shard: int | None = None, known_elements=None,
-                 min_distance: float = MIN_DISTANCE):
-        self.path = Path(path)
-        self.sources = [str(s) for s in sources]
-        if not self.sources:
-            raise ValueError("sources must name at least one data source")
-        for name, v in (("atoms_per_chunk", atoms_per_chunk), ("graphs_per_chunk", graphs_per_chunk),
-                        ("chunks_per_shard", 1 if chunks_per_shard is None else chunks_per_shard)):
-            if int(v) < 1:
-                raise ValueError(f"{name}={v} must be >= 1")
-        atoms_per_chunk, graphs_per_chunk = int(atoms_per_chunk), int(graphs_per_chunk)
-        shard_chunks = {"atom": max(1, SHARD_ATOMS // atoms_per_chunk),
-                        "graph": max(1, SHARD_GRAPHS // graphs_per_chunk)}
-        if chunks_per_shard is not None:
-            shard_chunks = {"atom": int(chunks_per_shard), "graph": int(chunks_per_shard)}
-        self.overwrite = overwrite
-        self.known_elements = None if known_elements is None else sorted(int(e) for e in known_elements)
-        self.min_distance = float(min_distance)
-        self._check_target()
-        self.partial = _partial_path(self.path)
-        self._clear_stale_partial()
-        self._closed = False
-        self.num_graphs = 0
-        self.num_atoms = 0
-        self._elements = np.zeros(MAX_Z + 1, dtype=bool)
-        self._counts = {"with_energy": 0, "with_forces": 0, "with_stress": 0}
-        self._per_source = [0] * len(self.sources)
-        self._attrs = {
-            "format": STORE_FORMAT, "schema_version": SCHEMA_VERSION, "complete": False,
-            "producer": str(producer), "sources": self.sources, "units": UNITS,
-            "atoms_per_chunk": int(atoms_per_chunk), "graphs_per_chunk": int(graphs_per_chunk),
-            "chunks_per_shard": shard_chunks["atom"], "graph_chunks_per_shard": shard_chunks["graph"],
-            "known_elements": self.known_elements,
-            "writer": {"pid": os.getpid(), "host": socket.gethostname(),
-                       "gnnmegatron": gnnmegatron.__version__, "zarr": zarr.__version__},
-        }
-        self._group = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
-        self._group.attrs.update(self._attrs)
-        self._cols: dict[str, _Column] = {}
-        for spec in ARRAYS.values():
-            rows = atoms_per_chunk if spec.level == "atom" else graphs_per_chunk
-            shard = rows * shard_chunks["atom" if spec.level == "atom" else "graph"]
-            arr = self._group.create_array(
-                spec.name, shape=(0,) + spec.inner_shape, dtype=spec.dtype,
-                chunks=(rows,) + spec.inner_shape, shards=(shard,) + spec.inner_shape,
-                compressors=chunk_compressors(), fill_value=spec.fill_value,
-                config={"write_empty_chunks": True})  # every shard exists: missing = corrupt
-            self._cols[spec.name] = _Column(arr, shard)
-        self._cols["atom_offsets"].append_row(0)
-
-    def _check_target(self) -> None:
-        if not self.path.exists():
-            return
-        if not self.overwrite:
-            raise StoreError(f"store {self.path} already exists; pass overwrite=True to replace it "
-                             "or choose another path")
-        attrs = _read_attrs(self.path)
-        if self.path.is_file() or not attrs or attrs.get("format") != STORE_FORMAT:
-            raise StoreError(f"{self.path} exists and is not a gnnmegatron graph store; refusing to "
-                             "overwrite it, remove it yourself or choose another path")
-
-    def _clear_stale_partial(self) -> None:
-        if not self.partial.exists():
-            return
-        writer = (_read_attrs(self.partial) or {}).get("writer") or {}
-        pid, host = writer.get("pid"), writer.get("host")
-        if (host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid()
-                and _pid_alive(pid)):
-            raise StoreError(f"{self.partial} is being written by process {pid}; wait for it or "
-                             "kill it, then retry")
-        shutil.rmtree(self.partial)  # left by an interrupted write
-
-    def __enter__(self) -> "GraphStoreWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def append(self, structures: Iterable[Any], source: int = 0) -> int:
-        """Validate and append structures; returns the number appended by this call.
-
-        Each structure is a dict (see :func:`validate_structure`) or an ``ase.Atoms``; a
-        structure's own ``source`` key overrides ``source``. Structures are validated one by
-        one as they stream in; on a StructureError the ones before it in this call are kept.
-        """
-        if self._closed:
-            raise StoreError(f"writer for {self.path} is closed")
-        n0 = self.num_graphs
-        for s in structures:
-            i = self.num_graphs
-            st = validate_structure(i, s, self.known_elements, self.min_distance)
-            src = source if st["source"] is None else st["source"]
-            if not 0 <= src < len(self.sources):
-                raise StructureError(i, "source", f"source {src} is out of range; this store has "
-                                     f"{len(self.sources)} sources {self.sources}")
-            self._add(st, src)
-        return self.num_graphs - n0
-
-    def _add(self, st: dict, src: int) -> None:
-        n = st["atomic_numbers"].shape[0]
-        c = self._cols
-        has_f, has_e, has_s = st["forces"] is not None, st["energy"] is not None, st["stress"] is not None
-        c["atomic_numbers"].append(st["atomic_numbers"])
-        c["positions"].append(st["positions"])
-        c["forces"].append(st["forces"] if has_f else np.zeros((n, 3), np.float32))
-        self.num_atoms += n
-        self.num_graphs += 1
-        c["atom_offsets"].append_row(self.num_atoms)
-        c["energy"].append_row(st["energy"] if has_e else 0.0)
-        c["cell"].append_row(st["cell"])
-        c["pbc"].append_row(st["pbc"])
-        c["stress"].append_row(st["stress"] if has_s else 0.0)
-        c["has_energy"].append_row(has_e)
-        c["has_forces"].append_row(has_f)
-        c["has_stress"].append_row(has_s)
-        c["source"].append_row(src)
-        self._elements[st["atomic_numbers"]] = True
-        self._counts["with_energy"] += has_e
-        self._counts["with_forces"] += has_f
-        self._counts["with_stress"] += has_s
-        self._per_source[src] += 1
-
-    def close(self) -> None:
-        """Flush the final partial shards, mark the store complete and rename it into place."""
-        if self._closed:
-            return
-        try:
-            for col in self._cols.values():
-                col.finish()
-            self._attrs.update({
-                "complete": True, "num_graphs": self.num_graphs, "num_atoms": self.num_atoms,
-                "elements": np.flatnonzero(self._elements).tolist(),
-                "counts": dict(self._counts, per_source=self._per_source),
-                "has_stress": self._counts["with_stress"] > 0,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            })
-            self._group.attrs.update(self._attrs)
-            self._commit()
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-
-    def _commit(self) -> None:
-        if self.path.exists():
-            self._check_target()  # re-check: something may have appeared meanwhile
-            old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
-            os.rename(self.path, old)
-            os.rename(self.partial, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.partial, self.path)
-
-    def abort(self) -> None:
-        """Discard everything written; an existing store at ``path`` is left untouched."""
-        self._closed = True
-        shutil.rmtree(self.partial, ignore_errors=True)
 
 
 def _shard_files_present(root: Path, name: str, rows: int, shard_rows: int, ndim: int) -> list[int]:
@@ -318,8 +47,12 @@ class GraphStore:
     ``cache_chunks`` decoded chunks, so reading graphs in chunk-aware order (all graphs of a
     chunk together, e.g. ``ChunkAwareSampler``) decodes each chunk once.
 
+    A sharded dataset (a root group whose manifest lists shard stores, as written by
+    ``gnnmegatron data import``; see :mod:`gnnmegatron.data.manifest`) reads as one store: graph
+    indices, ``atom_offsets``, ``graph_chunks`` and ``sources`` are global.
+
     Args:
-        path: the store directory.
+        path: the store (or sharded dataset) directory.
         cache_chunks: decoded per-atom chunks kept in memory (56 bytes per atom each).
         direct_read: decode per-atom chunks straight from the shard files (plain file I/O +
             numcodecs, ~5x faster per chunk than zarr's async pipeline); False reads through
@@ -353,7 +86,8 @@ class GraphStore:
                                  f"final rename was interrupted; rename it to {p.name}")
             if partial.exists():
                 raise StoreError(f"store {p} is incomplete (interrupted write; partial data in "
-                                 f"{partial}); re-run the import")
+                                 f"{partial}); re-run the import (`gnnmegatron data import` "
+                                 "continues from the shards it finished)")
             raise StoreError(f"store {p} does not exist; create it with `gnnmegatron data import` "
                              "or GraphStoreWriter")
         attrs = _read_attrs(p)
@@ -367,6 +101,12 @@ class GraphStore:
                              f"gnnmegatron reads version {SCHEMA_VERSION}; upgrade gnnmegatron or "
                              "re-import the data")
         self._attrs = attrs
+        self._cache: OrderedDict[int, tuple] = OrderedDict()
+        if attrs.get("layout") == "sharded":
+            from gnnmegatron.data.manifest import open_sharded
+            open_sharded(self)  # sets the same fields from the shard stores, plus self._parts
+            return
+        self._parts = None
         group = zarr.open_group(str(p), mode="r")
         try:
             self._arrays = {name: group[name] for name in ARRAYS}
@@ -416,10 +156,10 @@ class GraphStore:
                 self._readers = [ShardReader(p, n, self._arrays[n]) for n in names]
             except NotImplementedError:
                 pass
-        self._cache: OrderedDict[int, tuple] = OrderedDict()
         n_chunks = -(-N // self._apc)
         self._graph_chunks = np.searchsorted(off[:-1], np.arange(n_chunks + 1) * self._apc,
                                              side="left").astype(np.int64)
+        self._chunk_of_graph = off[:-1] // self._apc
 
     def _read_eager(self, name: str) -> np.ndarray:
         try:
@@ -488,6 +228,9 @@ class GraphStore:
     # ---------------------------------------------------------------- chunk cache
     def _read_chunk(self, c: int) -> tuple:
         """Atoms of all graphs that start in storage chunk ``c`` (may run into chunk c+1)."""
+        if self._parts is not None:
+            from gnnmegatron.data.manifest import read_part_chunk
+            return read_part_chunk(self, c)
         g0, g1 = int(self._graph_chunks[c]), int(self._graph_chunks[c + 1])
         a0, a1 = int(self._offsets[g0]), int(self._offsets[g1])
         if a1 == a0:
@@ -544,7 +287,7 @@ class GraphStore:
             raise IndexError(f"graph index {bad} out of range for a store of {G} graphs")
         idx = np.where(idx < 0, idx + G, idx)
         starts, ends = self._offsets[idx], self._offsets[idx + 1]
-        chunks = starts // self._apc
+        chunks = self._chunk_of_graph[idx]
         cell, pbc, stress = self._cell[idx], self._pbc[idx], self._stress[idx]
         energy, source = self._energy[idx].tolist(), self._source[idx].tolist()
         has_e, has_f = self._has_energy[idx].tolist(), self._has_forces[idx].tolist()
@@ -572,7 +315,31 @@ class GraphStore:
 
     def chunk_of(self, indices) -> np.ndarray:
         """Storage chunk of each graph index. Shapes: indices [B] -> [B] int64."""
-        return self._offsets[np.asarray(indices, dtype=np.int64)] // self._apc
+        return self._chunk_of_graph[np.asarray(indices, dtype=np.int64)]
+
+    @property
+    def num_shards(self) -> int:
+        """Shard stores of a sharded dataset (1 for a plain store)."""
+        return 1 if self._parts is None else len(self._parts)
+
+    def structure_ids(self, indices) -> list[str]:
+        """Original identifiers (``ids`` array written by the importers) of graphs ``indices``.
+
+        Returns "" for graphs of stores written without ids. Shapes: indices [B] -> list of B str.
+        """
+        from gnnmegatron.data.manifest import structure_ids
+        return structure_ids(self, indices)
+
+    def provenance(self, i: int) -> dict:
+        """Where graph ``i`` came from: source name, its import description and original id."""
+        G = len(self)
+        if not -G <= int(i) < G:
+            raise IndexError(f"graph index {i} out of range for a store of {G} graphs")
+        i = int(i) % G if G else int(i)
+        src = int(self._source[i])
+        info = (self._attrs.get("source_info") or [None] * len(self._attrs["sources"]))[src]
+        return {"index": i, "source": self._attrs["sources"][src], "source_info": info,
+                "id": self.structure_ids([i])[0]}
 
 
 def _read_concurrently(arrays: list, sel: slice) -> list:

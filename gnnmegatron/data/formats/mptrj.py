@@ -1,0 +1,144 @@
+"""MPtrj release (``MPtrj_2022.9_full.json``, figshare 23713842; CHGNet's training set).
+
+Layout (CHGNet ``chgnet/data/dataset.py`` ``StructureJsonData``; the release's documentation):
+``{mp_id: {frame_id: frame}}`` with frame ids ``<task_id>-<calc_id>-<ionic_step>`` and each
+frame holding ``structure`` (a pymatgen ``Structure.as_dict()``: ``lattice.matrix`` rows in Å,
+``lattice.pbc``, ``sites[i].species[0].element``, ``sites[i].xyz`` Cartesian Å /
+``sites[i].abc`` fractional), ``uncorrected_total_energy`` (raw VASP, eV),
+``corrected_total_energy`` (with the MP2020 compatibility corrections, eV; CHGNet's
+``energy_per_atom`` label is this divided by the number of atoms), ``energy_per_atom``,
+``ef_per_atom``, ``force`` [n, 3] (eV/Å), ``stress`` [3, 3] (kBar, VASP sign: positive =
+compressive), ``magmom`` and ``bandgap``.
+
+Conversion: stress_store = -0.1 GPa/kBar x stress x (1 eV/Å^3 / 160.21766 GPa), i.e.
+``stress * -6.2415091e-4`` eV/Å^3 (CHGNet applies the same ``* -0.1`` to get GPa in the ASE
+sign, positive = tensile). Energies and forces need no conversion; forces are -dE/dx. Magnetic
+moments and band gaps are not kept (the store has no field for them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from gnnmegatron.data.formats.base import EnergyChoice, ImportOptions, InputError, Rejected, SourceFormat
+from gnnmegatron.data.formats.jsonscan import top_level_entries
+
+KBAR_TO_EV_A3 = 0.1 / 160.21766208  # 1 kBar = 0.1 GPa; 1 eV/Å^3 = 160.21766208 GPa (ase.units.GPa)
+_DFT = "PBE (GGA) / PBE+U (GGA+U), VASP PAW, Materials Project 2022.9"
+
+
+def _loads(raw: bytes):
+    try:
+        import orjson
+        return orjson.loads(raw)
+    except ImportError:
+        return json.loads(raw)
+
+
+def _symbols() -> dict[str, int]:
+    from ase.data import atomic_numbers
+    return atomic_numbers
+
+
+class MPtrjFormat(SourceFormat):
+    name = "mptrj"
+    title = "MPtrj JSON"
+    suffixes = (".json",)
+    energies = {
+        "corrected_total_energy": EnergyChoice("corrected_total_energy", "force", _DFT,
+                                               "total energy with MP2020 compatibility corrections "
+                                               "(= CHGNet's energy_per_atom x atoms)"),
+        "uncorrected_total_energy": EnergyChoice("uncorrected_total_energy", "force", _DFT,
+                                                 "raw VASP total energy (no corrections)"),
+    }
+    default_energy = "corrected_total_energy"
+    units = "energy eV, forces eV/Å, positions Å (no conversion); stress kBar -> eV/Å^3 (x -6.2415091e-4)"
+    sign = ("stress: VASP kBar (positive = compressive) -> ASE convention (positive = tensile), sign flipped; "
+            "forces -dE/dx as released")
+
+    def plan(self, files: list[Path], opts: ImportOptions) -> list[dict]:
+        tasks = []
+        for f in files:
+            entries = []  # (mp_id, start, end), merged into byte ranges of about shard_bytes
+            for key, a, b in top_level_entries(f):
+                entries.append((key, a, b))
+            if not entries:
+                raise InputError(f, "holds no mp-id entries ({} or an empty object)")
+            group: list = []
+            for e in entries + [None]:
+                if e is None or (group and e[2] - group[0][1] > opts.shard_bytes):
+                    tasks.append({"file": str(f), "entries": [list(x) for x in group],
+                                  "work": group[-1][2] - group[0][1], "unit": "B"})
+                    group = []
+                if e is not None:
+                    group.append(e)
+        return tasks
+
+    def read(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
+        path = Path(task["file"])
+        entries = task["entries"]
+        lo, hi = entries[0][1], entries[-1][2]
+        with open(path, "rb") as fh:
+            fh.seek(lo)
+            blob = fh.read(hi - lo)
+        for mp_id, a, b in entries:
+            try:
+                frames = _loads(blob[a - lo:b - lo])
+            except ValueError as e:
+                raise InputError(path, f"invalid JSON ({e})", f"entry {mp_id!r} (bytes {a}..{b})") from None
+            if not isinstance(frames, dict):
+                raise InputError(path, f"value is a {type(frames).__name__}, expected {{frame_id: frame}}",
+                                 f"entry {mp_id!r}")
+            for frame_id, fr in frames.items():
+                where = f"{path}: {mp_id} frame {frame_id}"
+                yield (f"{mp_id}/{frame_id}", where, self._frame(fr, path, mp_id, frame_id, opts), b - lo)
+
+    def _frame(self, fr, path: Path, mp_id: str, frame_id: str, opts: ImportOptions):
+        where = f"{mp_id} frame {frame_id}"
+        if not isinstance(fr, dict) or not isinstance(fr.get("structure"), dict):
+            raise InputError(path, "frame has no 'structure' dictionary (not an MPtrj frame)", where)
+        st = fr["structure"]
+        try:
+            lat = st["lattice"]
+            cell = np.asarray(lat["matrix"], dtype=np.float64)
+            pbc = np.asarray(lat.get("pbc", (True, True, True)), dtype=bool)
+            sites = st["sites"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(path, f"structure is not a pymatgen Structure dict ({type(e).__name__}: {e})",
+                             where) from None
+        table = _symbols()
+        z, xyz = [], []
+        for k, site in enumerate(sites):
+            species = site.get("species") or []
+            if len(species) != 1 or abs(float(species[0].get("occu", 1.0)) - 1.0) > 1e-6:
+                return Rejected("bad_value", f"site {k} is disordered (species {species}); MPtrj frames "
+                                             "are ordered structures")
+            sym = str(species[0].get("element", ""))
+            if sym not in table:
+                raise InputError(path, f"site {k}: unknown element {sym!r}", where)
+            z.append(table[sym])
+            if "xyz" in site:
+                xyz.append(site["xyz"])
+            else:
+                xyz.append(np.asarray(site["abc"], dtype=np.float64) @ cell)
+        choice = self.energies[opts.energy]
+        energy = fr.get(choice.field)
+        forces = fr.get(choice.forces_field)
+        stress = fr.get("stress")
+        if stress is not None and len(stress):
+            stress = np.asarray(stress, dtype=np.float64)
+            if stress.shape != (3, 3):
+                return Rejected("shape", f"stress has shape {stress.shape}, expected [3, 3] (kBar)")
+            stress = stress * -KBAR_TO_EV_A3
+        else:
+            stress = None
+        return {"atomic_numbers": np.asarray(z, dtype=np.int64), "positions": np.asarray(xyz, dtype=np.float64),
+                "cell": cell, "pbc": pbc, "energy": None if energy is None else float(energy),
+                "forces": None if forces is None else np.asarray(forces, dtype=np.float64), "stress": stress}
+
+
+__all__ = ["KBAR_TO_EV_A3", "MPtrjFormat"]

@@ -1,0 +1,451 @@
+"""Parallel, streaming, resumable import of a release into a sharded dataset (``gnnmegatron data import``).
+
+The chosen reader (:mod:`gnnmegatron.data.formats`) plans the inputs into *tasks* (a file and a
+range of it, about ``shard_bytes`` or ``shard_structures`` each); every task becomes one shard
+store, written by one worker process with :class:`~gnnmegatron.data.writer.GraphStoreWriter`
+(validated, atomically renamed into place when complete). A manifest in the root group
+(:mod:`gnnmegatron.data.manifest`) joins the shards, in task order, into one dataset, so the
+result does not depend on the number of workers and reads back as one ``GraphStore``.
+
+Everything is built in ``<out>.partial/`` (``import-plan.json``, finished shards
+``shard-00000`` ..., a lock file) and renamed to ``<out>`` at the end. An interrupted import
+(Ctrl-C, kill, a refused record, a malformed file) keeps its finished shards; running the same
+command again continues with the unfinished tasks (``restart=True`` discards them). Bad records
+(NaN, missing labels, degenerate cell, atoms on top of each other, ...) stop the import
+(``on_bad="refuse"``) or are skipped and logged with their original ids to
+``<out>/rejections.jsonl`` (``on_bad="skip"``).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import shutil
+import socket
+import time
+import traceback
+from pathlib import Path
+
+from gnnmegatron.data.formats import FORMATS
+from gnnmegatron.data.formats.base import (DataImportError, ImportOptions, InputError, OutputError, Rejected,
+                                           RejectedRecordError, file_signature)
+from gnnmegatron.data.import_report import ShardStats, Progress, summarize
+from gnnmegatron.data.manifest import dataset_attrs, write_root
+from gnnmegatron.data.schema import STORE_FORMAT, StructureError
+from gnnmegatron.data.writer import GraphStoreWriter, _pid_alive, _read_attrs
+
+PRODUCER = "gnnmegatron data import"
+PLAN_VERSION = 1
+PLAN_FILE = "import-plan.json"
+LOCK_FILE = "import.lock"
+REJECTIONS = "rejections.jsonl"
+
+
+class _Stopped(Exception):
+    """Another worker failed; this one stops (its unfinished shard is discarded)."""
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+def import_dataset(inputs, out, options: ImportOptions | None = None, *, overwrite: bool = False,
+                   restart: bool = False, progress: bool = True, **option_kwargs) -> dict:
+    """Import release files into a sharded dataset at ``out``; returns the summary dict.
+
+    Args:
+        inputs: files or folders of the release (see ``--format`` in ``gnnmegatron data import``).
+        out: dataset directory to create.
+        options: an :class:`ImportOptions`, or give its fields as keyword arguments.
+        overwrite: replace an existing dataset at ``out`` (only when the new one is complete).
+        restart: discard an interrupted import in ``<out>.partial`` instead of continuing it.
+        progress: show a progress bar (work, structures/s, ETA) on stderr.
+
+    Raises:
+        InputError: an input is missing, empty, binary, a directory, or malformed (names file and frame).
+        RejectedRecordError: a bad record with ``on_bad="refuse"`` (finished shards are kept).
+        OutputError: ``out`` exists, is not writable, or ``<out>.partial`` holds another import.
+    """
+    opts = options if options is not None else ImportOptions(**option_kwargs)
+    fmt = FORMATS[opts.format]
+    out = Path(out)
+    work = out.with_name(out.name + ".partial")
+    _check_output(out, overwrite)
+    files = fmt.expand_inputs(inputs if isinstance(inputs, (list, tuple)) else [inputs])
+    if not files:
+        raise InputError(out, "no input files given")
+    sources = _source_names(opts, files)
+    _prepare_workdir(work)
+    with _Lock(work):
+        try:
+            plan = _load_or_make_plan(fmt, files, opts, sources, work, restart)
+        except BaseException:
+            if not any(_shard_complete(p) for p in work.glob("shard-*")):
+                shutil.rmtree(work, ignore_errors=True)  # nothing worth keeping
+            raise
+        tasks = plan["tasks"]
+        done = {k for k in range(len(tasks)) if _shard_complete(work / shard_name(k))}
+        t0 = time.perf_counter()
+        bar = Progress(fmt.name, tasks, done, enabled=progress)
+        try:
+            if opts.workers == 1 or len(tasks) - len(done) <= 1:
+                for k in range(len(tasks)):
+                    if k not in done:
+                        run_task(fmt.name, tasks[k], k, work, opts, sources, bar.update)
+                        bar.task_done(k)
+            else:
+                _run_parallel(fmt.name, tasks, done, work, opts, sources, bar)
+        except DataImportError as e:
+            bar.close()
+            raise _rebuild(type(e).__name__, str(e) + _kept_note(e, work, len(tasks))) from None
+        except KeyboardInterrupt:
+            bar.close()
+            raise DataImportError("interrupted" + _kept_note(None, work, len(tasks))) from None
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        summary = _finish(fmt, plan, work, out, opts, sources, done, elapsed, overwrite)
+    return summary
+
+
+def _kept_note(e, work: Path, n_tasks: int) -> str:
+    """What is left after a failed import (and how to go on); drops a work dir without finished shards."""
+    kept = sum(_shard_complete(work / shard_name(k)) for k in range(n_tasks))
+    if kept == 0:
+        shutil.rmtree(work, ignore_errors=True)
+        return "; nothing was written" if e is not None else "; nothing was written (no shard had finished)"
+    how = ("rerun with --on-bad skip to skip and log such records" if isinstance(e, RejectedRecordError) else
+           "fix or remove the input" if e is not None else "run the same command again")
+    return (f" [{kept} of {n_tasks} shards are finished and kept in {work}; {how}: the same command continues "
+            "from there]")
+
+
+# ---------------------------------------------------------------------------- output and plan
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            raise OutputError(f"{out} already exists; pass --overwrite to replace it (it is replaced only once "
+                              "the new dataset is complete) or choose another --out")
+        attrs = _read_attrs(out)
+        if out.is_file() or not attrs or attrs.get("format") != STORE_FORMAT:
+            raise OutputError(f"{out} exists and is not a gnnmegatron graph store; refusing to replace it")
+
+
+def _prepare_workdir(work: Path) -> None:
+    """Create ``<out>.partial`` and check it is writable (one clear message instead of a zarr traceback)."""
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        probe = work / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot write the output folder {work.parent} ({e.strerror or e}); choose an --out "
+                          "in a writable folder") from None
+
+
+class _Lock:
+    """``<work>/import.lock`` with pid and host; refuses while another live import holds it."""
+
+    def __init__(self, work: Path):
+        self.path = work / LOCK_FILE
+
+    def __enter__(self):
+        if self.path.exists():
+            try:
+                info = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                info = {}
+            if info.get("host") == socket.gethostname() and info.get("pid") not in (None, os.getpid()) \
+                    and _pid_alive(int(info["pid"])):
+                raise OutputError(f"another import (process {info['pid']}) is writing {self.path.parent}; wait "
+                                  "for it or stop it first")
+        self.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
+def _source_names(opts: ImportOptions, files) -> list[str]:
+    if opts.format == "ase":
+        from gnnmegatron.data.importers import _default_source_names
+        names = list(opts.source_names) if opts.source_names else _default_source_names([str(f) for f in files])
+        if len(names) != len(files):
+            raise DataImportError(f"got {len(names)} source names for {len(files)} input files; give one per file")
+    else:
+        names = list(opts.source_names) if opts.source_names else [opts.format]
+        if len(names) != 1:
+            raise DataImportError(f"--format {opts.format} imports one source; got source names {names}")
+    if len(set(names)) != len(names):
+        raise DataImportError(f"source names must be unique, got {names}")
+    return names
+
+
+def _load_or_make_plan(fmt, files, opts: ImportOptions, sources, work: Path, restart: bool) -> dict:
+    fingerprint = json.loads(json.dumps({
+        "plan_version": PLAN_VERSION, "options": opts.fingerprint_dict(), "sources": sources,
+        "inputs": [file_signature(f) if not str(f).count("://") else [str(f)] for f in files]}))
+    path = work / PLAN_FILE
+    if path.exists():
+        try:
+            plan = json.loads(path.read_text())
+        except (OSError, ValueError):
+            plan = None
+        if plan is not None and plan.get("fingerprint") == fingerprint:
+            return plan  # resume: same inputs and options
+        if not restart:
+            old = (plan or {}).get("fingerprint", {})
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            raise OutputError(f"{work} holds an interrupted import with other {', '.join(diff) or 'settings'}; run the "
+                              "original command to continue it, or pass --restart to discard it")
+    if restart or path.exists() or any(work.iterdir()):
+        for child in work.iterdir():
+            if child.name != LOCK_FILE:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    tasks = fmt.plan(files, opts)
+    for t in tasks:
+        t.setdefault("source", 0)
+    units = {t["unit"] for t in tasks}
+    if len(units) > 1:
+        raise InputError(files[0], f"inputs of different kinds in one import (progress units {sorted(units)})")
+    if opts.format == "ase":  # one source per input file
+        info = [dict(fmt.source_info(opts, [f]), name=n) for f, n in zip(files, sources)]
+    else:
+        info = [dict(fmt.source_info(opts, files), name=sources[0])]
+    plan = {"fingerprint": fingerprint, "tasks": tasks, "sources": sources, "source_info": info}
+    tmp = work / f".{PLAN_FILE}.tmp"
+    tmp.write_text(json.dumps(plan))
+    os.replace(tmp, path)
+    return plan
+
+
+def _shard_complete(path: Path) -> bool:
+    return path.is_dir() and bool((_read_attrs(path) or {}).get("complete"))
+
+
+# ---------------------------------------------------------------------------- one task -> one shard
+def run_task(fmt_name: str, task: dict, k: int, work: Path, opts: ImportOptions, sources: list[str],
+             report=None, stop=None) -> dict:
+    """Read task ``k`` and write shard ``work/shard-k`` (atomically); returns its statistics.
+
+    ``report(k, work_delta, structures_delta)`` is called about 4 times a second; ``stop`` (an
+    Event) makes the task give up (its partial shard is discarded).
+    """
+    fmt = FORMATS[fmt_name]
+    stats = ShardStats()
+    need_forces = fmt.requires_forces(opts)
+    rejections: list[dict] = []
+    writer = GraphStoreWriter(work / shard_name(k), producer=f"{PRODUCER} --format {fmt_name}", sources=sources,
+                              ids=True)
+    src = int(task.get("source", 0))
+    last_where, last_done, reported, n_last = None, 0, time.monotonic(), 0
+    try:
+        it = fmt.read(task, opts)
+        perf = time.perf_counter
+        while True:
+            t0 = perf()
+            try:
+                rid, where, s, done = next(it)
+            except StopIteration:
+                break
+            except DataImportError:
+                raise
+            except Exception as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise InputError(task["file"], f"cannot be read ({type(e).__name__}: {msg})",
+                                 f"after {last_where}" if last_where else "first record") from None
+            t1 = perf()
+            stats.read_s += t1 - t0
+            last_where = where
+            reason = msg = None
+            if isinstance(s, Rejected):
+                reason, msg = s
+            elif s["energy"] is None:
+                reason, msg = "missing_energy", f"no energy ({fmt.energies[opts.energy].field})"
+            elif need_forces and s["forces"] is None:
+                reason, msg = "missing_forces", f"no forces ({fmt.energies[opts.energy].forces_field})"
+            else:
+                s["id"], s["source"] = rid, src
+                try:
+                    writer.append((s,))
+                    stats.add(s)
+                except StructureError as e:
+                    reason, msg = e.reason, f"field '{e.field}': {e.detail}"
+            if reason is not None:
+                if opts.on_bad == "skip" or (reason == "missing_energy" and opts.skip_missing_energy):
+                    stats.reject(reason)
+                    rejections.append({"id": rid, "where": where, "reason": reason, "message": msg, "shard": k})
+                else:
+                    raise RejectedRecordError(f"{where}: bad record ({reason}): {msg} (id {rid!r}); import stopped "
+                                              "(--on-bad refuse)")
+            stats.process_s += perf() - t1
+            now = time.monotonic()
+            if now - reported > 0.25:
+                if report is not None:
+                    report(k, done - last_done, stats.structures + stats.rejected_total - n_last)
+                last_done, n_last, reported = done, stats.structures + stats.rejected_total, now
+                if stop is not None and stop.is_set():
+                    raise _Stopped()
+        stats.flush_s = writer.flush_seconds
+        t2 = time.perf_counter()
+        writer.write_file(REJECTIONS, "".join(json.dumps(r) + "\n" for r in rejections).encode())
+        writer.set_attrs(import_task=k, import_stats=stats.to_dict())
+        writer.close()
+        stats.flush_s += time.perf_counter() - t2
+    except BaseException:
+        writer.abort()
+        raise
+    if report is not None:
+        report(k, task["work"] - last_done, stats.structures + stats.rejected_total - n_last)
+    return stats.to_dict()
+
+
+# ---------------------------------------------------------------------------- worker processes
+def _worker_main(fmt_name, tasks, work, opts, sources, task_q, result_q, stop) -> None:
+    def report(k, dwork, dstruct):
+        result_q.put(("progress", k, dwork, dstruct))
+
+    while True:
+        k = task_q.get()
+        if k is None or stop.is_set():
+            return
+        try:
+            stats = run_task(fmt_name, tasks[k], k, Path(work), opts, sources, report, stop)
+        except _Stopped:
+            return
+        except DataImportError as e:
+            result_q.put(("error", k, type(e).__name__, str(e)))
+            return
+        except KeyboardInterrupt:
+            return
+        except BaseException as e:  # a bug: hand the traceback to the parent
+            result_q.put(("error", k, "DataImportError", f"internal error in shard {k} ({type(e).__name__}: {e})\n"
+                                                         + traceback.format_exc()))
+            return
+        result_q.put(("done", k, stats))
+
+
+def _run_parallel(fmt_name, tasks, done, work: Path, opts: ImportOptions, sources, bar) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    task_q, result_q, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    pending = [k for k in range(len(tasks)) if k not in done]
+    for k in pending:
+        task_q.put(k)
+    n = min(opts.workers, len(pending))
+    for _ in range(n):
+        task_q.put(None)
+    procs = [ctx.Process(target=_worker_main, args=(fmt_name, tasks, str(work), opts, sources, task_q, result_q, stop),
+                         daemon=True, name=f"gnnmegatron-import-{i}") for i in range(n)]
+    with _main_without_missing_file():
+        for p in procs:
+            p.start()
+    error = None
+    finished = 0
+    try:
+        while finished < len(pending) and error is None:
+            try:
+                msg = result_q.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    error = DataImportError(f"worker process {dead[0].name} died (exit code {dead[0].exitcode}: "
+                                            "killed by the system, e.g. out of memory?)")
+                elif all(p.exitcode is not None for p in procs) and result_q.empty():
+                    error = DataImportError("worker processes exited before finishing all shards")
+                continue
+            if msg[0] == "progress":
+                bar.update(msg[1], msg[2], msg[3])
+            elif msg[0] == "done":
+                finished += 1
+                bar.task_done(msg[1])
+            else:
+                _, k, cls, text = msg
+                error = _rebuild(cls, text)
+    except KeyboardInterrupt:
+        stop.set()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+        raise
+    stop.set()
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.terminate()
+            p.join()
+    if error is not None:
+        raise error
+
+
+class _main_without_missing_file:
+    """Spawned workers re-run ``__main__`` from its file; one run from stdin (``python - <<EOF``) has none."""
+
+    def __enter__(self):
+        import sys
+        self.main = sys.modules.get("__main__")
+        self.file = getattr(self.main, "__file__", None)
+        if self.file is not None and not os.path.exists(self.file):
+            del self.main.__file__
+        else:
+            self.file = None
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.main.__file__ = self.file
+
+
+def _rebuild(cls_name: str, text: str) -> DataImportError:
+    import gnnmegatron.data.formats.base as base
+    cls = getattr(base, cls_name, DataImportError)
+    err = cls.__new__(cls)
+    RuntimeError.__init__(err, text)
+    return err
+
+
+# ---------------------------------------------------------------------------- manifest and commit
+def _finish(fmt, plan, work: Path, out: Path, opts: ImportOptions, sources, resumed, elapsed: float,
+            overwrite: bool) -> dict:
+    tasks = plan["tasks"]
+    entries, shard_attrs, stats = [], [], []
+    rej_lines = []
+    for k in range(len(tasks)):
+        path = work / shard_name(k)
+        attrs = _read_attrs(path)
+        if not attrs or not attrs.get("complete"):
+            raise OutputError(f"shard {path} is missing or incomplete after the import; rerun the command")
+        stats.append(attrs.get("import_stats") or {})
+        rej = path / REJECTIONS
+        if rej.is_file():
+            rej_lines.append(rej.read_text())
+        if int(attrs["num_graphs"]) > 0:
+            entries.append({"path": shard_name(k), "num_graphs": int(attrs["num_graphs"]),
+                            "num_atoms": int(attrs["num_atoms"])})
+            shard_attrs.append(attrs)
+    (work / REJECTIONS).write_text("".join(rej_lines))
+    summary = summarize(fmt.name, tasks, stats, shard_attrs, sources, elapsed, set(resumed), opts, work)
+    summary["path"] = str(out)
+    summary["rejections_log"] = str(out / REJECTIONS)
+    attrs = dataset_attrs(entries, shard_attrs, sources, producer=f"{PRODUCER} --format {fmt.name}",
+                          source_info=plan["source_info"],
+                          extra={"import": {"format": fmt.name, "options": opts.fingerprint_dict(),
+                                            "summary": summary}})
+    write_root(work, attrs)
+    (work / PLAN_FILE).unlink(missing_ok=True)
+    (work / LOCK_FILE).unlink(missing_ok=True)
+    if out.exists():
+        _check_output(out, overwrite)
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(work, out)
+    return summary
+
+
+__all__ = ["PRODUCER", "import_dataset", "run_task", "shard_name"]
