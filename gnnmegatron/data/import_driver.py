@@ -239,8 +239,10 @@ def run_task(fmt_name: str, task: dict, k: int, work: Path, opts: ImportOptions,
     stats = ShardStats()
     need_forces = fmt.requires_forces(opts)
     rejections: list[dict] = []
+    t_open = time.perf_counter()
     writer = GraphStoreWriter(work / shard_name(k), producer=f"{PRODUCER} --format {fmt_name}", sources=sources,
                               ids=True)
+    stats.open_s = time.perf_counter() - t_open  # creating the shard store's arrays
     src = int(task.get("source", 0))
     last_where, last_done, reported, n_last = None, 0, time.monotonic(), 0
     try:
@@ -290,12 +292,13 @@ def run_task(fmt_name: str, task: dict, k: int, work: Path, opts: ImportOptions,
                 last_done, n_last, reported = done, stats.structures + stats.rejected_total, now
                 if stop is not None and stop.is_set():
                     raise _Stopped()
-        stats.flush_s = writer.flush_seconds
         t2 = time.perf_counter()
+        writer.flush()
+        stats.process_s += time.perf_counter() - t2
+        stats.flush_s = writer.flush_seconds
         writer.write_file(REJECTIONS, "".join(json.dumps(r) + "\n" for r in rejections).encode())
         writer.set_attrs(import_task=k, import_stats=stats.to_dict())
-        writer.close()
-        stats.flush_s += time.perf_counter() - t2
+        writer.close()  # one metadata write and a rename (not in the stats it writes)
     except BaseException:
         writer.abort()
         raise

@@ -26,6 +26,7 @@ class ShardStats:
     read_s: float = 0.0             # reader: file I/O, decompression, parsing, unit conversion
     process_s: float = 0.0          # validation + appending to the writer's buffers (+ flushes)
     flush_s: float = 0.0            # encoding, compressing, checksumming and writing shard files
+    open_s: float = 0.0             # creating the shard store (zarr metadata of its arrays)
 
     def add(self, s: dict) -> None:
         n = len(s["atomic_numbers"])
@@ -123,6 +124,7 @@ def summarize(fmt_name: str, tasks: list[dict], stats: list[dict], shard_attrs: 
     read_s = sum(s.get("read_s", 0.0) for s in stats)
     process_s = sum(s.get("process_s", 0.0) for s in stats)
     flush_s = sum(s.get("flush_s", 0.0) for s in stats)
+    open_s = sum(s.get("open_s", 0.0) for s in stats)
     file_work: dict = {}
     for t in tasks:
         file_work[t["file"]] = file_work.get(t["file"], 0) + int(t["work"])
@@ -153,7 +155,7 @@ def summarize(fmt_name: str, tasks: list[dict], stats: list[dict], shard_attrs: 
         "elapsed_s": round(elapsed, 3),
         "input_bytes": int(sum(in_bytes(k) for k in range(len(tasks)))), "output_bytes": _du(work),
         "time_split_s": {"read_parse": round(read_s, 3), "validate_append": round(process_s - flush_s, 3),
-                         "compress_write": round(flush_s, 3)},
+                         "compress_write": round(flush_s, 3), "shard_open": round(open_s, 3)},
         "per_structure_us": {"read_parse": round(read_s * per, 1),
                              "validate_append": round((process_s - flush_s) * per, 1),
                              "compress_write": round(flush_s * per, 1)},

@@ -172,7 +172,7 @@ class GraphStoreWriter:
                        "gnnmegatron": gnnmegatron.__version__, "zarr": zarr.__version__},
         }
         self._group = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
-        self._group.attrs.update(self._attrs)
+        self._group.update_attributes(self._attrs)  # one write (attrs.update writes per key)
         self._cols: dict[str, _Column] = {}
         for spec in ARRAYS.values():
             rows = atoms_per_chunk if spec.level == "atom" else graphs_per_chunk
@@ -279,6 +279,11 @@ class GraphStoreWriter:
         cols = list(self._cols.values()) + ([self._ids] if self._ids is not None else [])
         return sum(c.flush_seconds for c in cols)
 
+    def flush(self) -> None:
+        """Write all buffered rows now (the shard files of a store are final only after ``close``)."""
+        for col in list(self._cols.values()) + ([self._ids] if self._ids is not None else []):
+            col.finish()
+
     def set_attrs(self, **attrs) -> None:
         """Extra group attributes (JSON values) written on ``close()`` (e.g. import statistics)."""
         self._extra_attrs.update(attrs)
@@ -306,7 +311,7 @@ class GraphStoreWriter:
                 "has_stress": self._counts["with_stress"] > 0,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             })
-            self._group.attrs.update(self._attrs)
+            self._group.update_attributes(self._attrs)  # one write (attrs.update writes per key)
             self._commit()
         except BaseException:
             self.abort()

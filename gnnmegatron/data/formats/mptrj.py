@@ -81,21 +81,29 @@ class MPtrjFormat(SourceFormat):
     def read(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
         path = Path(task["file"])
         entries = task["entries"]
-        lo, hi = entries[0][1], entries[-1][2]
+        lo = entries[0][1]
         with open(path, "rb") as fh:
-            fh.seek(lo)
-            blob = fh.read(hi - lo)
-        for mp_id, a, b in entries:
+            for mp_id, a, b in entries:  # one mp-id at a time: memory stays at one entry (~100 kB)
+                fh.seek(a)
+                yield from self._entry(fh.read(b - a), path, mp_id, a, b, lo, opts)
+
+    def _entry(self, raw: bytes, path: Path, mp_id: str, a: int, b: int, lo: int, opts: ImportOptions):
+        """The frames of one mp-id entry (bytes a..b of the file)."""
+        try:
+            frames = _loads(raw)
+        except ValueError as e:
+            raise InputError(path, f"invalid JSON ({e})", f"entry {mp_id!r} (bytes {a}..{b})") from None
+        if not isinstance(frames, dict):
+            raise InputError(path, f"value is a {type(frames).__name__}, expected {{frame_id: frame}}",
+                             f"entry {mp_id!r}")
+        for frame_id, fr in frames.items():
+            where = f"{path}: {mp_id} frame {frame_id}"
             try:
-                frames = _loads(blob[a - lo:b - lo])
-            except ValueError as e:
-                raise InputError(path, f"invalid JSON ({e})", f"entry {mp_id!r} (bytes {a}..{b})") from None
-            if not isinstance(frames, dict):
-                raise InputError(path, f"value is a {type(frames).__name__}, expected {{frame_id: frame}}",
-                                 f"entry {mp_id!r}")
-            for frame_id, fr in frames.items():
-                where = f"{path}: {mp_id} frame {frame_id}"
-                yield (f"{mp_id}/{frame_id}", where, self._frame(fr, path, mp_id, frame_id, opts), b - lo)
+                s = self._frame(fr, path, mp_id, frame_id, opts)
+            except (KeyError, TypeError, ValueError, IndexError) as e:  # InputError is not among these
+                raise InputError(path, f"malformed frame ({type(e).__name__}: {e})",
+                                 f"{mp_id} frame {frame_id}") from None
+            yield f"{mp_id}/{frame_id}", where, s, b - lo
 
     def _frame(self, fr, path: Path, mp_id: str, frame_id: str, opts: ImportOptions):
         where = f"{mp_id} frame {frame_id}"
