@@ -158,6 +158,21 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _cmd_checkpoint_info(args) -> int:
+    from gnnmegatron.training.export import checkpoint_summary
+
+    print(checkpoint_summary(args.path, tensors=args.tensors))
+    return 0
+
+
+def _cmd_checkpoint_export(args) -> int:
+    from gnnmegatron.training.export import export_checkpoint
+
+    out = export_checkpoint(args.path, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def _add_fit_keys(parser: argparse.ArgumentParser) -> None:
     """``--n-key`` / ``--d-key`` of ``scaling fit`` and ``scaling report``."""
     parser.add_argument("--n-key", default="params", help="record field used as N (default: non-embedding parameters)")
@@ -268,8 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pretrain on energies and forces (run under torchrun or alone)")
     pre.add_argument("--config", default=str(DEMO_CONFIG), help=f"YAML config (default: {DEMO_CONFIG.name})")
     pre.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
-    pre.add_argument("--resume", default="auto", help="auto (default), never, or a checkpoint path")
+    pre.add_argument("--resume", default="auto",
+                     help="auto (default: the run's newest complete checkpoint, written under any layout), never "
+                          "(refuse a run_dir holding checkpoints), overwrite (delete them and start over), or a "
+                          "checkpoint directory")
     pre.set_defaults(func=_cmd_pretrain)
+
+    ck = sub.add_parser("checkpoint", help="inspect and export sharded checkpoints").add_subparsers(
+        dest="checkpoint_cmd", required=True)
+    cinfo = ck.add_parser("info", help="what a checkpoint holds: step, layout, tensors, files")
+    cinfo.add_argument("path", help="checkpoint directory or run directory (its newest complete checkpoint)")
+    cinfo.add_argument("--tensors", action="store_true", help="list every tensor with its shape and chunk count")
+    cinfo.set_defaults(func=_cmd_checkpoint_info)
+    cexp = ck.add_parser("export", help="write the single-file single-device checkpoint inference loads")
+    cexp.add_argument("path", help="run directory or checkpoint directory")
+    cexp.add_argument("--out", required=True, help="file to write (e.g. model.pt)")
+    cexp.set_defaults(func=_cmd_checkpoint_export)
     return parser
 
 
@@ -277,7 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except Exception as exc:
+        from gnnmegatron.training.faults import RankLost
+
+        if not isinstance(exc, (ValueError, RuntimeError, FileNotFoundError)):
+            raise
+        if isinstance(exc, RankLost):  # another rank died: exit 3 so that a job script can tell
+            print(f"gnnmegatron: error: {exc}", file=sys.stderr, flush=True)
+            return 3
         # Bad input gets its message, not a traceback; set GNNMEGATRON_DEBUG=1 for the traceback.
         import os
 

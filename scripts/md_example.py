@@ -3,7 +3,7 @@
 The README example. After ``make demo`` (which trains ``runs/demo``)::
 
     .venv/bin/python scripts/md_example.py                       # runs/demo, 1 ps, prints + writes md_example.json
-    .venv/bin/python scripts/md_example.py --model runs/demo/checkpoints/step_00001200.pt --device cuda
+    .venv/bin/python scripts/md_example.py --model runs/demo/checkpoints/step_00001200 --device cuda
 
 Steps:
 

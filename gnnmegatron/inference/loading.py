@@ -12,10 +12,11 @@ has a ``detect(path) -> bool`` and a ``read(path, trust) -> dict`` that returns 
 device* view of the checkpoint: a dict with at least ``model`` (full state_dict) and
 ``model_config`` (``ModelConfig.to_dict()``), plus whatever metadata it has (``stats``,
 ``config``, ``step``, ``seen``, ``best_val``, ``world_size``). This release registers the
-single-file format (``"single-file"``) of ``gnnmegatron.training.checkpoint``; the sharded
-checkpoints of tensor/pipeline-parallel runs plug in with ``register_checkpoint_format``
-(their ``read`` gathers the shards into one state_dict), and every caller of
-``load_model`` (the ASE calculator, ``predict``) then accepts them unchanged.
+sharded checkpoint directories the trainer writes (``"sharded"``: DCP shards of any tp x pp x dp
+layout, assembled into one state dict in this process) and the single-file format
+(``"single-file"``, ``gnnmegatron checkpoint export`` and earlier releases); more plug in with
+``register_checkpoint_format``, and every caller of ``load_model`` (the ASE calculator,
+``predict``) then accepts them unchanged.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` and an allow-list of the numpy
 types the trainer stores (RNG states), so loading a checkpoint cannot run code. A file that
@@ -170,6 +171,25 @@ def _read_single_file(path: Path, trust: bool) -> dict:
 register_checkpoint_format(CheckpointFormat("single-file", _detect_single_file, _read_single_file))
 
 
+def _detect_sharded(path: Path) -> bool:
+    from gnnmegatron.training.sharded_checkpoint import is_sharded_checkpoint
+
+    return is_sharded_checkpoint(path)
+
+
+def _read_sharded(path: Path, trust: bool) -> dict:
+    """A sharded (DCP) checkpoint of any tp x pp x dp layout, assembled into the single-device view."""
+    from gnnmegatron.training.sharded_checkpoint import load_full_state
+
+    try:
+        return load_full_state(path)
+    except CheckpointError as exc:
+        raise ModelLoadError(str(exc)) from exc
+
+
+register_checkpoint_format(CheckpointFormat("sharded", _detect_sharded, _read_sharded), first=True)
+
+
 # --------------------------------------------------------------------------------------- resolving
 def resolve_checkpoint(path: str | Path) -> tuple[Path, CheckpointFormat]:
     """The checkpoint ``path`` names (a run directory resolves to its latest checkpoint) and its format.
@@ -187,9 +207,15 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, CheckpointFormat]:
         if fmt.detect(path):
             return path, fmt
     if path.is_dir():
-        run_dir = path.parent if path.name == "checkpoints" and (path / "latest").exists() else path
+        from gnnmegatron.training.sharded_checkpoint import find_resume
+
+        run_dir = path.parent if path.name == "checkpoints" else path
         try:
-            latest = find_latest(run_dir)
+            found, _ = find_resume(run_dir)  # newest complete sharded checkpoint
+        except CheckpointError:  # single-file checkpoints of an earlier release, or none complete
+            found = None
+        try:
+            latest = found if found is not None else find_latest(run_dir)  # or a single-file one
         except CheckpointError as exc:  # 'latest' names a file that is gone
             raise ModelLoadError(str(exc)) from exc
         if latest is None:

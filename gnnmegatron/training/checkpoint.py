@@ -1,13 +1,13 @@
-"""Single-process checkpoints: atomic save, resume, and clear errors for foreign checkpoints.
+"""Single-file checkpoints and the checks every checkpoint load shares.
 
-A checkpoint is ``<run_dir>/checkpoints/step_XXXXXXXX.pt`` holding the model and
-optimizer state, the sampler position, every RNG state, the step and the config,
-plus ``latest`` (a text file naming the newest complete checkpoint). Under tensor parallelism the
-model state is still the gathered single-device one (the file loads under any layout and into
-``gnnmegatron.inference``), and each TP rank's optimizer state lies beside it in
-``step_XXXXXXXX.optim-tp{r}of{tp}.pt`` (written before ``latest`` moves, pruned with it). Files are written
-to a temporary name and renamed, so an interrupted save never replaces a good
-checkpoint with a half-written one.
+The trainer writes sharded checkpoints (``gnnmegatron.training.sharded_checkpoint``). The
+single-file format here (``format_version`` 1: one ``torch.save`` dict with the single-device
+``model`` state dict, ``model_config``, ``stats``, ``config``, ``step``, counters) is what
+``gnnmegatron checkpoint export`` writes and ``gnnmegatron.inference`` loads anywhere, and what
+earlier releases trained into (``step_XXXXXXXX.pt`` + ``latest``; such files still load for
+inference and ``train.init_from``). Files are written to a temporary name and renamed, so an
+interrupted save never replaces a good file with a half-written one. ``CheckpointError``,
+``check_model_compatible`` and ``load_model_state`` serve both formats.
 """
 
 from __future__ import annotations
@@ -71,8 +71,6 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int =
     os.replace(latest_tmp, folder / "latest")
     mains = sorted(f for f in folder.glob("step_*.pt") if re.fullmatch(r"step_\d+\.pt", f.name))
     for old in mains[:-keep]:
-        for sidecar in folder.glob(f"{old.stem}.optim-*.pt"):  # per-rank optimizer files (TP runs)
-            sidecar.unlink()
         old.unlink()
     return path
 

@@ -150,8 +150,15 @@ class TrainConfig:
     the model's forward (and so its backward) under ``torch.autocast(dtype=torch.bfloat16)``.
     ``activation_checkpointing`` recomputes each message-passing block in the backward pass
     (``torch.utils.checkpoint``, non-reentrant) instead of keeping its activations.
-    ``init_from`` (path of a checkpoint file) starts a new run (step 0, fresh optimizer) from that
-    checkpoint's model weights; they are single-device, so any tp/dp layout may write or read them.
+    ``init_from`` (a checkpoint: sharded directory or single file) starts a new run (step 0, fresh
+    optimizer) from its model weights, whatever layout wrote them.
+    ``micro_batches``: sampler batches (each up to ``data.budget_atoms`` atoms) per optimizer step
+    and data-parallel rank; their gradients accumulate and the loss is normalised as for one batch
+    holding them all. With pipeline parallelism these are the pipeline's micro-batches.
+    ``collective_timeout_s``: how long a collective may wait before the job stops with an error
+    naming the ranks that stopped responding. ``on_nonfinite``: a non-finite loss or gradient
+    ``stop``s the run (before the update, naming the batch's structures) or ``skip``s the step.
+    ``async_checkpoint``: write checkpoints from a background thread while training continues.
     """
 
     max_steps: int = 1000
@@ -164,8 +171,18 @@ class TrainConfig:
     progress: bool = True
     activation_checkpointing: bool = False
     init_from: str | None = None
+    micro_batches: int = 1
+    collective_timeout_s: float = 600.0
+    on_nonfinite: str = "stop"
+    async_checkpoint: bool = False
 
     def __post_init__(self):
+        if self.micro_batches < 1:
+            raise ConfigError(f"train.micro_batches must be >= 1, got {self.micro_batches}")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"train.collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
         for name in ("max_steps", "eval_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -177,28 +194,59 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout: tensor (tp), pipeline (pp) and data (dp) parallel sizes."""
+    """Parallel layout: tensor (tp), pipeline (pp) and data (dp) parallel sizes, pipeline schedule.
+
+    ``tp * pp * dp`` must equal the number of processes (Megatron's rank order: tp fastest, then
+    dp, then pp). ``pp_schedule``: ``auto`` (1F1B, or interleaved 1F1B with ``virtual_stages > 1``),
+    ``gpipe``, ``1f1b`` or ``interleaved``; conservative-force training always runs the
+    conservative GPipe schedule (``gnnmegatron.parallel.pipeline``). ``virtual_stages``: model
+    chunks per pipeline rank (interleaved schedules). ``pp_layers``: blocks per (virtual) stage,
+    ``pp * virtual_stages`` numbers summing to the model's layers (default: balanced by FLOPs).
+    """
 
     tp: int = 1
     pp: int = 1
     dp: int | None = None  # None: world_size // (tp * pp)
+    pp_schedule: str = "auto"
+    virtual_stages: int = 1
+    pp_layers: list[int] | None = None
 
     def __post_init__(self):
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "virtual_stages"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.dp is not None and self.dp < 1:
             raise ConfigError(f"parallel.dp must be >= 1, got {self.dp}")
+        if self.pp_schedule not in ("auto", "gpipe", "1f1b", "interleaved"):
+            raise ConfigError(f"parallel.pp_schedule must be auto, gpipe, 1f1b or interleaved, got {self.pp_schedule!r}")
+        if self.pp_schedule == "1f1b" and self.virtual_stages > 1:
+            raise ConfigError(f"parallel.pp_schedule=1f1b runs one model chunk per rank; virtual_stages="
+                              f"{self.virtual_stages} needs pp_schedule: interleaved (or auto)")
+        if self.pp_layers is not None:
+            self.pp_layers = [int(n) for n in self.pp_layers]
+            if len(self.pp_layers) != self.pp * self.virtual_stages or min(self.pp_layers) < 1:
+                raise ConfigError(f"parallel.pp_layers={self.pp_layers} must list pp*virtual_stages="
+                                  f"{self.pp}*{self.virtual_stages}={self.pp * self.virtual_stages} positive block counts")
+
+    @property
+    def schedule(self) -> str:
+        """The schedule ``auto`` resolves to."""
+        if self.pp_schedule != "auto":
+            return self.pp_schedule
+        return "interleaved" if self.virtual_stages > 1 else "1f1b"
 
     def resolve(self, world_size: int) -> "ParallelConfig":
         """Returns a copy with ``dp`` filled in, checking ``tp*pp*dp == world_size``."""
+        if world_size % (self.tp * self.pp) and self.dp is None:
+            raise ConfigError(f"world size {world_size} is not divisible by tp*pp={self.tp}*{self.pp}="
+                              f"{self.tp * self.pp}; launch a multiple of {self.tp * self.pp} processes")
         dp = self.dp if self.dp is not None else world_size // (self.tp * self.pp)
         if self.tp * self.pp * dp != world_size:
             raise ConfigError(
                 f"parallel layout tp*pp*dp={self.tp}*{self.pp}*{dp}={self.tp * self.pp * dp} "
                 f"but world size is {world_size}; choose sizes whose product is the number of processes"
             )
-        return ParallelConfig(tp=self.tp, pp=self.pp, dp=dp)
+        return dataclasses.replace(self, dp=dp)
 
 
 @dataclass

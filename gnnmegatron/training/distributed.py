@@ -1,31 +1,30 @@
-"""Data- and tensor-parallel helpers of the trainer: groups, gradient reduction, global-norm
-clipping and the per-rank optimizer files of TP checkpoints.
+"""Tensor-, pipeline- and data-parallel helpers of the trainer: groups, gradient reduction and
+global-norm clipping.
 
-Layout (Megatron's order, tp fastest): with ``parallel.tp > 1`` the trainer calls
-``init_layout(tp, 1, dp, groups="torch")`` (the same groups as megatron-core's, without its
-~5 s import: the TP blocks use our own parallel linears); every rank of a TP group reads the same micro-batch
-(the sampler is sharded by ``dp_rank``/``dp_size``) and holds ``H / tp`` of every block's hidden
-units. Gradients are averaged over the data-parallel group only: TP-sharded parameters already
-receive their exact gradients from the TP layers' collectives, and replicated parameters
-(embedding, heads, norms, row-parallel biases) receive identical full gradients on every TP rank.
+Layout (Megatron's order: tp fastest, then dp, then pp): the trainer calls
+``init_layout(tp, pp, dp, groups="torch")`` (the same groups as megatron-core's, without its
+~5 s import: the TP blocks use our own parallel linears). The tp x pp ranks of one model replica
+read the same micro-batches (the sampler is sharded by ``dp_rank``/``dp_size`` only); each holds
+``H / tp`` of the hidden units of its pipeline stage's blocks. Gradients are averaged over the
+data-parallel group only: TP-sharded parameters already receive their exact gradients from the TP
+layers' collectives, replicated ones identical full gradients on every TP rank, and each pipeline
+stage owns its parameters.
 
-Gradient clipping uses the global norm of the single-device model (Megatron's approach): the
-squared norms of TP-sharded gradients are summed over the TP group, replicated ones are counted
-once.
+Gradient clipping uses the global norm of the single-device model (Megatron's approach): squared
+norms of TP-sharded gradients are summed over the TP group, replicated ones counted once, and the
+stages' sums added over the pipeline group.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["TrainGroups", "clip_grad_norm", "dp_allreduce_grads", "is_tp_sharded", "optimizer_file",
-           "split_params"]
+__all__ = ["TrainGroups", "clip_grad_norm", "dp_allreduce_grads", "is_tp_sharded", "split_params"]
 
 
 @dataclass
@@ -33,12 +32,10 @@ class TrainGroups:
     """The trainer's view of the layout.
 
     Attributes:
-        tp, dp: tensor- and data-parallel sizes.
-        tp_rank, dp_rank: this rank's position.
-        tp_group: group of the TP ranks (None when tp == 1).
-        dp_group: group of the DP replicas; ``dist.group.WORLD`` when tp == 1 (plain DP), None
-            when dp == 1.
-        layout: the ``ParallelLayout`` (tp > 1) or None.
+        tp, pp, dp: tensor-, pipeline- and data-parallel sizes.
+        tp_rank, pp_rank, dp_rank: this rank's position.
+        tp_group, pp_group, dp_group: groups of this rank (None for size 1).
+        layout: the ``ParallelLayout``.
     """
 
     tp: int = 1
@@ -48,36 +45,77 @@ class TrainGroups:
     tp_group: Any = None
     dp_group: Any = None
     layout: Any = None
+    pp: int = 1
+    pp_rank: int = 0
+    pp_group: Any = None
 
     @classmethod
-    def build(cls, tp: int, dp: int, rank: int) -> TrainGroups:
-        """Collective when tp > 1 (creates the groups on every rank)."""
-        if tp == 1:
-            return cls(tp=1, dp=dp, tp_rank=0, dp_rank=rank, tp_group=None,
-                       dp_group=dist.group.WORLD if dp > 1 else None)
-        from gnnmegatron.parallel import init_layout
+    def build(cls, tp: int, dp: int, rank: int, pp: int = 1) -> TrainGroups:
+        """Collective when the world has more than one rank (creates the groups on every rank)."""
+        from gnnmegatron.parallel.layout import init_layout, single
 
-        layout = init_layout(tp=tp, pp=1, dp=dp, groups="torch")
+        if tp * pp * dp == 1:
+            layout = single()
+        else:
+            layout = init_layout(tp=tp, pp=pp, dp=dp, groups="torch")
         return cls(tp=tp, dp=dp, tp_rank=layout.tp_rank, dp_rank=layout.dp_rank, tp_group=layout.tp_group,
-                   dp_group=layout.dp_group if dp > 1 else None, layout=layout)
+                   dp_group=layout.dp_group if dp > 1 else None, layout=layout, pp=pp, pp_rank=layout.pp_rank,
+                   pp_group=layout.pp_group if pp > 1 else None)
 
     def describe(self) -> dict[str, int]:
-        return {"tp": self.tp, "pp": 1, "dp": self.dp}
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_logger(self) -> bool:
+        """The rank that logs, validates and writes run files: tp rank 0, dp rank 0 of the last stage."""
+        return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+    @property
+    def last_stage_rank(self) -> int:
+        """Global rank of this rank's counterpart on the last pipeline stage."""
+        return self.layout.pp_ranks[-1]
+
+    def _reduce(self, t: torch.Tensor, group, op=None) -> torch.Tensor:
+        kwargs = {} if op is None else {"op": op}
+        if not t.is_cuda and dist.get_backend(group) == "nccl":  # NCCL reduces device tensors only
+            buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(buf, group=group, **kwargs)
+            t.copy_(buf)
+        else:
+            dist.all_reduce(t, group=group, **kwargs)
+        return t
 
     def dp_all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over the data-parallel group in place (no-op at dp == 1).
-
-        Host tensors (counters, metric sums) go through the GPU under NCCL, which reduces
-        device tensors only.
-        """
+        """Sum ``t`` over the data-parallel group in place (no-op at dp == 1)."""
         if self.dp > 1:
-            if not t.is_cuda and dist.get_backend(self.dp_group) == "nccl":
-                buf = t.to(torch.device("cuda", torch.cuda.current_device()))
-                dist.all_reduce(buf, group=self.dp_group)
-                t.copy_(buf)
-            else:
-                dist.all_reduce(t, group=self.dp_group)
+            self._reduce(t, self.dp_group)
         return t
+
+    def pp_all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the pipeline group in place (no-op at pp == 1)."""
+        if self.pp > 1:
+            self._reduce(t, self.pp_group)
+        return t
+
+    def from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """Every stage gets the last stage's ``t`` (in place; a sum with zeros from the others)."""
+        if self.pp > 1:
+            if not self.is_last_stage:
+                t.zero_()
+            self._reduce(t, self.pp_group)
+        return t
+
+    def world_any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any rank (one tiny all-reduce over the world)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+        self._reduce(t, None, dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
 
 def is_tp_sharded(model: nn.Module) -> dict[int, bool]:
@@ -122,15 +160,16 @@ def clip_grad_norm(sharded, replicated, max_norm: float | None, groups: TrainGro
     """Global gradient norm of the single-device model; scales gradients to ``max_norm`` if larger.
 
     Same formula as ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + 1e-6)``
-    clamped to 1). ``max_norm=None`` only measures. Collective over the TP group.
+    clamped to 1). Tensor-parallel shards' squares are summed over the TP group, replicated
+    tensors counted once; pipeline stages hold disjoint parameters, so their sums add over the
+    pipeline group. ``max_norm=None`` only measures. Collective over the TP and pipeline groups.
     """
     sharded = [p.grad for p in sharded if p.grad is not None]
     replicated = [p.grad for p in replicated if p.grad is not None]
     grads = sharded + replicated
-    if not grads:
-        return 0.0
-    ref = grads[0]
-    sq_sharded = torch.zeros((), dtype=torch.float64, device=ref.device)
+    ref = grads[0] if grads else None
+    device = ref.device if ref is not None else torch.device("cpu")
+    sq_sharded = torch.zeros((), dtype=torch.float64, device=device)
     for g in sharded:
         sq_sharded += torch.linalg.vector_norm(g).double() ** 2
     if groups.tp > 1:
@@ -138,15 +177,11 @@ def clip_grad_norm(sharded, replicated, max_norm: float | None, groups: TrainGro
     sq = sq_sharded
     for g in replicated:
         sq = sq + torch.linalg.vector_norm(g).double() ** 2
+    if groups.pp > 1:
+        sq = groups.pp_all_reduce(sq.reshape(1)).reshape(())
     total = sq.sqrt()
     if max_norm is not None:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             g.mul_(coef.to(g.dtype))
     return float(total)
-
-
-def optimizer_file(main: Path, tp_rank: int, tp: int) -> Path:
-    """Per-TP-rank optimizer state beside a checkpoint: ``step_X.optim-tp{r}of{tp}.pt``."""
-    main = Path(main)
-    return main.with_name(f"{main.stem}.optim-tp{tp_rank}of{tp}.pt")

@@ -13,21 +13,37 @@ import torch
 from gnnmegatron.training.config import LossConfig
 
 
-def elementwise(pred: torch.Tensor, target: torch.Tensor, kind: str, delta: float) -> torch.Tensor:
-    """Mean of the chosen pointwise loss (mae, mse or huber) over all elements."""
+def elementwise(pred: torch.Tensor, target: torch.Tensor, kind: str, delta: float,
+                denominator: float | None = None) -> torch.Tensor:
+    """The chosen pointwise loss (mae, mse or huber) summed over all elements and divided by
+    ``denominator`` (default: the number of elements, i.e. the mean)."""
     if pred.numel() == 0:
         return pred.sum() * 0.0
     diff = pred - target
     if kind == "mae":
-        return diff.abs().mean()
-    if kind == "mse":
-        return diff.square().mean()
-    if kind == "huber":
-        return torch.nn.functional.huber_loss(pred, target, delta=delta)
-    raise ValueError(f"unknown loss kind {kind!r}; use mae, mse or huber")
+        total = diff.abs().sum()
+    elif kind == "mse":
+        total = diff.square().sum()
+    elif kind == "huber":
+        total = torch.nn.functional.huber_loss(pred, target, delta=delta, reduction="sum")
+    else:
+        raise ValueError(f"unknown loss kind {kind!r}; use mae, mse or huber")
+    return total / (pred.numel() if denominator is None else max(float(denominator), 1.0))
 
 
-def compute_loss(out: dict, batch: dict, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_denominators(batches) -> dict[str, float]:
+    """Counts that normalise a step's loss over all its micro-batches: graphs (energy per atom),
+    force components and graphs with a stress label. Passing them to every micro-batch's
+    :func:`compute_loss` makes the sum of the micro-batch losses the loss of one batch holding
+    them all."""
+    graphs = sum(int(b["num_atoms"].numel()) for b in batches)
+    components = sum(3 * int(b["atomic_numbers"].shape[0]) for b in batches)
+    stress = sum(int(b["has_stress"].sum()) for b in batches if "has_stress" in b)
+    return {"graphs": graphs, "force_components": components, "stress_graphs": stress}
+
+
+def compute_loss(out: dict, batch: dict, cfg: LossConfig,
+                 denominators: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted training loss.
 
     Args:
@@ -35,22 +51,28 @@ def compute_loss(out: dict, batch: dict, cfg: LossConfig) -> tuple[torch.Tensor,
         batch: graph batch with targets ``energy`` [B], ``forces`` [N, 3], ``num_atoms`` [B]
             and, for stress, ``stress`` [B, 3, 3] and ``has_stress`` [B].
         cfg: loss weights and kind.
+        denominators: ``loss_denominators`` of the whole step (gradient accumulation / pipeline
+            micro-batches); default: this batch's own counts (the mean over the batch).
 
     Returns:
         (loss, parts) where parts holds the detached per-term losses.
     """
+    d = denominators or {}
     n = batch["num_atoms"].to(out["energy"].dtype)
     parts: dict[str, torch.Tensor] = {}
     loss = out["energy"].new_zeros(())
     if cfg.energy_weight > 0:
-        parts["energy"] = elementwise(out["energy"] / n, batch["energy"] / n, cfg.kind, cfg.huber_delta)
+        parts["energy"] = elementwise(out["energy"] / n, batch["energy"] / n, cfg.kind, cfg.huber_delta,
+                                      d.get("graphs"))
         loss = loss + cfg.energy_weight * parts["energy"]
     if cfg.force_weight > 0:
-        parts["forces"] = elementwise(out["forces"], batch["forces"], cfg.kind, cfg.huber_delta)
+        parts["forces"] = elementwise(out["forces"], batch["forces"], cfg.kind, cfg.huber_delta,
+                                      d.get("force_components"))
         loss = loss + cfg.force_weight * parts["forces"]
     if cfg.stress_weight > 0 and "stress" in out:
         mask = batch["has_stress"]
-        parts["stress"] = elementwise(out["stress"][mask], batch["stress"][mask], cfg.kind, cfg.huber_delta)
+        denom = None if "stress_graphs" not in d else 9 * d["stress_graphs"]
+        parts["stress"] = elementwise(out["stress"][mask], batch["stress"][mask], cfg.kind, cfg.huber_delta, denom)
         loss = loss + cfg.stress_weight * parts["stress"]
     return loss, {k: v.detach() for k, v in parts.items()}
 

@@ -1,21 +1,26 @@
-"""The pretraining loop: energy + forces, AdamW with warm-up and cosine, clipping, validation,
-metrics, loss-curve PNG, checkpoints with bit-for-bit resume.
+"""The pretraining loop: energy + forces under tensor, pipeline and data parallelism.
 
-Runs as one process or under ``torchrun``. Every data-parallel replica reads its own shard of
-each global batch (``ChunkAwareSampler``, global batch b -> replica ``b % dp``) and gradients are
-averaged over the data-parallel group. With ``parallel.tp > 1`` (message="node_split" models)
-the single-device model is built from the same seed on every rank and ``parallelize``d: the
-``tp`` ranks of a TP group read the same micro-batch and each holds ``H / tp`` of every block
-(see :mod:`gnnmegatron.training.distributed`). Pipeline layouts (``parallel.pp > 1``) are not
-supported by the trainer yet.
+Runs as one process or under ``torchrun`` with ``parallel: {tp, pp, dp}`` (Megatron's rank
+order). The tp x pp ranks of one model replica read the same micro-batches, and the dp replicas
+each read their own shard of every global batch (``ChunkAwareSampler``: global batch b ->
+replica ``b % dp``). Each step takes ``train.micro_batches`` sampler batches per replica; their
+gradients accumulate (loss normalised as one batch holding them all) -- through the pipeline
+schedule when ``pp > 1`` (``gnnmegatron.parallel.pipeline``). Gradients are then averaged over
+the data-parallel group, clipped by the global norm, and AdamW (optionally ZeRO-1) steps.
+
+The model is built on the meta device and each rank materialises only its part, with the same
+global initial weights under every layout (``gnnmegatron.training.build``). Checkpoints are
+sharded DCP directories that any layout can resume (``gnnmegatron.training.sharded_checkpoint``).
+Progress, metrics, validation and the run's files come from the last pipeline stage's first
+rank (``TrainGroups.is_logger``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import datetime
 import json
-import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,115 +31,52 @@ import torch.distributed as dist
 import yaml
 
 from gnnmegatron.training import checkpoint as ckpt
+from gnnmegatron.training import sharded_checkpoint as sc
 from gnnmegatron.training.baselines import composition_energy, fit_reference_energies
+from gnnmegatron.training.build import build_local_model, set_energy_buffers
 from gnnmegatron.training.config import ConfigError, PretrainConfig
-from gnnmegatron.training.distributed import (
-    TrainGroups,
-    clip_grad_norm,
-    dp_allreduce_grads,
-    optimizer_file,
-    split_params,
-)
+from gnnmegatron.training.distributed import TrainGroups, clip_grad_norm, dp_allreduce_grads, split_params
+from gnnmegatron.training.faults import Heartbeat, NonFiniteStep, RankLost, describe_failure
 from gnnmegatron.training.logging import MetricsWriter, Progress, plot_loss_curve
-from gnnmegatron.training.losses import ErrorAccumulator, compute_loss
-from gnnmegatron.training.optim import build_optimizer, consolidate, lr_at, release_consolidated, set_lr
+from gnnmegatron.training.losses import ErrorAccumulator, compute_loss, loss_denominators
+from gnnmegatron.training.optim import build_optimizer, lr_at, set_lr
+from gnnmegatron.training.runtime import (  # noqa: F401 - re-exported for callers of the first releases
+    checkpoint_blocks,
+    ensure_store,
+    format_report,
+    init_distributed,
+    nested_subset,
+)
+from gnnmegatron.training.train_state import apply_optimizer_state, load_full_into, model_state, optimizer_state
 
-
-def init_distributed() -> tuple[int, int]:
-    """Initialises torch.distributed when launched by torchrun; returns (rank, world_size).
-
-    A process group initialised by the caller (e.g. ``run_distributed`` in tests) is used as is.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":  # one GPU per local rank, before any collective touches a device
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def checkpoint_blocks(model: torch.nn.Module) -> int:
-    """Activation checkpointing: each message-passing block recomputes its forward in the backward.
-
-    Wraps every block's ``forward`` (instance attribute, so module names and state-dict keys are
-    unchanged) in ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (megatron-core's
-    ``tensor_parallel.checkpoint`` needs CUDA). Works on single-device and ``parallelize``d models;
-    the TP collectives of a block run again during recomputation, on every TP rank alike.
-    Returns the number of blocks wrapped.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    from gnnmegatron.models.egnn import named_blocks
-
-    blocks = [block for _, block in named_blocks(model)]
-    for block in blocks:
-        if getattr(block, "_activation_checkpointed", False):
-            continue
-        forward = block.forward
-
-        @functools.wraps(forward)
-        def wrapped(*args, _forward=forward, **kwargs):
-            if not torch.is_grad_enabled():
-                return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = wrapped
-        block._activation_checkpointed = True
-    return len(blocks)
-
-
-def ensure_store(cfg: PretrainConfig, rank: int) -> Path:
-    """Returns the store path, generating the embedded EMT dataset there first if asked and missing."""
-    path = Path(cfg.data.store)
-    if not path.exists():
-        if cfg.data.emt is None:
-            raise FileNotFoundError(
-                f"data store {path} does not exist; create it with `gnnmegatron data emt --out {path}` "
-                f"or `gnnmegatron data import FILES --out {path}`, or set data.emt in the config"
-            )
-        if rank == 0:
-            from gnnmegatron.data.emt import EMTConfig, generate_emt_dataset
-
-            print(f"generating the embedded EMT dataset at {path} ({cfg.data.emt})", flush=True)
-            generate_emt_dataset(path, EMTConfig(**cfg.data.emt), progress=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return path
+RESUME_MODES = ("auto", "never", "overwrite")
 
 
 class Trainer:
-    """Single-model pretraining driver.
+    """Pretraining driver for one rank.
 
     Args:
         cfg: the validated job config.
-        resume: ``"auto"`` continues from ``<run_dir>/checkpoints/latest`` when present,
-            ``"never"`` starts fresh (refusing to overwrite an existing run's checkpoints),
-            or a path to a checkpoint file.
+        resume: ``"auto"`` continues from the run's newest complete checkpoint (``latest``, or
+            the newest by step when the pointer is missing or broken; a run directory holding
+            checkpoint files none of which is complete is refused), ``"never"`` starts fresh
+            (refusing a run directory that holds checkpoints), ``"overwrite"`` deletes the run's
+            checkpoints and metrics and starts fresh, or a path to a checkpoint directory.
+            Any of them may have been written under another parallel layout.
     """
 
     def __init__(self, cfg: PretrainConfig, resume: str = "auto"):
         from gnnmegatron.data.sampler import ChunkAwareSampler, GraphLoader
         from gnnmegatron.data.store import GraphStore, split_indices
-        from gnnmegatron.models import AtomisticModel
 
         self.cfg = cfg
-        self.rank, self.world = init_distributed()
-        layout = cfg.parallel.resolve(self.world)
-        if layout.pp != 1:
-            raise ConfigError(f"pretrain supports tensor and data parallelism only in this release "
-                              f"(pp={layout.pp}); set parallel.pp to 1")
+        self.rank, self.world = init_distributed(cfg.train.collective_timeout_s)
+        par = cfg.parallel.resolve(self.world)
         self.model_cfg = cfg.model_config()
-        if layout.tp > 1 and self.model_cfg.message != "node_split":
-            raise ConfigError(f"parallel.tp={layout.tp} needs model.message='node_split' (the TP-native EGNN whose "
-                              f"collectives are node-sized), got message={self.model_cfg.message!r}")
-        if layout.tp > 1 and self.model_cfg.hidden % layout.tp:
-            raise ConfigError(f"model hidden={self.model_cfg.hidden} is not divisible by parallel.tp={layout.tp}")
-        self.groups = TrainGroups.build(layout.tp, layout.dp, self.rank)
-        self.dp, self.tp = layout.dp, layout.tp
+        self._check_layout(par)
+        self.groups = TrainGroups.build(par.tp, par.dp, self.rank, pp=par.pp)
+        self.tp, self.pp, self.dp = par.tp, par.pp, par.dp
+        self.micro_batches = cfg.train.micro_batches
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         # bfloat16: float32 master weights and data, bf16 autocast around the model's forward.
@@ -143,6 +85,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        resume_path, note = self._resume_path(resume)
 
         store_path = ensure_store(cfg, self.rank)
         self.store = GraphStore(store_path)
@@ -156,8 +99,9 @@ class Trainer:
             self.store.atom_counts, self.store.graph_chunks, splits["train"], seed=cfg.seed, shuffle=True,
             budget_atoms=cfg.data.budget_atoms, max_graphs=cfg.data.max_graphs,
             dp_rank=self.groups.dp_rank, dp_size=self.dp)
-        if len(self.train_sampler) == 0:
-            raise ConfigError(f"the training split gives no batch per rank (train graphs={len(splits['train'])}, "
+        if len(self.train_sampler) < self.micro_batches:
+            raise ConfigError(f"the training split gives {len(self.train_sampler)} batches per rank and epoch but a step "
+                              f"needs train.micro_batches={self.micro_batches} (train graphs={len(splits['train'])}, "
                               f"dp={self.dp}, budget_atoms={cfg.data.budget_atoms}); use more data or fewer ranks")
         self.val_sampler = ChunkAwareSampler(
             self.store.atom_counts, self.store.graph_chunks, val_idx, seed=cfg.seed, shuffle=False,
@@ -169,170 +113,215 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.model = AtomisticModel(self.model_cfg).to(device=self.device, dtype=self.dtype)
+        self.model = build_local_model(self.model_cfg, self.groups.layout, cfg.seed, dtype=self.dtype,
+                                       device=self.device, virtual_stages=par.virtual_stages,
+                                       pp_layers=par.pp_layers)
         reference, self.stats = fit_reference_energies(self.store, splits["train"], self.model_cfg.max_z,
                                                        max_graphs=cfg.data.stats_graphs)
         unknown = sorted(set(self.store.metadata.get("elements", [])) - set(self.stats["elements"]))
-        if unknown:
+        if unknown and self.groups.is_logger:
             print(f"warning: elements {unknown} occur in the store but not in the sampled training graphs")
         self.reference = reference
-        self.model.set_reference_energies(reference.to(self.dtype))
-        self.model.set_normalization(self.stats["force_rms"], 0.0)
-        self.num_params = sum(p.numel() for p in self.model.parameters())
-        self.num_params_non_embedding = sum(p.numel() for n, p in self.model.named_parameters()
-                                            if not n.startswith("embedding"))
+        set_energy_buffers(self.model, reference, self.stats["force_rms"], 0.0)
+        from gnnmegatron.models import count_parameters
+
+        counts = count_parameters(self.model_cfg)
+        self.num_params, self.num_params_non_embedding = counts["total"], counts["non_embedding"]
         self.step = 0
         self.epoch = 0
         self.seen = {"atoms": 0, "edges": 0, "graphs": 0, "flops": 0.0}
         self.best_val: dict[str, float] | None = None
+        self.skipped_steps = 0
 
-        resume_path = self._resume_path(resume)
-        state = self._load_model(resume_path) if resume_path is not None else None
-        if state is None and cfg.train.init_from:
+        loaded = self._load_model(resume_path) if resume_path is not None else None
+        if loaded is None and cfg.train.init_from:
             self._init_weights(Path(cfg.train.init_from))
-        if self.tp > 1:
-            from gnnmegatron.parallel import parallelize
-
-            parallelize(self.model, self.groups.layout)
         if cfg.train.activation_checkpointing:
             checkpoint_blocks(self.model)
         self.sharded_params, self.replicated_params = split_params(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim, dp_group=self.groups.dp_group if self.dp > 1 else None)
-        if state is not None:
-            self._load_rest(resume_path, state)
+        self.engine = None
+        if self.pp > 1:
+            from gnnmegatron.parallel.pipeline.engine import PipelineEngine
+
+            self.engine = PipelineEngine(self.model, self.groups.layout, par.schedule,
+                                         autocast_dtype=self.autocast_dtype, dtype=self.dtype)
+        if loaded is not None:
+            self._load_rest(resume_path, loaded, note)
+        self.is_logger = self.groups.is_logger
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
                                      resume_step=self.step if resume_path is not None else None) \
-            if self.rank == 0 else None
-        if self.rank == 0:
+            if self.is_logger else None
+        if self.is_logger:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.heartbeat = Heartbeat()
+        self.async_saver = sc.AsyncSaver() if cfg.train.async_checkpoint else None
 
-    # ----------------------------------------------------------------------------------- state
-    def _resume_path(self, resume: str) -> Path | None:
+    # ----------------------------------------------------------------------------------- setup
+    def _check_layout(self, par) -> None:
+        mc = self.model_cfg
+        if par.tp > 1 and mc.message != "node_split":
+            raise ConfigError(f"parallel.tp={par.tp} needs model.message='node_split' (the TP-native EGNN whose "
+                              f"collectives are node-sized), got message={mc.message!r}")
+        if par.tp > 1 and mc.hidden % par.tp:
+            raise ConfigError(f"model hidden={mc.hidden} is not divisible by parallel.tp={par.tp}")
+        if par.tp > 1 and mc.message_groups and mc.message_groups % par.tp:
+            raise ConfigError(f"model message_groups={mc.message_groups} is not divisible by parallel.tp={par.tp}")
+        stages = par.pp * par.virtual_stages
+        if par.pp > 1 and mc.layers < stages:
+            raise ConfigError(f"the model has {mc.layers} blocks but parallel.pp*virtual_stages={par.pp}*"
+                              f"{par.virtual_stages}={stages} stages each need one; lower pp or virtual_stages")
+        if par.pp_layers is not None and sum(par.pp_layers) != mc.layers:
+            raise ConfigError(f"parallel.pp_layers={par.pp_layers} sums to {sum(par.pp_layers)} but the model has "
+                              f"{mc.layers} layers")
+
+    def _resume_path(self, resume: str) -> tuple[Path | None, str]:
+        folder = self.run_dir / "checkpoints"
+        if resume == "overwrite":
+            if self.rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            if dist.is_initialized():
+                dist.barrier()
+            return None, ""
         if resume == "never":
-            if ckpt.find_latest(self.run_dir) is not None:
-                raise ckpt.CheckpointError(f"{self.run_dir} already holds checkpoints; resume it (--resume auto) "
-                                           f"or choose another run_dir")
-            return None
+            if folder.is_dir() and any(folder.iterdir()):
+                raise ckpt.CheckpointError(f"{self.run_dir} already holds checkpoints; resume it (--resume auto), "
+                                           f"start over there (--resume overwrite) or choose another run_dir")
+            return None, ""
         if resume == "auto":
-            return ckpt.find_latest(self.run_dir)
-        return Path(resume)
-
-    def _state(self, model_state: dict | None = None, optimizer_state: dict | None = None) -> dict[str, Any]:
-        """Checkpoint content; under TP the caller passes the gathered model state (optimizer: None)."""
-        return {
-            "model": self.model.state_dict() if model_state is None else model_state,
-            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
-            "model_config": self.model_cfg.to_dict(),
-            "config": self.cfg.to_dict(),
-            "sampler": self.train_loader.state_dict(),
-            "epoch": self.epoch,
-            "seen": self.seen,
-            "rng": ckpt.rng_state(),
-            "best_val": self.best_val,
-            "stats": self.stats,
-            "world_size": self.world,
-            "layout": self.groups.describe(),
-        }
+            return sc.find_resume(self.run_dir)
+        path = Path(resume)
+        if not sc.is_sharded_checkpoint(path):
+            raise ckpt.CheckpointError(f"--resume {path}: not a complete checkpoint directory (expected "
+                                       f"{self.run_dir}/checkpoints/step_XXXXXXXX with .metadata and meta.json)")
+        return path, ""
 
     def _load_model(self, path: Path) -> dict[str, Any]:
-        """Reads a checkpoint, checks model and layout, loads the single-device weights (before parallelize)."""
-        state = ckpt.load_checkpoint(path)
-        ckpt.check_model_compatible(path, state["model_config"], self.model_cfg.to_dict())
-        saved = state.get("layout") or {"tp": 1, "pp": 1, "dp": int(state.get("world_size", 1))}
-        here = self.groups.describe()
-        if saved != here:
-            def fmt(d):
-                return f"tp={d['tp']}, pp={d['pp']}, dp={d['dp']}"
-
-            raise ckpt.CheckpointError(
-                f"{path} was written under the layout {fmt(saved)} but this run has {fmt(here)}; resume with the "
-                f"same layout (optimizer shards and the sampler position depend on it). Its model weights are "
-                f"single-device and load under any layout: start a new run_dir with train.init_from={path} to "
-                f"continue from them (weights only) under another layout")
-        ckpt.load_model_state(self.model, state["model"], path)
+        """Checks the checkpoint's model and loads this rank's weights from it (any layout wrote it)."""
+        info = sc.read_meta(path)
+        ckpt.check_model_compatible(path, info["model_config"], self.model_cfg.to_dict())
+        state = model_state(self.model)
+        state["meta"] = None
+        state[f"rng/rank{self.rank}"] = None
+        sc.load_sharded(path, state, missing_ok=("rng/",))
         return state
 
     def _init_weights(self, path: Path) -> None:
-        """``train.init_from``: model weights only (any layout wrote them), step 0, fresh optimizer."""
-        state = ckpt.load_checkpoint(path)
-        ckpt.check_model_compatible(path, state["model_config"], self.model_cfg.to_dict())
-        ckpt.load_model_state(self.model, state["model"], path)
-        if self.rank == 0:
-            saved = state.get("layout") or {"tp": 1, "pp": 1, "dp": int(state.get("world_size", 1))}
-            print(f"initialised the model weights from {path} (step {state.get('step')}, layout {saved}); "
-                  f"optimizer, sampler and step start fresh", flush=True)
-
-    def _load_rest(self, path: Path, state: dict[str, Any]) -> None:
-        """Optimizer, sampler, counters and RNG of a checkpoint read by ``_load_model``."""
-        if self.tp > 1:
-            opt_path = optimizer_file(path, self.groups.tp_rank, self.tp)
-            if not opt_path.exists():
-                raise ckpt.CheckpointError(f"{path} lacks its optimizer file {opt_path.name} (tp rank "
-                                           f"{self.groups.tp_rank}); the checkpoint is incomplete")
-            self.optimizer.load_state_dict(torch.load(opt_path, map_location="cpu", weights_only=False))
+        """``train.init_from``: model weights only, step 0, fresh optimizer (a sharded directory, a run
+        directory, or a single-file checkpoint of an earlier release)."""
+        if path.is_dir() and not sc.is_sharded_checkpoint(path):
+            path = sc.find_resume(path)[0] or path
+        if sc.is_sharded_checkpoint(path):
+            info = sc.read_meta(path)
+            ckpt.check_model_compatible(path, info["model_config"], self.model_cfg.to_dict())
+            sc.load_sharded(path, model_state(self.model))
+            step, layout = info.get("step"), info.get("layout")
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.train_loader.load_state_dict(state["sampler"])
-        self.epoch = state["epoch"]
+            state = ckpt.load_checkpoint(path)
+            ckpt.check_model_compatible(path, state["model_config"], self.model_cfg.to_dict())
+            load_full_into(self.model, state["model"], str(path))
+            step, layout = state.get("step"), state.get("layout")
+        if self.rank == 0:
+            print(f"initialised the model weights from {path} (step {step}, layout {layout}); optimizer, sampler "
+                  f"and step start fresh", flush=True)
+
+    def _load_rest(self, path: Path, loaded: dict[str, Any], note: str) -> None:
+        """Optimizer state, sampler position, counters and RNG of the checkpoint ``_load_model`` read."""
+        meta = loaded["meta"]
+        opt_state, pending = optimizer_state(self.optimizer, self.model, fresh=True)
+        sc.load_sharded(path, opt_state, missing_ok=("optim/",))
+        apply_optimizer_state(self.optimizer, pending, opt_state)
+        saved = dict(meta["sampler"])
+        here = self.describe_layout()
+        moved = saved["dp_size"] != self.dp
+        if moved:  # the global batch sequence does not depend on dp: continue at the same global position
+            done = saved["batches_done"] * saved["dp_size"]
+            saved["batches_done"] = min(done // self.dp, len(self.train_sampler))
+            if done % self.dp and self.rank == 0:
+                print(f"note: {done % self.dp} global batch(es) of epoch {saved['epoch']} are repeated: "
+                      f"{done} done is not a multiple of the new dp={self.dp}", flush=True)
+            saved["dp_size"] = self.dp
+        saved["dp_rank"] = self.groups.dp_rank
+        self.train_loader.load_state_dict(saved)
+        self.epoch = meta["epoch"]
         if self.train_sampler.batches_done >= len(self.train_sampler):
-            # Saved right after an epoch's last batch: the uninterrupted run moves to the next epoch
-            # here (the sampler alone would replay the finished epoch).
+            # Saved right after an epoch's last batch: the uninterrupted run moves to the next epoch here.
             self.epoch += 1
             self.train_sampler.set_epoch(self.epoch)
-        self.step = state["step"]
-        self.seen = dict(state["seen"])
-        self.best_val = state.get("best_val")
-        ckpt.set_rng_state(state["rng"])
+        self.step = meta["step"]
+        self.seen = dict(meta["seen"])
+        self.best_val = meta.get("best_val")
+        self.skipped_steps = meta.get("skipped_steps", 0)
+        rng = loaded.get(f"rng/rank{self.rank}")
+        if rng is not None:
+            sc.set_rng_states(rng)
         if self.rank == 0:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            if note:
+                print(f"note: {note}", flush=True)
+            layout = meta.get("layout", {})
+            how = "" if layout == here else f" (written under {layout}, resharded to {here})"
+            print(f"resumed from {path} at step {self.step}{how}", flush=True)
 
-    def save(self) -> Path | None:
-        """Writes a checkpoint and its model card (rank 0).
+    def describe_layout(self) -> dict[str, int]:
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
 
-        Under TP (collective: every rank calls it) the model state is gathered to the single-device
-        one and each TP rank of data-parallel replica 0 writes its optimizer state beside it first.
-        Under ZeRO-1 (collective too) the shards are first consolidated on data-parallel replica 0,
-        so the files hold the full optimizer state whatever dp wrote them.
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _meta(self) -> dict[str, Any]:
+        sampler = {k: v for k, v in self.train_loader.state_dict().items() if k != "dp_rank"}
+        return {"step": self.step, "epoch": self.epoch, "seen": dict(self.seen), "best_val": self.best_val,
+                "stats": self.stats, "config": self.cfg.to_dict(), "model_config": self.model_cfg.to_dict(),
+                "layout": self.describe_layout(), "world_size": self.world, "sampler": sampler,
+                "skipped_steps": self.skipped_steps}
+
+    def save(self) -> Path:
+        """Writes a sharded checkpoint (collective: every rank writes its own shards) and its model card.
+
+        With ``train.async_checkpoint`` the tensors are copied to host memory here and written by
+        a background thread while training continues; the previous asynchronous save is waited
+        for first. Returns the checkpoint's path (committed, or being committed).
         """
-        consolidate(self.optimizer)  # ZeRO-1: the full optimizer state on DP rank 0 (collective)
-        try:
-            return self._save()
-        finally:
-            release_consolidated(self.optimizer)  # DP rank 0 drops its full copy again
-
-    def _save(self) -> Path | None:
         from gnnmegatron.training.model_card import write_model_card
 
-        if self.tp > 1:
-            from gnnmegatron.parallel import gather_state_dict
+        meta = self._meta()
+        state: dict[str, Any] = {**model_state(self.model), **optimizer_state(self.optimizer, self.model)}
+        state["meta"] = meta
+        state[f"rng/rank{self.rank}"] = sc.rng_states()
+        info = {"format": sc.SHARDED_FORMAT, "version": sc.SHARDED_VERSION, "step": self.step,
+                "layout": self.describe_layout(), "world_size": self.world, "model_config": self.model_cfg.to_dict(),
+                "preset": self.cfg.model.get("preset"), "zero_stage": self.cfg.optim.zero_stage,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
-            model_state = gather_state_dict(self.model)
-            main = self.run_dir / "checkpoints" / f"step_{self.step:08d}.pt"
-            if self.groups.dp_rank == 0:
-                ckpt.atomic_save(self.optimizer.state_dict(), optimizer_file(main, self.groups.tp_rank, self.tp))
-            dist.barrier()
-            if self.rank != 0:
-                return None
-            state = self._state(model_state, optimizer_state={}) | {"optimizer": None}
-        else:
-            if self.rank != 0:
-                return None
-            state = self._state()
-        path = ckpt.save_checkpoint(self.run_dir, self.step, state, keep=self.cfg.train.keep_checkpoints)
-        write_model_card(path, {**state, "step": self.step})
-        return path
+        def card(path: Path) -> None:
+            write_model_card(path, meta)
+
+        keep = self.cfg.train.keep_checkpoints
+        if self.async_saver is not None:
+            staged = {k: _staged(v) for k, v in state.items()}
+            self.async_saver.submit(sc.save_sharded, self.run_dir, self.step, staged, info, keep=keep, on_commit=card)
+            return sc.step_dir(self.run_dir, self.step)
+        return sc.save_sharded(self.run_dir, self.step, state, info, keep=keep, on_commit=card)
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until an asynchronous save has been committed (no-op otherwise)."""
+        if self.async_saver is not None:
+            self.async_saver.wait()
 
     # ----------------------------------------------------------------------------------- steps
     def _batches(self):
-        """Endless iterator over training batches, advancing the epoch at each end."""
+        """Endless iterator over this replica's steps: lists of ``train.micro_batches`` batches."""
+        def single():
+            while True:
+                for batch in self.train_loader:
+                    yield batch
+                self.epoch += 1
+                self.train_sampler.set_epoch(self.epoch)
+
+        it = single()
         while True:
-            for batch in self.train_loader:
-                yield batch
-            self.epoch += 1
-            self.train_sampler.set_epoch(self.epoch)
+            yield [next(it) for _ in range(self.micro_batches)]
 
     def _autocast(self):
-        """bf16 autocast for ``train.dtype=bfloat16``; a no-op context otherwise."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
@@ -343,70 +332,114 @@ class Trainer:
             return out
         return {k: (v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in out.items()}
 
-    def _allreduce_grads(self) -> None:
-        dp_allreduce_grads(self.model.parameters(), self.groups)
+    def _forces_needed(self) -> tuple[bool, bool]:
+        stress = self.cfg.loss.stress_weight > 0 and self.model_cfg.force_mode == "conservative"
+        return self.cfg.loss.force_weight > 0, stress
 
-    def train_step(self, batch: dict) -> tuple[float, dict[str, float]]:
+    def train_step(self, micro: list[dict]) -> tuple[float, dict[str, float]]:
+        """One optimizer step over ``micro`` (this replica's micro-batches); returns the global loss and parts."""
         self.model.train()
         set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps))
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            out = self.model(batch, compute_forces=True,
-                             compute_stress=self.cfg.loss.stress_weight > 0 and self.model_cfg.force_mode == "conservative")
-        out = self._to_float(out)
-        loss, parts = compute_loss(out, batch, self.cfg.loss)
-        loss.backward()
-        self._allreduce_grads()
-        grad_norm = float("nan")
-        if self.cfg.optim.clip_grad_norm:
-            if self.tp == 1:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                 self.cfg.optim.clip_grad_norm))
-            else:
-                grad_norm = clip_grad_norm(self.sharded_params, self.replicated_params,
-                                           self.cfg.optim.clip_grad_norm, self.groups)
-        self.optimizer.step()
-        self.step += 1
-        self._count(batch)
-        # Logged loss: the mean over the data-parallel replicas (the loss of the global batch).
-        values = torch.stack([loss.detach()] + [v.detach() for v in parts.values()]).to(torch.float64)
+        forces, stress = self._forces_needed()
+        denominators = loss_denominators(micro)
+
+        def loss_fn(out, batch):
+            return compute_loss(self._to_float(out), batch, self.cfg.loss, denominators)
+
+        if self.engine is None:
+            loss, parts = None, {}
+            for batch in micro:
+                with self._autocast():
+                    out = self.model(batch, compute_forces=forces, compute_stress=stress)
+                part_loss, part = loss_fn(out, batch)
+                part_loss.backward()
+                loss = part_loss.detach() if loss is None else loss + part_loss.detach()
+                parts = {k: parts.get(k, 0.0) + v for k, v in part.items()}
+        else:
+            res = self.engine.train_step(micro, loss_fn, compute_forces=forces, compute_stress=stress)
+            loss, parts = res.loss, res.parts
+            if loss is None:  # not the last stage: receive the values below
+                keys = ["energy"] * (self.cfg.loss.energy_weight > 0) + ["forces"] * forces + ["stress"] * stress
+                loss, parts = torch.zeros((), dtype=torch.float64), {k: torch.zeros((), dtype=torch.float64) for k in keys}
+        values = torch.stack([torch.as_tensor(loss)] + [torch.as_tensor(v) for v in parts.values()]).to(torch.float64)
+        self.groups.from_last_stage(values)
         if self.dp > 1:
             self.groups.dp_all_reduce(values).div_(self.dp)
+        dp_allreduce_grads(self.model.parameters(), self.groups)
+        max_norm = self.cfg.optim.clip_grad_norm
+        if self.tp == 1 and self.pp == 1:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                             max_norm if max_norm else float("inf")))
+        else:
+            grad_norm = clip_grad_norm(self.sharded_params, self.replicated_params, max_norm, self.groups)
         values = values.tolist()
+        if not (np.isfinite(values[0]) and np.isfinite(grad_norm)):
+            self._nonfinite(micro, values[0], grad_norm)
+        else:
+            self.optimizer.step()
+        self.step += 1
+        self._count(micro)
         return values[0], dict(zip(parts.keys(), values[1:])) | {"grad_norm": grad_norm}
 
-    def _count(self, batch: dict) -> None:
+    def _nonfinite(self, micro: list[dict], loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient: skip the update or stop, naming the step's structures."""
+        local = sorted(int(i) for b in micro for i in b.get("index", torch.zeros(0)).tolist())
+        indices = [local]
+        if self.dp > 1:
+            indices = [None] * self.dp
+            dist.all_gather_object(indices, local, group=self.groups.dp_group)
+        names = sorted(i for part in indices for i in part)
+        what = (f"step {self.step + 1}: loss {loss}, gradient norm {grad_norm}; the step's {len(names)} structures "
+                f"(store indices) are {names[:40]}{' ...' if len(names) > 40 else ''}")
+        if self.cfg.train.on_nonfinite == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            if self.is_logger:
+                print(f"warning: skipped the update of {what}", flush=True)
+            return
+        raise NonFiniteStep(f"non-finite {what}. Nothing was updated; the last checkpoint is in {self.run_dir}/"
+                            f"checkpoints. Check those structures, lower optim.lr, or set train.on_nonfinite: skip")
+
+    def _count(self, micro: list[dict]) -> None:
         """Adds this step's global atoms, edges, graphs and analytic training FLOPs to ``seen``."""
         from gnnmegatron.models.presets import flops_per_step
 
-        local = torch.tensor([float(batch["num_atoms"].sum()), float(batch["edge_index"].shape[1]),
-                              float(batch["num_atoms"].numel())], dtype=torch.float64)
+        local = torch.tensor([float(sum(int(b["num_atoms"].sum()) for b in micro)),
+                              float(sum(int(b["edge_index"].shape[1]) for b in micro)),
+                              float(sum(int(b["num_atoms"].numel()) for b in micro))], dtype=torch.float64)
         self.groups.dp_all_reduce(local)
         atoms, edges, graphs = (int(v) for v in local.tolist())
         self.seen["atoms"] += atoms
         self.seen["edges"] += edges
         self.seen["graphs"] += graphs
         self.seen["flops"] += flops_per_step(self.model_cfg, atoms, edges)
+        self._last_atoms = atoms
 
     def evaluate(self) -> dict[str, float]:
-        """Energy MAE per atom and force MAE on the validation split, with the two baselines."""
+        """Energy MAE per atom and force MAE on the validation split, with the two baselines (all ranks)."""
         self.model.eval()
         acc = ErrorAccumulator()
+        conservative = self.model_cfg.force_mode == "conservative"
         for k, batch in enumerate(self.val_loader):
-            if k % self.dp != self.groups.dp_rank:  # the TP ranks of a replica run the same batches
+            if k % self.dp != self.groups.dp_rank:  # the tp x pp ranks of a replica run the same batches
                 continue
             batch = {key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
-            # Conservative forces are -dE/dx, so evaluation needs autograd (but no second-order graph).
-            grad_mode = torch.enable_grad() if self.model_cfg.force_mode == "conservative" else torch.no_grad()
-            with grad_mode, self._autocast():
-                out = self._to_float(self.model(batch, compute_forces=True))
-            base = composition_energy(self.reference, batch["atomic_numbers"], batch["batch"],
-                                      int(batch["num_atoms"].numel()))
-            acc.update(out, batch, base)
-        if self.dp > 1:
-            sums = acc.state()
-            self.groups.dp_all_reduce(sums)
-            acc.load(sums)
+            if self.engine is not None:
+                with self._autocast():
+                    out = self._to_float(self.engine.forward([batch], compute_forces=True)[0])
+            else:
+                # Conservative forces are -dE/dx, so evaluation needs autograd (but no second-order graph).
+                with (torch.enable_grad() if conservative else torch.no_grad()), self._autocast():
+                    out = self._to_float(self.model(batch, compute_forces=True))
+            if self.groups.is_last_stage:
+                base = composition_energy(self.reference, batch["atomic_numbers"], batch["batch"],
+                                          int(batch["num_atoms"].numel()))
+                acc.update(out, batch, base)
+        sums = acc.state()
+        self.groups.dp_all_reduce(sums)
+        self.groups.from_last_stage(sums)
+        acc.load(sums)
         result = acc.result()
         # One number to compare runs by (scaling fits): the loss weights applied to the two MAEs.
         result["loss"] = (self.cfg.loss.energy_weight * result["energy_mae_per_atom"]
@@ -414,43 +447,51 @@ class Trainer:
         return result
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any] | None:
-        """Trains to ``train.max_steps``; returns the final report.
+        """Trains to ``train.max_steps``; returns the final report (every rank).
 
         ``stop_at`` ends the job early after that step with a checkpoint (for jobs with a wall-clock
-        allotment and for testing resume); it returns None then.
+        allotment and for testing resume); it returns None then. A collective that fails (a rank
+        died or hung past ``train.collective_timeout_s``) raises ``RankLost`` naming the lost ranks.
         """
+        try:
+            return self._fit(stop_at)
+        except (RuntimeError, dist.DistError) as exc:
+            if isinstance(exc, (RankLost, NonFiniteStep, ckpt.CheckpointError)) or not dist.is_initialized() \
+                    or self.world == 1 or not _is_comm_failure(exc):
+                raise
+            raise RankLost(describe_failure(self.heartbeat, self.step, exc, self.cfg.train.collective_timeout_s)) from exc
+
+    def _fit(self, stop_at: int | None) -> dict[str, Any] | None:
         cfg = self.cfg.train
-        progress = Progress(cfg.max_steps, initial=self.step, enabled=cfg.progress and self.rank == 0)
+        progress = Progress(cfg.max_steps, initial=self.step, enabled=cfg.progress and self.is_logger)
         batches = self._batches()
         t_start = time.perf_counter()
         window = {"loss": 0.0, "atoms": 0, "steps": 0, "t": time.perf_counter()}
         last_val = None
         while self.step < cfg.max_steps:
-            batch = next(batches)
-            batch = {key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
-            loss, parts = self.train_step(batch)
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss} at step {self.step}; lower optim.lr or "
-                                         f"check the data (last checkpoint is kept in {self.run_dir}/checkpoints)")
-            atoms = int(batch["num_atoms"].sum()) * self.dp
-            rate = progress.update(atoms, loss)
-            window["loss"] += loss
-            window["atoms"] += atoms
+            self.heartbeat.beat(self.step)
+            micro = [{key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in b.items()}
+                     for b in next(batches)]
+            loss, parts = self.train_step(micro)
+            rate = progress.update(self._last_atoms, loss)
+            window["loss"] += loss if np.isfinite(loss) else 0.0
+            window["atoms"] += self._last_atoms
             window["steps"] += 1
-            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+            if self.is_logger and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                 now = time.perf_counter()
                 self.metrics.write({
                     "step": self.step, "split": "train", "epoch": self.epoch, "loss": loss,
                     "loss_mean": window["loss"] / window["steps"], **{f"loss_{k}": v for k, v in parts.items()},
                     "lr": self.optimizer.param_groups[0]["lr"], "atoms_per_s": rate,
                     "window_atoms_per_s": window["atoms"] / max(now - window["t"], 1e-9),
+                    "skipped_steps": self.skipped_steps,
                 })
                 window = {"loss": 0.0, "atoms": 0, "steps": 0, "t": now}
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 last_val = self.evaluate()
                 if self.best_val is None or last_val["energy_mae_per_atom"] < self.best_val["energy_mae_per_atom"]:
                     self.best_val = dict(last_val, step=self.step)
-                if self.rank == 0:
+                if self.is_logger:
                     self.metrics.write({"step": self.step, "split": "val", **last_val})
                     progress.write(
                         f"step {self.step}: val energy MAE {1000 * last_val['energy_mae_per_atom']:.2f} meV/atom "
@@ -460,10 +501,12 @@ class Trainer:
                 self.save()
             if self.step == stop_at:
                 progress.close()
+                self.wait_for_checkpoint()
                 return None
         progress.close()
         if last_val is None:
             last_val = self.evaluate()
+        self.wait_for_checkpoint()
         report = self._report(last_val, time.perf_counter() - t_start)
         if dist.is_initialized():
             dist.barrier()
@@ -483,37 +526,32 @@ class Trainer:
             "train_fraction": self.cfg.data.train_fraction,
             "preset": self.cfg.model["preset"],
             "graphs": {k: int(len(v)) for k, v in self.splits.items()},
+            "layout": self.describe_layout(),
+            "skipped_steps": self.skipped_steps,
         }
-        if self.rank == 0:
+        if self.is_logger:
             (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png",
                             title=f"{self.cfg.model['preset']} on {self.cfg.data.store}")
         return report
 
 
-def nested_subset(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """The first ``ceil(fraction * n)`` of a fixed permutation of ``indices`` (sorted): nested in ``fraction``."""
-    if fraction >= 1:
-        return indices
-    order = np.random.default_rng([seed, 7919]).permutation(len(indices))
-    keep = order[: int(np.ceil(fraction * len(indices)))]
-    return np.sort(np.asarray(indices)[keep])
+def _staged(value: Any) -> Any:
+    """A host copy of a checkpoint entry (asynchronous saves write these while training goes on)."""
+    if isinstance(value, sc.ShardedTensorPieces):
+        return sc.ShardedTensorPieces(value.global_shape, value.dtype,
+                                      [(o, t.detach().to("cpu", copy=True)) for o, t in value.chunks])
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    import copy
+
+    return copy.deepcopy(value)
 
 
-def format_report(report: dict[str, Any], run_dir: str | Path) -> str:
-    """The human-readable summary printed at the end of pretraining."""
-    v = report["val"]
-    e_ratio, f_ratio = report["energy_mae_ratio_vs_composition"], report["force_mae_ratio_vs_zero"]
-    lines = [
-        f"validation ({int(v['graphs'])} graphs, {int(v['atoms'])} atoms) after {report['step']} steps "
-        f"({report['train_seconds'] / 60:.1f} min), {report['preset']} with {report['parameters']:,} parameters",
-        f"  {'':28s}{'model':>12s}{'baseline':>12s}{'ratio':>8s}",
-        f"  {'energy MAE (meV/atom)':28s}{1000 * v['energy_mae_per_atom']:12.2f}"
-        f"{1000 * v['baseline_energy_mae_per_atom']:12.2f}{e_ratio:8.3f}   baseline: composition-only linear fit",
-        f"  {'force MAE (meV/Å)':28s}{1000 * v['force_mae']:12.1f}{1000 * v['baseline_force_mae']:12.1f}"
-        f"{f_ratio:8.3f}   baseline: zero forces",
-        f"  target ratio <= 0.5: energy {'met' if e_ratio <= 0.5 else 'NOT met'}, forces {'met' if f_ratio <= 0.5 else 'NOT met'}",
-        f"  wrote {Path(run_dir) / 'checkpoints'}, {Path(run_dir) / 'metrics.jsonl'}, "
-        f"{Path(run_dir) / 'loss_curve.png'}, {Path(run_dir) / 'report.json'}",
-    ]
-    return "\n".join(lines)
+def _is_comm_failure(exc: BaseException) -> bool:
+    """A collective failed because of a peer (closed connection, timeout, NCCL error)."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset", "timed out", "Timed out",
+                                   "NCCL", "gloo", "Broken pipe", "ProcessGroup"))

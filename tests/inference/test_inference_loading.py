@@ -16,7 +16,7 @@ def test_run_dir_and_checkpoint_file_load_the_trained_model(tiny_run):
     trained = tiny_run.trainer.model.state_dict()
     for name, value in model.state_dict().items():
         assert torch.equal(value, trained[name]), name
-    assert info.path == tiny_run.checkpoint and info.format == "single-file"
+    assert info.path == tiny_run.checkpoint and info.format == "sharded"
     assert info.step == 2 and info.cutoff == 4.0 and info.model_config.hidden == 32
     assert info.elements == tiny_run.trainer.stats["elements"]
     assert "Au" in info.element_symbols and not model.training
@@ -25,6 +25,20 @@ def test_run_dir_and_checkpoint_file_load_the_trained_model(tiny_run):
     assert m32.embedding.weight.dtype == torch.float32 and info32.path == info.path
     _, from_folder = load_model(tiny_run.run_dir / "checkpoints", dtype=None)  # None: the training dtype
     assert from_folder.dtype == torch.float64
+
+
+def test_exported_single_file_loads_the_same_model(tiny_run, tmp_path):
+    """`gnnmegatron checkpoint export` writes the single-device file; it loads to the same weights."""
+    from gnnmegatron.cli import main
+
+    out = tmp_path / "model.pt"
+    assert main(["checkpoint", "export", str(tiny_run.run_dir), "--out", str(out)]) == 0
+    model, info = load_model(out)
+    trained = tiny_run.trainer.model.state_dict()
+    assert info.format == "single-file" and info.step == 2
+    assert info.elements == tiny_run.trainer.stats["elements"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
 
 
 def test_missing_path(tmp_path):
@@ -97,4 +111,4 @@ def test_checkpoint_formats_dispatch_through_the_registry(tmp_path):
         assert torch.equal(loaded.embedding.weight, model.embedding.weight)
     finally:
         loading._FORMATS[:] = [f for f in loading._FORMATS if f.name != "toy-dir"]
-    assert loading.checkpoint_formats() == ["single-file"]
+    assert loading.checkpoint_formats() == ["sharded", "single-file"]

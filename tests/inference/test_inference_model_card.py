@@ -11,7 +11,7 @@ from gnnmegatron.models import count_parameters
 
 def test_model_card_written_and_read_back(tiny_run):
     trainer = tiny_run.trainer
-    state = {**trainer._state(), "step": trainer.step}  # what save_checkpoint stores
+    state = trainer._meta()  # what the trainer's save writes beside the checkpoint
     path = write_model_card(tiny_run.checkpoint, state)
     assert path == tiny_run.checkpoint.with_name("step_00000002.card.json") == card_path(tiny_run.checkpoint)
     assert path.with_name("step_00000002.card.md").read_text().startswith("# Model card: egnn-tiny")
@@ -42,14 +42,14 @@ def test_model_card_written_and_read_back(tiny_run):
 def test_cards_of_pruned_checkpoints_are_removed(tiny_run, tmp_path):
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
-    ckpt = folder / "step_00000009.pt"
-    ckpt.write_bytes(tiny_run.checkpoint.read_bytes())
+    ckpt = folder / "step_00000009"
+    ckpt.mkdir()
     stale = folder / "step_00000001.card.json"
-    stale.write_text(json.dumps({"format": "gnnmegatron.model_card", "checkpoint": "step_00000001.pt"}))
-    state = {**tiny_run.trainer._state(), "step": 9}
+    stale.write_text(json.dumps({"format": "gnnmegatron.model_card", "checkpoint": "step_00000001"}))
+    state = {**tiny_run.trainer._meta(), "step": 9}
     write_model_card(ckpt, state, last_val={"energy_mae_per_atom": 0.1, "force_mae": 0.2, "step": 9})
     assert not stale.exists() and (folder / "step_00000009.card.json").exists()
-    assert read_model_card(ckpt)["metrics"]["last_val"]["step"] == 9
+    assert read_model_card(folder / "step_00000009.card.json")["metrics"]["last_val"]["step"] == 9
 
 
 def test_read_model_card_errors(tmp_path):

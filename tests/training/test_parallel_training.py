@@ -6,12 +6,11 @@ the same model and, per step, averages the gradients of the two data-parallel mi
 shards of the same sampler in lockstep), clips with ``torch.nn.utils.clip_grad_norm_`` and
 steps AdamW: loss curve, gradient norms, final weights and validation errors. Also: replicated
 gradients are identical on the TP ranks, the TP global grad norm equals the single-device one,
-a TP checkpoint resumes bit for bit on the same layout, refuses another layout, and loads into
+a TP checkpoint resumes bit for bit on the same layout and loads into
 a single-device model (``gnnmegatron.inference.load_model``) with the same energies (the
-resumed run also checkpoints activations: recomputation is exact). Single-process: activation
-checkpointing gives the same update and really recomputes; bf16 autocast tracks float32 (unfused and
-fused execution); old
-checkpoints' per-rank optimizer files are pruned with them.
+resumed run also checkpoints activations: recomputation is exact), and resumes in one process.
+Single-process: activation checkpointing gives the same update and really recomputes; bf16 autocast
+tracks float32 (unfused and fused execution).
 """
 
 from __future__ import annotations
@@ -240,18 +239,20 @@ def test_tp2_dp2_trainer_equals_one_process(emt_store, tmp_path):
     assert _train_log(tmp_path / "part") == _train_log(tmp_path / "full")
     assert all(r["resume_equal_weights"] for r in results), [r["resume_diffs"] for r in results]
     assert _train_log(tmp_path / "part")[:2] == _train_log(tmp_path / "full")[:2]
-    files = sorted(p.name for p in (tmp_path / "part" / "checkpoints").glob("step_*.pt"))
-    assert files == ["step_00000012.optim-tp0of2.pt", "step_00000012.optim-tp1of2.pt", "step_00000012.pt",
-                     "step_00000020.optim-tp0of2.pt", "step_00000020.optim-tp1of2.pt", "step_00000020.pt"], files
+    files = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
+    assert files == ["latest", "step_00000012", "step_00000012.card.json", "step_00000012.card.md", "step_00000020",
+                     "step_00000020.card.json", "step_00000020.card.md"], files
 
-    # another layout: refused, naming both
+    # another layout (one process) resumes the tp=2 x dp=2 checkpoint: same weights, step and sampler position
     from gnnmegatron.training.trainer import Trainer
 
-    with pytest.raises(CheckpointError, match=r"layout tp=2, pp=1, dp=2 but this run has tp=1, pp=1, dp=1"):
-        Trainer(_cfg(emt_store, tmp_path / "full", max_steps=STEPS + 2), resume="auto")
-    # ... but its weights start a new run under any layout (train.init_from)
+    single = Trainer(_cfg(emt_store, tmp_path / "full", max_steps=STEPS + 2), resume="auto")
+    assert single.step == STEPS
+    for name, value in single.model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+    # ... and its weights start a new run (train.init_from, a checkpoint directory)
     init = _cfg(emt_store, tmp_path / "init", max_steps=1)
-    init.train.init_from = str(tmp_path / "full" / "checkpoints" / "step_00000020.pt")
+    init.train.init_from = str(tmp_path / "full" / "checkpoints" / "step_00000020")
     trainer = Trainer(init, resume="never")
     assert trainer.step == 0
     for name, value in trainer.model.state_dict().items():
@@ -284,7 +285,7 @@ def test_activation_checkpointing_same_update_and_recomputes(emt_store, tmp_path
 
             checkpoint_blocks(trainer.model)
         batch = next(iter(trainer.train_loader))
-        trainer.train_step(batch)
+        trainer.train_step([batch])
         # forward, the recomputation of the first backward (forces), and of the second backward
         assert (len(calls) > 1) == on, (on, len(calls))
         params[on] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -309,19 +310,3 @@ def test_bf16_autocast_tracks_fp32(emt_store, tmp_path):
         ok, err = _close(curves[f"{execution}-bfloat16"], curves[f"{execution}-float32"], rtol=1e-2)
         assert ok and err > 0, (f"{execution}: bf16 losses {curves[f'{execution}-bfloat16']} vs fp32 "
                                 f"{curves[f'{execution}-float32']} (rel {err:.2e})")
-
-
-def test_pruning_removes_optimizer_files(tmp_path):
-    from gnnmegatron.training.checkpoint import save_checkpoint
-    from gnnmegatron.training.distributed import optimizer_file
-
-    folder = tmp_path / "checkpoints"
-    for step in (1, 2, 3):
-        main = folder / f"step_{step:08d}.pt"
-        for r in range(2):
-            folder.mkdir(exist_ok=True)
-            torch.save({}, optimizer_file(main, r, 2))
-        save_checkpoint(tmp_path, step, {"model": {}}, keep=2)
-    names = sorted(p.name for p in folder.glob("step_*"))
-    assert names == ["step_00000002.optim-tp0of2.pt", "step_00000002.optim-tp1of2.pt", "step_00000002.pt",
-                     "step_00000003.optim-tp0of2.pt", "step_00000003.optim-tp1of2.pt", "step_00000003.pt"], names

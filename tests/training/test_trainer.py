@@ -69,7 +69,16 @@ def test_truncated_checkpoint_is_refused_and_fresh_start_does_not_overwrite(emt_
     Trainer(_cfg(emt_store, tmp_path / "run", max_steps=1), resume="never").fit()
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         Trainer(_cfg(emt_store, tmp_path / "run"), resume="never")
-    path = next((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    shard = next((tmp_path / "run" / "checkpoints" / "step_00000001").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        Trainer(_cfg(emt_store, tmp_path / "run"), resume="auto")
+
+
+def test_truncated_single_file_checkpoint_is_refused(tmp_path):
+    from gnnmegatron.training.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tmp_path, 1, {"model": {"w": torch.zeros(1000)}})
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(path)
@@ -95,8 +104,8 @@ def test_pretrain_under_torchrun(emt_store, tmp_path):
 
 
 def test_pretrain_under_torchrun_tp2_dp2(emt_store, tmp_path):
-    """torchrun with 4 processes: tp=2 x dp=2, ZeRO-1 and bf16 from --set overrides; the checkpoint
-    (gathered single-device weights) loads into one process and predicts finite energies."""
+    """torchrun with 4 processes: tp=2 x dp=2, ZeRO-1 and bf16 from --set overrides; the sharded checkpoint
+    (one file per rank) loads into one process and predicts finite energies."""
     from gnnmegatron.inference import load_model
 
     cfg = tmp_path / "c.yaml"
@@ -110,10 +119,10 @@ def test_pretrain_under_torchrun_tp2_dp2(emt_store, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "tr" / "report.json").read_text())
     assert report["step"] == 3
-    files = sorted(p.name for p in (tmp_path / "tr" / "checkpoints").glob("step_*.pt"))
-    assert files == ["step_00000003.optim-tp0of2.pt", "step_00000003.optim-tp1of2.pt", "step_00000003.pt"], files
-    state = torch.load(tmp_path / "tr" / "checkpoints" / "step_00000003.pt", weights_only=False)
-    assert state["layout"] == {"tp": 2, "pp": 1, "dp": 2}, state["layout"]
+    ckpt = tmp_path / "tr" / "checkpoints" / "step_00000003"
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp", "meta.json"], files
+    assert json.loads((ckpt / "meta.json").read_text())["layout"] == {"tp": 2, "pp": 1, "dp": 2}
     model, _ = load_model(tmp_path / "tr")
     from gnnmegatron.data.batch import collate
 
@@ -157,8 +166,8 @@ def test_checkpoint_resumes_under_fused_execution(emt_store, tmp_path):
 def test_checkpoint_without_newer_model_fields_still_resumes(emt_store, tmp_path):
     """A checkpoint written before a ModelConfig field existed resumes with that field's default."""
     Trainer(_cfg(emt_store, tmp_path / "run", max_steps=1), resume="never").fit()
-    path = next((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
-    state = torch.load(path, weights_only=False)
-    del state["model_config"]["message"]
-    torch.save(state, path)
+    meta_path = tmp_path / "run" / "checkpoints" / "step_00000001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["model_config"]["message"]
+    meta_path.write_text(json.dumps(meta))
     assert Trainer(_cfg(emt_store, tmp_path / "run", max_steps=2), resume="auto").step == 1

@@ -232,7 +232,9 @@ class PipelineStageModel(nn.Module):
             return h, x
         return AtomisticModel.head(self, out, batch, geom, direct_forces)
 
-    # AtomisticModel's heads, reused unchanged on the last stage
+    # AtomisticModel's heads and energy settings, reused unchanged on the last stage
     node_energies = AtomisticModel.node_energies
     direct_forces = AtomisticModel.direct_forces
+    set_reference_energies = AtomisticModel.set_reference_energies
+    set_normalization = AtomisticModel.set_normalization
 
