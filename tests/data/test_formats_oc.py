@@ -172,3 +172,14 @@ def test_alexandria_extxyz(tmp_path):
     np.testing.assert_allclose(ds[1]["stress"], np.array([[1, 6, 5], [6, 2, 4], [5, 4, 3]]) * 1e-3)
     np.testing.assert_allclose(ds[1]["forces"], np.full((3, 3), 0.1))
     assert ds[2]["stress"] is None and ds[1]["energy"] == pytest.approx(-21.0)
+
+
+@pytest.mark.parametrize("tensor", [torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.arange(12).reshape(3, 4).T,
+                                    torch.tensor(5), torch.tensor([True, False]), torch.zeros(0, 3),
+                                    torch.arange(10, dtype=torch.float64)[2:8:2], torch.tensor([1.5], dtype=torch.float16),
+                                    torch.tensor([1.0, 2.0], dtype=torch.bfloat16)])
+def test_tensors_decode_to_the_same_numpy_values(tensor):
+    got = np.asarray(loads(pickle.dumps({"x": tensor}))["x"])  # numpy decoder; bfloat16 via torch.load
+    want = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+    np.testing.assert_array_equal(got.astype(want.dtype), want)
+    assert got.shape == want.shape
