@@ -101,3 +101,11 @@ def test_not_an_hdf5_file(tmp_path):
     bad.write_text("this is text, not HDF5\n")
     with pytest.raises(InputError, match=r"1000.hdf5: is not an HDF5 file"):
         import_dataset([bad], tmp_path / "q.zarr", format="qm7x", progress=False)
+
+
+def test_qm7x_missing_dataset_names_molecule_and_conformer(tmp_path):
+    src = write_qm7x(tmp_path / "2000.hdf5", {"5": {"Geom-m5-i1-c1-opt": {
+        "atNUM": [8, 1], "atXYZ": [[0, 0, 0], [0.97, 0, 0]], "ePBE0+MBD": -2050.0, "totFOR": [[0, 0, 0], [0, 0, 0]]}}})
+    with pytest.raises(InputError, match=r"2000.hdf5: molecule '5' conformer 'Geom-m5-i1-c1-opt': has no dataset "
+                                         r"'ePBE0' \(--energy ePBE0\)"):
+        import_dataset([src], tmp_path / "q.zarr", format="qm7x", energy="ePBE0", progress=False)
