@@ -82,7 +82,9 @@ def edge_vectors(positions: torch.Tensor, edge_index: torch.Tensor,
     Returns:
         (vectors [E, 3], distances [E]).
     """
-    vec = positions[edge_index[1]] - positions[edge_index[0]] + edge_offset
+    # index_select, not positions[idx]: its backward (index_add) is deterministic on CPU threads, while
+    # advanced indexing's (index_put_ with accumulate) is not (runs differed by ~1e-7 at 2 threads)
+    vec = positions.index_select(0, edge_index[1]) - positions.index_select(0, edge_index[0]) + edge_offset
     return vec, torch.linalg.vector_norm(vec, dim=-1)
 
 
@@ -193,7 +195,7 @@ class EGCL(nn.Module):
         Shapes:
             h [N, H], edge_index [2, E], rbf [E, K] -> [E, H].
         """
-        return self.edge_mlp(torch.cat([h[edge_index[0]], h[edge_index[1]], rbf], dim=-1))
+        return self.edge_mlp(torch.cat([h.index_select(0, edge_index[0]), h.index_select(0, edge_index[1]), rbf], dim=-1))
 
     def aggregate(self, edge_feat: torch.Tensor, edge_weight: torch.Tensor, dst: torch.Tensor,
                   num_nodes: int, plan: CSRPlan | None = None) -> torch.Tensor:

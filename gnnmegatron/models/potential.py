@@ -152,7 +152,7 @@ class AtomisticModel(nn.Module):
         Shapes:
             edge_index [2, E], edge_shift [E, 3], cell [B, 3, 3], batch [N] -> [E, 3].
         """
-        edge_cell = cell[batch[edge_index[0]]]
+        edge_cell = cell.index_select(0, batch.index_select(0, edge_index[0]))  # deterministic backward
         return torch.bmm(edge_shift.unsqueeze(1), edge_cell).squeeze(1)
 
     def represent(self, atomic_numbers: torch.Tensor, positions: torch.Tensor, edge_index: torch.Tensor,
@@ -306,7 +306,7 @@ def prepare_geometry(batch: Mapping[str, torch.Tensor], envelope: nn.Module, pos
         displacement = torch.zeros((cell.shape[0], 3, 3), dtype=cell.dtype, device=cell.device, requires_grad=True)
         inputs.append(displacement)
         strain = 0.5 * (displacement + displacement.transpose(1, 2))
-        x = x + torch.bmm(x.unsqueeze(1), strain[graph]).squeeze(1)
+        x = x + torch.bmm(x.unsqueeze(1), strain.index_select(0, graph)).squeeze(1)
         cell_used = cell + torch.bmm(cell, strain)
     offset = AtomisticModel.edge_offsets(edge_index, batch["edge_shift"], cell_used, graph)
     _, dist0 = edge_vectors(x, edge_index, offset)

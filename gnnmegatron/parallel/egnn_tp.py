@@ -434,7 +434,7 @@ class TPEGCLFaithful(_TPBlock):
         h_tp = copy_to_tp_region(h, g, "block_input_h")
         rbf = self.radial(copy_to_tp_region(dist, g, "edge_inputs"))
         W1 = self.edge_mlp0.weight  # [H/tp, 2H + K]
-        z = F.linear(h_tp, W1[:, :H])[dst] + F.linear(h_tp, W1[:, H:2 * H])[src] \
+        z = F.linear(h_tp, W1[:, :H]).index_select(0, dst) + F.linear(h_tp, W1[:, H:2 * H]).index_select(0, src) \
             + F.linear(rbf, W1[:, 2 * H:], self.edge_mlp0.bias)  # [E, H/tp]
         a = self.act(self.edge_mlp2(self.act(z)))  # all-reduce of [E, H]: the cost of the faithful layout
         m = scatter_sum(a * edge_weight.unsqueeze(-1), dst, num_nodes)
