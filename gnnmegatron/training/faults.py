@@ -3,10 +3,11 @@
 A lost rank: every rank records a heartbeat (its step and the time) in the rendezvous store
 (``torch.distributed``'s default store: the launcher's TCP store under torchrun) at most once a
 second. When a collective fails (gloo: the peer's connection closes; NCCL or a hung peer: the
-collective timeout, ``train.collective_timeout_s``), the survivors read the heartbeats and stop
-with :class:`RankLost` naming the ranks that stopped first, instead of hanging; ``gnnmegatron
-pretrain`` exits with code 3 and ``--resume auto`` continues from the last checkpoint with the
-same data order.
+collective timeout, ``train.collective_timeout_s``), each survivor announces itself in the store
+and waits a few seconds for the others; the ranks that never announce are the lost ones. The
+survivors stop with :class:`RankLost` naming them (with their last heartbeat) instead of hanging;
+``gnnmegatron pretrain`` exits with code 3 and ``--resume auto`` continues from the last
+checkpoint with the same data order.
 """
 
 from __future__ import annotations
@@ -72,26 +73,45 @@ class Heartbeat:
         return out
 
 
-def describe_failure(heartbeat: Heartbeat, step: int, exc: BaseException, timeout_s: float) -> str:
-    """The message of a :class:`RankLost`: which ranks stopped, when, and what to do."""
-    beats = heartbeat.snapshot()
-    here = heartbeat.rank
-    if not beats:
-        lost = "the rendezvous store is unreachable (the launcher or rank 0 died)"
+def describe_failure(heartbeat: Heartbeat, step: int, exc: BaseException, timeout_s: float,
+                     wait_s: float = 5.0) -> str:
+    """The message of a :class:`RankLost`: which ranks stopped, when, and what to do.
+
+    This rank announces its failure in the store, then waits up to ``wait_s`` for every other
+    rank to do the same; those that do not are reported lost, with their last heartbeat.
+    """
+    here, store = heartbeat.rank, heartbeat.store
+    lost: list[int] | None = None
+    if store is not None:
+        try:
+            store.set(f"{heartbeat.prefix}/failed/{here}", str(step))
+            deadline = time.time() + wait_s
+            while True:
+                missing = []
+                for r in range(heartbeat.world):
+                    try:
+                        if not store.check([f"{heartbeat.prefix}/failed/{r}"]):
+                            missing.append(r)
+                    except Exception:
+                        missing.append(r)
+                if not missing or time.time() > deadline:
+                    break
+                time.sleep(0.2)
+            lost = missing
+        except Exception:
+            lost = None
+    beats = heartbeat.snapshot() if lost else {}
+    now = time.time()
+    if lost is None:
+        what = "the rendezvous store is unreachable (the launcher or rank 0 died)"
+    elif not lost:
+        what = "every rank reported the failure (a network error or a timeout, no rank died)"
     else:
-        now = time.time()
-        stale = sorted((r for r, b in beats.items() if r != here and (b is None or now - b[1] > 2.5)),
-                       key=lambda r: (beats[r] or (-1, 0))[1])
-        behind = sorted(r for r, b in beats.items() if b is not None and b[0] < step and r not in stale)
-        if stale:
-            detail = ", ".join(f"rank {r}" + (f" (last seen at step {beats[r][0]}, {now - beats[r][1]:.0f} s ago)"
-                                              if beats[r] else " (never reported)") for r in stale)
-            lost = f"lost {detail}"
-        elif behind:
-            lost = f"ranks {behind} are behind (still at an earlier step)"
-        else:
-            lost = "no rank's heartbeat is stale; a peer closed its connection"
+        def seen(r):
+            b = beats.get(r)
+            return f" (last heartbeat at step {b[0]}, {now - b[1]:.0f} s ago)" if b else " (no heartbeat)"
+        what = "lost " + ", ".join(f"rank {r}{seen(r)}" for r in lost)
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return (f"rank {here} at step {step}: a collective failed ({type(exc).__name__}: {first}); {lost}. "
+    return (f"rank {here} at step {step}: a collective failed ({type(exc).__name__}: {first}); {what}. "
             f"The job stops (collective timeout {timeout_s:.0f} s); restart it with --resume auto to continue "
             f"from the last checkpoint with the same data order")

@@ -254,6 +254,20 @@ def set_rng_states(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _cause(exc: BaseException) -> str:
+    """The root errors of a DCP failure (its ``CheckpointException`` wraps one per rank), one line each."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, pair in sorted(failures.items()):
+            inner = pair[0] if isinstance(pair, tuple) else pair
+            text = str(inner).strip().splitlines()[0][:200] if str(inner).strip() else ""
+            parts.append(f"rank {rank}: {type(inner).__name__}: {text}")
+        return "; ".join(parts)
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"
+
+
 def _is_coordinator(group) -> bool:
     return not dist.is_initialized() or dist.get_rank(group) == 0
 
@@ -291,9 +305,9 @@ def save_sharded(run_dir: Path, step: int, state: dict[str, Any], info: dict[str
         dcp.save(state, storage_writer=FileSystemWriter(str(partial), sync_files=True), planner=SavePlanner(),
                  process_group=group, no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as exc:  # disk full, permissions...: the last checkpoint is intact
-        raise CheckpointError(f"writing checkpoint step {step} into {partial} failed ({type(exc).__name__}: "
-                              f"{str(exc)[:300]}); the previous checkpoint and 'latest' are untouched, and the next "
-                              f"save removes the partial directory") from exc
+        raise CheckpointError(f"writing checkpoint step {step} into {partial} failed ({_cause(exc)}); the previous "
+                              f"checkpoint and 'latest' are untouched, and the next save removes the partial "
+                              f"directory") from exc
     _barrier(group)
     if _is_coordinator(group):
         _write_atomic(partial / "meta.json", json.dumps(info, indent=1, default=str))
@@ -385,8 +399,8 @@ def load_sharded(path: Path, state: dict[str, Any], *, group=None, missing_ok: t
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
-        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:300]}); it may be "
-                              f"truncated — resume from an earlier checkpoint") from exc
+        raise CheckpointError(f"{path} cannot be read ({_cause(exc)}); it may be truncated — resume from an "
+                              f"earlier checkpoint") from exc
     return state
 
 
