@@ -12,10 +12,15 @@ per structure, summed over workers (``time_split_s`` of the import summary):
   check, copying into shard buffers) -- the per-frame overhead the issue asks to state;
 - ``compress_write``: encoding, Blosc/zstd compression, CRC32C and writing the shard files.
 
+The stage times are wall time inside the workers; ``cpu_utilization`` (CPU seconds of the workers /
+(wall x workers)) shows how much of the cores they actually got (the 2-core machine is shared with
+other jobs: its load average is recorded at the start and the end). Each configuration runs
+``--repeats`` times (default 2); the fastest run is kept.
+
 ``raw_read_MB_per_s`` is a plain sequential read of the same input files (page cache warm), the
 ceiling for "limited by reading". Inputs are written to a temporary folder (``--workdir``).
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/import_throughput.py`` (~3-4 min on 2 cores). Writes
+Run: ``OMP_NUM_THREADS=1 python benchmarks/import_throughput.py`` (~8 min on 2 cores). Writes
 benchmarks/results/import_throughput-<machine>.json/.csv/.png.
 """
 
@@ -140,10 +145,16 @@ def run(fmt: str, files, workers: int, work: Path) -> dict:
     if kind == "ase":  # one task per file: split the frames over 8 files for the 2-worker run
         files = _split_ase(files[0], work / "split", 8)
     out = work / f"{fmt}-w{workers}.zarr"
-    t0 = time.perf_counter()
-    s = import_dataset([str(f) for f in files], out, format=kind, workers=workers, progress=False,
-                       shard_bytes=max(1, size // 8), shard_structures=max(1, N_CACHE[fmt] // 8), **opts)
-    wall = time.perf_counter() - t0
+    best = None
+    for _ in range(REPEATS):  # best of REPEATS by wall time (the machine is shared)
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        s = import_dataset([str(f) for f in files], out, format=kind, workers=workers, progress=False,
+                           shard_bytes=max(1, size // 8), shard_structures=max(1, N_CACHE[fmt] // 8), **opts)
+        wall = time.perf_counter() - t0
+        if best is None or wall < best[0]:
+            best = (wall, s)
+    wall, s = best
     out_bytes = _dir_bytes(out)
     n = s["num_graphs"]
     split = s["time_split_s"]
@@ -154,7 +165,10 @@ def run(fmt: str, files, workers: int, work: Path) -> dict:
            "read_parse_us": round(split["read_parse"] / n * 1e6, 1),
            "validate_append_us": round(split["validate_append"] / n * 1e6, 1),
            "compress_write_us": round(split["compress_write"] / n * 1e6, 1)}
-    row["accounted_share"] = round(sum(split.values()) / (wall * workers), 3)
+    timed = split["read_parse"] + split["validate_append"] + split["compress_write"] + split["shard_open"]
+    row["accounted_share"] = round(timed / (wall * workers), 3)          # stages timed inside the workers
+    row["cpu_utilization"] = round(split["cpu_total"] / (wall * workers), 3)  # < 1: waiting (I/O, other jobs)
+    row["cpu_per_structure_us"] = round(split["cpu_total"] / n * 1e6, 1)
     row["raw_read_MB_per_s"] = round(size / _raw_read(files) / 1e6, 1)
     shutil.rmtree(out)
     return row
@@ -175,16 +189,23 @@ def _split_ase(path: Path, d: Path, parts: int) -> list[Path]:
 
 
 N_CACHE: dict = {}
+REPEATS = 2
+LOAD0 = None
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--structures", type=int, default=8000, help="structures per format")
+    p.add_argument("--structures", type=int, default=16000, help="structures per format")
     p.add_argument("--formats", nargs="*", default=list(ATOMS))
     p.add_argument("--workers", nargs="*", type=int, default=[1, 2])
     p.add_argument("--workdir", default=None)
     p.add_argument("--machine", default="cpu2")
+    p.add_argument("--repeats", type=int, default=2, help="runs per configuration (best wall time kept)")
     args = p.parse_args()
+    global REPEATS
+    REPEATS = args.repeats
+    global LOAD0
+    LOAD0 = os.getloadavg()[0]
     root = Path(args.workdir or tempfile.mkdtemp(prefix="import_bench_"))
     rows = []
     try:
@@ -241,7 +262,8 @@ def main() -> None:
         return fig
 
     out = write_results("import_throughput", args.machine, rows, summary, plot,
-                        extra={"structures_per_format": args.structures, "atoms_per_structure": ATOMS})
+                        extra={"structures_per_format": args.structures, "atoms_per_structure": ATOMS,
+                               "repeats": REPEATS, "load_average_1min_at_start": LOAD0})
     print(f"wrote {out}")
 
 

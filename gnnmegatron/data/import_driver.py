@@ -115,10 +115,11 @@ def _kept_note(e, work: Path, n_tasks: int) -> str:
     if kept == 0:
         shutil.rmtree(work, ignore_errors=True)
         return "; nothing was written" if e is not None else "; nothing was written (no shard had finished)"
-    how = ("rerun with --on-bad skip to skip and log such records" if isinstance(e, RejectedRecordError) else
-           "fix or remove the input" if e is not None else "run the same command again")
-    return (f" [{kept} of {n_tasks} shards are finished and kept in {work}; {how}: the same command continues "
-            "from there]")
+    how = ("rerun with --on-bad skip to skip and log such records: the same command continues from there"
+           if isinstance(e, RejectedRecordError) else
+           "fix or remove the input, then the same command continues from there" if e is not None else
+           "run the same command again to continue")
+    return f" [{kept} of {n_tasks} shards are finished and kept in {work}; {how}]"
 
 
 # ---------------------------------------------------------------------------- output and plan
@@ -239,6 +240,7 @@ def run_task(fmt_name: str, task: dict, k: int, work: Path, opts: ImportOptions,
     stats = ShardStats()
     need_forces = fmt.requires_forces(opts)
     rejections: list[dict] = []
+    cpu0 = time.process_time()
     t_open = time.perf_counter()
     writer = GraphStoreWriter(work / shard_name(k), producer=f"{PRODUCER} --format {fmt_name}", sources=sources,
                               ids=True)
@@ -296,6 +298,7 @@ def run_task(fmt_name: str, task: dict, k: int, work: Path, opts: ImportOptions,
         writer.flush()
         stats.process_s += time.perf_counter() - t2
         stats.flush_s = writer.flush_seconds
+        stats.cpu_s = time.process_time() - cpu0
         writer.write_file(REJECTIONS, "".join(json.dumps(r) + "\n" for r in rejections).encode())
         writer.set_attrs(import_task=k, import_stats=stats.to_dict())
         writer.close()  # one metadata write and a rename (not in the stats it writes)

@@ -27,6 +27,7 @@ class ShardStats:
     process_s: float = 0.0          # validation + appending to the writer's buffers (+ flushes)
     flush_s: float = 0.0            # encoding, compressing, checksumming and writing shard files
     open_s: float = 0.0             # creating the shard store (zarr metadata of its arrays)
+    cpu_s: float = 0.0              # CPU time of the process over the whole task (wall minus waiting)
 
     def add(self, s: dict) -> None:
         n = len(s["atomic_numbers"])
@@ -91,6 +92,8 @@ class Progress:
         self.update(k, self.work[k] - self.got[k], 0)
 
     def close(self) -> None:
+        rate = self.structures / max(time.monotonic() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.structures:,} structures, {rate:,.0f} structures/s", refresh=True)
         self.bar.close()
 
 
@@ -125,6 +128,7 @@ def summarize(fmt_name: str, tasks: list[dict], stats: list[dict], shard_attrs: 
     process_s = sum(s.get("process_s", 0.0) for s in stats)
     flush_s = sum(s.get("flush_s", 0.0) for s in stats)
     open_s = sum(s.get("open_s", 0.0) for s in stats)
+    cpu_s = sum(s.get("cpu_s", 0.0) for s in stats)
     file_work: dict = {}
     for t in tasks:
         file_work[t["file"]] = file_work.get(t["file"], 0) + int(t["work"])
@@ -155,7 +159,8 @@ def summarize(fmt_name: str, tasks: list[dict], stats: list[dict], shard_attrs: 
         "elapsed_s": round(elapsed, 3),
         "input_bytes": int(sum(in_bytes(k) for k in range(len(tasks)))), "output_bytes": _du(work),
         "time_split_s": {"read_parse": round(read_s, 3), "validate_append": round(process_s - flush_s, 3),
-                         "compress_write": round(flush_s, 3), "shard_open": round(open_s, 3)},
+                         "compress_write": round(flush_s, 3), "shard_open": round(open_s, 3),
+                         "cpu_total": round(cpu_s, 3)},
         "per_structure_us": {"read_parse": round(read_s * per, 1),
                              "validate_append": round((process_s - flush_s) * per, 1),
                              "compress_write": round(flush_s * per, 1)},

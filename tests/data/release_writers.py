@@ -166,7 +166,7 @@ def pyg_pickles(records: list[dict], style: str = "pyg2") -> list[bytes]:
 
 def write_fairchem_lmdb(path: Path, blobs: list[bytes], length: bool = True) -> Path:
     import lmdb
-    env = lmdb.open(str(path), map_size=1 << 26, subdir=False, meminit=False, map_async=True)
+    env = lmdb.open(str(path), map_size=1 << 32, subdir=False, meminit=False, map_async=True)
     with env.begin(write=True) as txn:
         for i, b in enumerate(blobs):
             txn.put(f"{i}".encode("ascii"), b)
@@ -187,7 +187,7 @@ def write_aselmdb(path: Path, atoms_list: list, key_value_pairs: list[dict], del
     def enc(obj) -> bytes:
         return zlib.compress(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY))
 
-    env = lmdb.open(str(path), map_size=1 << 26, subdir=False, meminit=False, map_async=True)
+    env = lmdb.open(str(path), map_size=1 << 32, subdir=False, meminit=False, map_async=True)
     with env.begin(write=True) as txn:
         for i, (atoms, kvp) in enumerate(zip(atoms_list, key_value_pairs), start=1):
             row = AtomsRow(atoms)

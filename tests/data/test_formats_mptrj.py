@@ -31,6 +31,7 @@ def _release(tmp_path, indent=None):
     }
     # a string with brackets and an escaped quote must not confuse the scanner
     data["mp-1"]["mp-1-0-0"]["structure"]["sites"][0]["label"] = 'Li } { "x" ] ['
+    data["mp-1"]["mp-1-0-0"]["structure"]["sites"][1]["label"] = 'O \\ } \\'  # ends in an escaped backslash
     return write_mptrj(tmp_path / "MPtrj_2022.9_full.json", data, indent=indent)
 
 

@@ -70,6 +70,9 @@ class AseFormat(SourceFormat):
         return files
 
     def check_file(self, path: Path) -> None:
+        if path.suffix.lower() == ".aselmdb":
+            raise InputError(path, "is an ASE-LMDB database (OMat24 / sAlex): import it with --format omat24 or "
+                                   "--format alexandria (plain ASE needs fairchem's LMDB backend to read it)")
         super().check_file(path)
         if path.suffix.lower() in _TEXT_SUFFIXES:
             from gnnmegatron.data.formats.base import _looks_binary
