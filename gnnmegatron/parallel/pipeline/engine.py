@@ -34,6 +34,7 @@ makes the sum the loss of one big batch.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,11 @@ class PipelineEngine:
         self.channels = Channels.build(layout, ring=self.v > 1)
         self._schedules: dict[tuple, Schedule] = {}
         self.device = next(model.parameters()).device
+        self.profile = False
+        self.trace: list[tuple[str, int, int, float, float, float]] = []
+        """With ``profile = True``: per action (sweep, chunk, micro-batch, start, compute start, end) in
+        ``time.perf_counter`` seconds; compute start is when its receive completed (benchmarks)."""
+        self._t_recv = 0.0
 
     # ---------------------------------------------------------------------------- helpers
     def schedule(self, m: int, conservative: bool) -> Schedule:
@@ -143,6 +149,8 @@ class PipelineEngine:
         src_stage = stage - 1 if direction == "fwd" else stage + 1
         flat = self.channels.recv((n, self.hidden + 3), self.dtype, self.device, direction, src_stage % self.p,
                                   tag_of(sweep, src_stage, mb))
+        if self.profile:
+            self._t_recv = time.perf_counter()
         h, x = flat[:, :self.hidden].clone(), flat[:, self.hidden:].clone()
         return h.requires_grad_(requires_grad), x.requires_grad_(requires_grad)
 
@@ -300,6 +308,8 @@ class PipelineEngine:
         self.model.train()
         try:
             for a in sched.actions[self.layout.pp_rank]:
+                if self.profile:
+                    t0 = self._t_recv = time.perf_counter()
                 st = states[a.micro_batch] if a.micro_batch >= 0 else None
                 if a.sweep == "F":
                     self._prepare(st, conservative and compute_forces, compute_stress)
@@ -321,6 +331,8 @@ class PipelineEngine:
                     self._b2a(st, a.chunk, a.micro_batch)
                 elif a.sweep == "B2b":
                     self._b2b(st, a.chunk, a.micro_batch)
+                if self.profile:
+                    self.trace.append((a.sweep, a.chunk, a.micro_batch, t0, max(self._t_recv, t0), time.perf_counter()))
             self.channels.wait_sends()
         finally:
             self.channels.wait_sends()
