@@ -2,10 +2,10 @@
 
 One program owns BLOCK_N consecutive segments and one BLOCK_F slice of the features; for
 each segment it loops over its rows BLOCK_E at a time (``ptr[i] .. ptr[i + 1]``), through
-``perm`` when the rows are not stored in segment order. fp32 accumulation (fp64 for fp64),
-int64 offsets, every load masked. Max also records the first arg-max edge id per feature.
-The backward (a gather, or a scatter to the arg-max rows) is plain torch in
-``gnnmegatron.ops.segment_reduce``.
+``perm`` when the rows are not stored in segment order. Every output has one writer (no
+atomics), so the result is deterministic. fp32 accumulation (fp64 for fp64), int64 offsets,
+every load masked. Max also records the first arg-max edge id per feature. The backward (a
+gather, or a scatter to the arg-max rows) is plain torch in ``gnnmegatron.ops.segment_reduce``.
 """
 
 from __future__ import annotations
@@ -14,25 +14,35 @@ import torch
 import triton
 import triton.language as tl
 
-from gnnmegatron.kernels._common import INTERPRET, acc_dtype, edge_block, pow2
+from ._common import DTYPE_NAMES, TunedKernel, acc_dtype, check_i32, config, edge_block, per_kind, prepare
+from .codes import REDUCE_CODE
 
-REDUCE_CODE = {"sum": 0, "mean": 1, "max": 2}
-
-
-def _configs():
-    if INTERPRET:  # the interpreter runs every candidate: one small config keeps CI fast
-        return [triton.Config({"BLOCK_N": 2, "BLOCK_E": 16}, num_warps=1)]
-    # Candidates, not yet measured on a GPU (the dev machines have none): BLOCK_E 32/64 rows of
-    # up to 128 features keep 16-32 KiB of fp32 tile per program in registers; BLOCK_N 1 gives one
-    # program per segment for the 20-60-edge atom graphs, 4 amortises launch overhead on
-    # low-degree graphs; num_warps 4/8 cover BLOCK_F 64..128.
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_E": be}, num_warps=nw)
-            for bn in (1, 4) for be in (32, 64) for nw in (4, 8)]
+SCALARS = ["N", "F", "E", "HAS_PERM"]
+NARROW = 32  # widths up to this use the narrow configs (one 32-wide slice covers them)
 
 
-@triton.jit
-def _segment_reduce_fwd_kernel(SRC, PTR, PERM, OUT, ARG, N, F, E, stride_src, stride_out,
-                               HAS_PERM: tl.constexpr, REDUCE: tl.constexpr, ACC: tl.constexpr,
+def _configs() -> dict:
+    # Audited for sm_80, sm_90, gfx942 (no spills); not timed on a GPU. Narrow rows (F <= 32:
+    # scalars, 3-vectors, small heads) take many segments per program (BLOCK_N 4/16) so that a
+    # program moves a useful number of bytes; wide rows take 1 or 4 segments of a 128-wide slice
+    # (64 for fp64: the same bytes per tile), BLOCK_E 32 rows of 16-32 KiB per tile.
+    out = {}
+    for dt in ("fp16", "bf16", "fp32", "fp64"):
+        wide_f = 64 if dt == "fp64" else 128
+        out[(dt, "narrow")] = per_kind([config(BLOCK_N=4, BLOCK_E=64, BLOCK_F=32, num_stages=3),
+                                        config(BLOCK_N=16, BLOCK_E=32, BLOCK_F=32, num_stages=3)])
+        out[(dt, "wide")] = per_kind([config(BLOCK_N=1, BLOCK_E=32, BLOCK_F=wide_f, num_stages=3),
+                                      config(BLOCK_N=4, BLOCK_E=32, BLOCK_F=wide_f, num_stages=3)])
+    return out
+
+
+def _interpret(cls) -> dict:
+    return {"BLOCK_N": 2, "BLOCK_E": 16, "BLOCK_F": 16 if cls[1] == "narrow" else 32}
+
+
+@triton.jit(do_not_specialize=SCALARS)
+def _segment_reduce_fwd_kernel(SRC, PTR, PERM, OUT, ARG, N, F, E, HAS_PERM,
+                               REDUCE: tl.constexpr, ACC: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -51,7 +61,7 @@ def _segment_reduce_fwd_kernel(SRC, PTR, PERM, OUT, ARG, N, F, E, stride_src, st
             for e0 in range(start, end, BLOCK_E):
                 eid, emask = edge_block(PERM, e0, end, BLOCK_E, HAS_PERM)
                 mask2 = emask[:, None] & fmask[None, :]
-                x = tl.load(SRC + eid[:, None] * stride_src + offs_f[None, :], mask=mask2, other=0.0).to(ACC)
+                x = tl.load(SRC + eid[:, None] * F + offs_f[None, :], mask=mask2, other=0.0).to(ACC)
                 if REDUCE == 2:
                     x = tl.where(mask2, x, float("-inf"))
                     tile_max = tl.max(x, axis=0)
@@ -68,28 +78,33 @@ def _segment_reduce_fwd_kernel(SRC, PTR, PERM, OUT, ARG, N, F, E, stride_src, st
             if REDUCE == 2:
                 acc = tl.where(count > 0, acc, 0.0)
                 tl.store(ARG + i.to(tl.int64) * F + offs_f, arg, mask=fmask)
-            tl.store(OUT + i.to(tl.int64) * stride_out + offs_f, acc.to(OUT.dtype.element_ty), mask=fmask)
+            tl.store(OUT + i.to(tl.int64) * F + offs_f, acc.to(OUT.dtype.element_ty), mask=fmask)
 
 
-_kernel = triton.autotune(configs=_configs(), key=["F", "REDUCE"])(_segment_reduce_fwd_kernel)
+KERNEL = TunedKernel(_segment_reduce_fwd_kernel, _configs(), key=["F"], interpret=_interpret)
 
 
 def segment_reduce_fwd(src: torch.Tensor, ptr: torch.Tensor, perm: torch.Tensor | None,
-                       reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """src [E, F] (contiguous), ptr [N + 1], perm [E] or None -> (out [N, F], arg [N, F] int64 or [0])."""
+                       reduce: str, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """src [E, F] (any strides), ptr [N + 1], perm [E] or None -> (out [N, F], arg [N, F] int64 or [0])."""
+    (src,) = prepare(src)
+    ptr, perm = prepare(ptr.long(), perm.long() if perm is not None else None)
     E, F = src.shape
     N = ptr.numel() - 1
+    check_i32(N=N, E=E, F=F)
     out = torch.empty((N, F), dtype=src.dtype, device=src.device)
     code = REDUCE_CODE[reduce]
     arg = torch.empty((N, F) if code == 2 else (0,), dtype=torch.long, device=src.device)
     if N == 0 or F == 0:
         return out, arg
     acc_tl, _ = acc_dtype(src.dtype)
-    block_f = pow2(F, lo=16, hi=128)
+    cls = (DTYPE_NAMES[src.dtype], "narrow" if F <= NARROW else "wide")
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(F, block_f))
+        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(F, meta["BLOCK_F"]))
 
-    _kernel[grid](src, ptr, perm if perm is not None else ptr, out, arg if code == 2 else out, N, F, E,
-                  src.stride(0), out.stride(0), HAS_PERM=perm is not None, REDUCE=code, ACC=acc_tl, BLOCK_F=block_f)
+    args = (src, ptr, perm if perm is not None else ptr, out, arg if code == 2 else torch.empty(0, dtype=torch.long,
+                                                                                                device=src.device),
+            N, F, E, int(perm is not None))
+    KERNEL.launch(cls, grid, args, dict(REDUCE=code, ACC=acc_tl), deterministic)
     return out, arg

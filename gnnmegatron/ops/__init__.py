@@ -10,7 +10,8 @@ Public ops (one function each; ``backend=`` or the dispatch rules pick the imple
 All three are ``torch.library`` custom ops (``gnnmegatron::...``) with fake implementations
 and autograd (double backward included), so models using them run under ``torch.compile``.
 See ``gnnmegatron.ops.dispatch`` for the backend order (argument, ``use_backend``,
-``$GNNMEGATRON_OPS_BACKEND``, device).
+``$GNNMEGATRON_OPS_BACKEND``, device) and for deterministic mode
+(``torch.use_deterministic_algorithms(True)`` or ``GNNMEGATRON_DETERMINISTIC=1``).
 """
 
 from gnnmegatron.ops.activations import ACTIVATIONS
@@ -20,6 +21,7 @@ from gnnmegatron.ops.dispatch import (
     CSRPlan,
     OpsSettings,
     csr_plan,
+    deterministic,
     resolve_backend,
     set_backend,
     settings,
@@ -30,7 +32,7 @@ from gnnmegatron.ops.fused_message import fused_message_aggregate, fused_message
 from gnnmegatron.ops.segment_reduce import REDUCTIONS, segment_reduce, segment_reduce_reference
 
 __all__ = [
-    "ACTIVATIONS", "BACKENDS", "CSRPlan", "ENV_BACKEND", "OpsSettings", "REDUCTIONS", "csr_plan",
+    "ACTIVATIONS", "BACKENDS", "CSRPlan", "ENV_BACKEND", "OpsSettings", "REDUCTIONS", "csr_plan", "deterministic",
     "edge_vector_aggregate", "edge_vector_aggregate_reference", "fused_message_aggregate", "fused_message_reference",
     "resolve_backend", "segment_reduce", "segment_reduce_reference", "set_backend", "settings", "use_backend",
 ]

@@ -17,6 +17,13 @@ Which backend runs, first match wins:
 4. by device: ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``.
 
 ``"auto"`` at any level means "no preference here".
+
+Deterministic mode (``deterministic()``): on when ``torch.use_deterministic_algorithms(True)``
+is set or ``GNNMEGATRON_DETERMINISTIC=1``. The triton backend then takes the first audited
+config instead of autotuning and sums dQ (and the double backward's dQ) over a source-sorted
+(transposed) CSR plan instead of fp32 atomics, so a run's gradients are bit-identical from run to
+run. The torch and reference backends need nothing: on CPU their sums run in a fixed order,
+and on CUDA torch's own deterministic setting covers ``index_add_``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ BACKENDS = ("reference", "torch", "triton")
 ENV_BACKEND = "GNNMEGATRON_OPS_BACKEND"
 ENV_COMPILE = "GNNMEGATRON_OPS_COMPILE"
 ENV_CHUNK = "GNNMEGATRON_OPS_CHUNK_ELEMENTS"
+ENV_DETERMINISTIC = "GNNMEGATRON_DETERMINISTIC"
 
 _override: str | None = None
 
@@ -98,6 +106,18 @@ def use_backend(name: str | None):
         yield
     finally:
         _override = before
+
+
+def deterministic() -> bool:
+    """Whether the ops run in deterministic mode (see the module docstring)."""
+    env = os.environ.get(ENV_DETERMINISTIC, "0").lower() in ("1", "true", "yes", "on")
+    return env or torch.are_deterministic_algorithms_enabled()
+
+
+def backend_requested(backend: str | None) -> bool:
+    """Whether a backend was asked for explicitly (argument, override or environment), as
+    opposed to chosen by device."""
+    return any(value not in (None, "", "auto") for value in (backend, _override, os.environ.get(ENV_BACKEND)))
 
 
 def triton_interpret() -> bool:

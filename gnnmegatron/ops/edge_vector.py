@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from gnnmegatron.ops.dispatch import CSRPlan, autocast_inputs, compute_dtype, csr_plan, resolve_backend
+from gnnmegatron.ops.dispatch import CSRPlan, autocast_inputs, compute_dtype, csr_plan, deterministic, resolve_backend
 
 
 def edge_vector_aggregate_reference(vec: torch.Tensor, g: torch.Tensor, dst: torch.Tensor,
@@ -27,10 +27,10 @@ def edge_vector_aggregate_reference(vec: torch.Tensor, g: torch.Tensor, dst: tor
 @torch.library.custom_op("gnnmegatron::edge_vector_aggregate", mutates_args=())
 def _edge_vector_op(vec: torch.Tensor, g: torch.Tensor, index: torch.Tensor, ptr: torch.Tensor,
                     perm: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    vec, g = vec.contiguous(), g.contiguous()
-    if backend == "triton":
+    if backend == "triton":  # the launcher makes its inputs contiguous and aligned
         from gnnmegatron.kernels.edge_vector import edge_vector_aggregate_fwd
-        return edge_vector_aggregate_fwd(vec, g, ptr, perm)
+        return edge_vector_aggregate_fwd(vec, g, ptr, perm, deterministic())
+    vec, g = vec.contiguous(), g.contiguous()
     # torch backend: the [E, D] product is no larger than vec itself, so no chunking is needed
     return edge_vector_aggregate_reference(vec, g, index, ptr.numel() - 1)
 

@@ -9,13 +9,17 @@
 No ``[E, F]`` tensor is stored for backward: the backward op recomputes ``z`` chunk by chunk
 (torch backend) or tile by tile (triton backend). Gradients reach P, Q, R, C, b, w and v.
 
-Double backward (conservative-force training differentiates the backward once more) is a
-slower differentiable formulation: the backward op's own autograd re-runs the chunk's
-backward in plain torch under autograd and takes its vector-Jacobian product, one chunk at
-a time, so it is exact and its memory stays ``O(chunk * F)``.
+Double backward (conservative-force training differentiates the backward once more): the
+``gnnmegatron::fused_message_bwd2`` op (``fused_message_grad2``): closed-form formulas, as a
+triton kernel or chunk by chunk in torch (its twin). When grad mode is on inside the double
+backward (a third derivative will be taken) the torch twin runs under autograd instead.
+
+Deterministic mode (``gnnmegatron.ops.dispatch.deterministic``): the triton backend sums dQ over
+a source-sorted plan instead of fp32 atomics and skips autotuning; see ``kernels/fused_message_bwd.py``.
 
 Registered ops (``torch.library.custom_op``, with fake implementations for torch.compile):
-``gnnmegatron::fused_message_fwd`` and ``gnnmegatron::fused_message_bwd``.
+``gnnmegatron::fused_message_fwd``, ``gnnmegatron::fused_message_bwd`` and
+``gnnmegatron::fused_message_bwd2``.
 
 Shapes:
     P [N, F], Q [N_src, F], edge_index [2, E] (row 0 = dst i, row 1 = src j), R [E, K],
@@ -30,8 +34,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from gnnmegatron.ops.activations import act, act_and_grad, check_activation
-from gnnmegatron.ops.dispatch import CSRPlan, autocast_inputs, compute_dtype, csr_plan, resolve_backend, settings
+from gnnmegatron.kernels.codes import MAX_K
+from gnnmegatron.ops.activations import act, check_activation
+from gnnmegatron.ops.dispatch import (CSRPlan, autocast_inputs, backend_requested, compute_dtype, csr_plan,
+                                      deterministic, resolve_backend)
+from gnnmegatron.ops.fused_message_grad2 import OUTPUTS as GRAD2_OUTPUTS
+from gnnmegatron.ops.fused_message_grad2 import fused_message_bwd2_op, fused_message_bwd2_torch
 from gnnmegatron.ops.fused_message_torch import fused_message_bwd_torch, fused_message_fwd_torch
 
 Tensor = torch.Tensor
@@ -58,17 +66,16 @@ def fused_message_reference(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tensor,
 @torch.library.custom_op("gnnmegatron::fused_message_fwd", mutates_args=())
 def fused_message_fwd(P: Tensor, Q: Tensor, dst: Tensor, src: Tensor, ptr: Tensor, perm: Optional[Tensor],
                       R: Tensor, C: Tensor, b: Tensor, w: Optional[Tensor], v: Optional[Tensor],
-                      activation: str, backend: str) -> tuple[Tensor, Tensor]:
+                      activation: str, backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
     """``(m [N, F], s [E] or [0])``; ``dst`` in caller order, ``ptr``/``perm`` its CSR plan."""
     if backend == "triton":
         from gnnmegatron.kernels.fused_message import fused_message_fwd as launch
-        return launch(P.contiguous(), Q.contiguous(), src, ptr, perm, R.contiguous(), C.contiguous(), b.contiguous(),
-                      w, v, activation)
+        return launch(P, Q, src, ptr, perm, R, C, b, w, v, activation, deterministic)
     return fused_message_fwd_torch(P, Q, dst, src, perm, R, C, b, w, v, activation)
 
 
 @fused_message_fwd.register_fake
-def _(P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, backend):
+def _(P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, backend, deterministic):
     return P.new_empty(P.shape), P.new_empty((R.shape[0],) if v is not None else (0,))
 
 
@@ -76,13 +83,16 @@ def _(P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, backend):
 @torch.library.custom_op("gnnmegatron::fused_message_bwd", mutates_args=())
 def fused_message_bwd(gm: Tensor, gs: Optional[Tensor], P: Tensor, Q: Tensor, dst: Tensor, src: Tensor, ptr: Tensor,
                       perm: Optional[Tensor], R: Tensor, C: Tensor, b: Tensor, w: Optional[Tensor], v: Optional[Tensor],
-                      activation: str, backend: str, needs: Sequence[bool]) -> list[Tensor]:
-    """``[dP, dQ, dR, dC, db, dw, dv]``; an entry not in ``needs`` (or dw/dv without w/v) is empty."""
+                      src_ptr: Optional[Tensor], src_perm: Optional[Tensor], activation: str, backend: str,
+                      needs: Sequence[bool], deterministic: bool) -> list[Tensor]:
+    """``[dP, dQ, dR, dC, db, dw, dv]``; an entry not in ``needs`` (or dw/dv without w/v) is empty.
+
+    ``src_ptr``/``src_perm``: the source-sorted plan (deterministic triton dQ; built when absent)."""
     needs = [bool(n) for n in needs]
     if backend == "triton":
         from gnnmegatron.kernels.fused_message import fused_message_bwd as launch
-        return list(launch(gm.contiguous(), gs, P.contiguous(), Q.contiguous(), src, ptr, perm, R.contiguous(),
-                           C.contiguous(), b.contiguous(), w, v, activation, needs))
+        return list(launch(gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, needs, src_ptr, src_perm,
+                           deterministic))
     return list(fused_message_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, needs))
 
 
@@ -92,15 +102,25 @@ def _bwd_shapes(P, Q, R, C, b, w, v, needs):
 
 
 @fused_message_bwd.register_fake
-def _(gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, backend, needs):
+def _(gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, src_ptr, src_perm, activation, backend, needs,
+      deterministic):
     return _bwd_shapes(P, Q, R, C, b, w, v, needs)
 
 
 # ----------------------------------------------------------------------------- autograd
 def _fwd_setup(ctx, inputs, output):
-    P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, backend = inputs
-    ctx.activation, ctx.backend = activation, backend
+    P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, backend, det = inputs
+    ctx.activation, ctx.backend, ctx.deterministic = activation, backend, det
     ctx.save_for_backward(P, Q, dst, src, ptr, perm, R, C, b, w, v)
+
+
+def _source_plan(ctx_backend: str, det: bool, src: Tensor, num_sources: int, need_q: bool):
+    """The source-sorted plan, built once per backward where the deterministic triton dQ needs it."""
+    if not (ctx_backend == "triton" and det and need_q):
+        return None, None
+    perm = torch.argsort(src, stable=True)
+    ptr = torch.searchsorted(src[perm], torch.arange(num_sources + 1, device=src.device, dtype=src.dtype))
+    return ptr, perm
 
 
 def _fwd_backward(ctx, gm, gs):
@@ -113,121 +133,47 @@ def _fwd_backward(ctx, gm, gs):
         gs = None
     elif gs is None:
         gs = P.new_zeros(R.shape[0])
-    outs = fused_message_bwd(gm.contiguous(), gs, P, Q, dst, src, ptr, perm, R, C, b, w, v,
-                             ctx.activation, ctx.backend, needs)
+    src_ptr, src_perm = _source_plan(ctx.backend, ctx.deterministic, src, Q.shape[0], needs[1])
+    outs = fused_message_bwd(gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, src_ptr, src_perm,
+                             ctx.activation, ctx.backend, needs, ctx.deterministic)
     dP, dQ, dR, dC, db, dw, dv = [o if n else None for o, n in zip(outs, needs)]
-    return dP, dQ, None, None, None, None, dR, dC, db, dw, dv, None, None
+    return dP, dQ, None, None, None, None, dR, dC, db, dw, dv, None, None, None
 
 
 fused_message_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
 def _bwd_setup(ctx, inputs, output):
-    gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, activation, backend, needs = inputs
-    ctx.activation = activation
-    ctx.save_for_backward(gm, gs, P, Q, dst, src, perm, R, C, b, w, v)
+    gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, src_ptr, src_perm, activation, backend, needs, det = inputs
+    ctx.activation, ctx.backend, ctx.deterministic = activation, backend, det
+    ctx.save_for_backward(gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, src_ptr, src_perm)
 
 
 def _bwd_backward(ctx, *grads):
-    """Double backward: chunked VJP of a differentiable torch re-computation of the backward."""
-    gm, gs, P, Q, dst, src, perm, R, C, b, w, v = ctx.saved_tensors
+    """Double backward: the bwd2 op, or its torch twin under autograd when grad mode is on."""
+    gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, src_ptr, src_perm = ctx.saved_tensors
     ng = ctx.needs_input_grad
     need = dict(gm=ng[0], gs=ng[1] and gs is not None, P=ng[2], Q=ng[3], R=ng[8], C=ng[9], b=ng[10],
                 w=ng[11] and w is not None, v=ng[12] and v is not None)
     if len(grads) == 1 and isinstance(grads[0], (list, tuple)):  # list-returning ops get one list
         grads = tuple(grads[0])
     gg = [g if (g is not None and g.numel() > 0) else None for g in grads]
-    out = double_backward(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, ctx.activation, gg, need)
+    if not any(need.values()):
+        out = {k: None for k in GRAD2_OUTPUTS}
+    elif torch.is_grad_enabled():
+        out = fused_message_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, ctx.activation, gg, need)
+    else:
+        if src_ptr is None:
+            src_ptr, src_perm = _source_plan(ctx.backend, ctx.deterministic, src, Q.shape[0], need["Q"])
+        res = fused_message_bwd2_op(gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, *gg, src_ptr, src_perm,
+                                    ctx.activation, ctx.backend, [need[k] for k in GRAD2_OUTPUTS],
+                                    ctx.deterministic)
+        out = {k: (t if need[k] else None) for k, t in zip(GRAD2_OUTPUTS, res)}
     return (out["gm"], out["gs"], out["P"], out["Q"], None, None, None, None, out["R"], out["C"], out["b"],
-            out["w"], out["v"], None, None, None)
+            out["w"], out["v"], None, None, None, None, None, None)
 
 
 fused_message_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
-
-
-def double_backward(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, gg, need) -> dict:
-    """Gradients of ``<gg, fused_message_bwd(gm, gs, P, ...)>`` w.r.t. gm, gs, P, Q, R, C, b, w, v.
-
-    ``gg`` = (ggP, ggQ, ggR, ggC, ggb, ggw, ggv), ``None`` where absent. Chunk by chunk, the
-    chunk's share of the backward is rebuilt with torch ops and differentiated by autograd;
-    with ``create_graph`` (grad mode on) the result is differentiable once more.
-    """
-    ggP, ggQ, ggR, ggC, ggb, ggw, ggv = gg
-    out = {k: None for k in need}
-    if not any(need.values()):
-        return out
-    create = torch.is_grad_enabled()
-    E, F = R.shape[0], P.shape[1]
-    cdt = compute_dtype(P.dtype)
-    full = dict(gm=gm, gs=gs, P=P, Q=Q, R=R, C=C, b=b, w=w, v=v)
-    leaf = {}
-    for name, t in full.items():
-        if t is None:
-            leaf[name] = None
-            continue
-        t = t if create else t.detach()
-        if need[name] and not t.requires_grad:
-            t = t.requires_grad_()
-        leaf[name] = t
-    acc = {name: (torch.zeros(full[name].shape, dtype=cdt, device=P.device) if need[name] else None)
-           for name in full}
-
-    def add(name, idx, g, rows):
-        if g is None or acc[name] is None:
-            return
-        if rows == "all":
-            acc[name] = acc[name] + g if create else acc[name].add_(g)
-        elif rows == "edge":
-            acc[name] = acc[name].index_put((idx,), g, accumulate=True) if create else \
-                acc[name].index_put_((idx,), g, accumulate=True)
-        else:
-            acc[name] = acc[name].index_add(0, rows, g) if create else acc[name].index_add_(0, rows, g)
-
-    step = settings.edges_per_chunk(F)
-    with torch.enable_grad():
-        Cc, bc = leaf["C"].to(cdt), leaf["b"].to(cdt)
-        vc = leaf["v"].to(cdt) if v is not None else None
-        for e0 in range(0, E, step):
-            e1 = min(E, e0 + step)
-            idx = torch.arange(e0, e1, device=P.device) if perm is None else perm[e0:e1]
-            d, j = dst[idx], src[idx]
-            parts = dict(P=leaf["P"][d], Q=leaf["Q"][j], gm=leaf["gm"][d], R=leaf["R"][idx],
-                         gs=leaf["gs"][idx] if gs is not None else None, w=leaf["w"][idx] if w is not None else None)
-            z = torch.addmm(bc, parts["R"].to(cdt), Cc) + parts["P"].to(cdt) + parts["Q"].to(cdt)
-            a, da = act_and_grad(activation, z)
-            gmr = parts["gm"].to(cdt)
-            g = gmr * parts["w"].to(cdt).unsqueeze(1) if w is not None else gmr
-            if v is not None:
-                g = g + parts["gs"].to(cdt).unsqueeze(1) * vc
-            dz = g * da
-            G = None
-            for term in (ggP[d] if ggP is not None else None, ggQ[j] if ggQ is not None else None,
-                         ggR[idx].to(cdt) @ Cc if ggR is not None else None,
-                         parts["R"].to(cdt) @ ggC.to(cdt) if ggC is not None else None,
-                         ggb if ggb is not None else None):
-                if term is not None:
-                    G = term.to(cdt) if G is None else G + term.to(cdt)
-            loss = (dz * G).sum() if G is not None else z.new_zeros(())
-            if ggw is not None and w is not None:
-                loss = loss + (ggw[idx].to(cdt) * (gmr * a).sum(1)).sum()
-            if ggv is not None and v is not None:
-                loss = loss + (parts["gs"].to(cdt) @ (a @ ggv.to(cdt))).sum()
-            names = [n for n in ("P", "Q", "gm", "R", "gs", "w") if need[n]] + \
-                    [n for n in ("C", "b", "v") if need[n]]
-            tensors = [parts[n] if n in parts else leaf[n] for n in names]
-            if not loss.requires_grad:
-                continue
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True, create_graph=create)
-            for n, gr in zip(names, grads):
-                if gr is None:
-                    continue
-                gr = gr.to(cdt)
-                rows = {"P": d, "gm": d, "Q": j}.get(n, "edge" if n in ("R", "gs", "w") else "all")
-                add(n, idx, gr, rows)
-    for name, t in acc.items():
-        if t is not None:
-            out[name] = t.to(full[name].dtype)
-    return out
 
 
 # ----------------------------------------------------------------------------- public
@@ -281,11 +227,17 @@ def _fused_message_aggregate(P, Q, edge_index, R, C, b, w, v, activation, sorted
     if problems:
         raise ValueError("fused_message_aggregate: " + "; ".join(problems))
     name = resolve_backend(backend, P.device)
+    if name == "triton" and K > MAX_K:
+        if backend_requested(backend):
+            raise ValueError(f"fused_message_aggregate: the triton backend takes K <= {MAX_K} radial functions, got "
+                             f"K={K}; use backend='torch'")
+        name = "torch"  # chosen by device: the chunked torch path runs on CUDA too
     if name == "reference":
         return fused_message_reference(P, Q, edge_index, R, C, b, w, v, activation)
     if plan is None:
         plan = csr_plan(edge_index[0], N, sorted)
     if b is None:
         b = P.new_zeros(F)
-    m, s = fused_message_fwd(P, Q, plan.index, edge_index[1], plan.ptr, plan.perm, R, C, b, w, v, activation, name)
+    m, s = fused_message_fwd(P, Q, plan.index, edge_index[1], plan.ptr, plan.perm, R, C, b, w, v, activation, name,
+                             deterministic())
     return m if v is None else (m, s)

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from gnnmegatron.ops.dispatch import CSRPlan, compute_dtype, csr_plan, ptr_to_index, resolve_backend, settings
+from gnnmegatron.ops.dispatch import (CSRPlan, compute_dtype, csr_plan, deterministic, ptr_to_index, resolve_backend,
+                                      settings)
 
 REDUCTIONS = ("sum", "mean", "max")
 
@@ -66,10 +67,10 @@ def _torch_forward(src2: torch.Tensor, index: torch.Tensor, ptr: torch.Tensor,
 def _segment_reduce_op(src: torch.Tensor, index: torch.Tensor, ptr: torch.Tensor, perm: Optional[torch.Tensor],
                        reduce: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """[E, F] rows -> ([N, F] out, [N, F] int64 arg of max or an empty tensor). ``arg`` = E where empty."""
-    src = src.contiguous()
     if backend == "triton":
         from gnnmegatron.kernels.segment_reduce import segment_reduce_fwd
-        return segment_reduce_fwd(src, ptr, perm, reduce)
+        return segment_reduce_fwd(src, ptr, perm, reduce, deterministic())
+    src = src.contiguous()
     return _torch_forward(src, index, ptr, reduce)
 
 

@@ -86,3 +86,16 @@ def fused_inputs(E: int, N: int, F: int, K: int, dtype: torch.dtype, seed: int =
     wt = torch.rand(E, generator=g, dtype=torch.float64).to(dtype).requires_grad_() if w else None
     vec = rnd(F) if v else None
     return P, Q, R, C, bias, wt, vec
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """|a - e| <= atol + rtol max|e| for every element: for second-order gradients, whose entries
+    are sums of large terms that cancel, so that their rounding error scales with the largest."""
+    assert actual.shape == expected.shape, f"{what}: shape {list(actual.shape)} != {list(expected.shape)}"
+    if actual.numel() == 0:
+        return
+    atol, rtol = TOL[dtype]
+    scale = float(expected.double().abs().max())
+    worst = float((actual.double() - expected.double()).abs().max())
+    assert worst <= atol + rtol * scale, (f"{what} ({dtype}): max abs diff {worst:.3e} > {atol:g} + {rtol:g} x "
+                                          f"max|expected| {scale:.3e}")

@@ -27,8 +27,16 @@ def test_opcheck_custom_ops():
     w = torch.rand(E, generator=g, dtype=torch.float64, requires_grad=True)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(torch.ops.gnnmegatron.fused_message_fwd.default,
-                          (P, Q, plan.index, ei[1], plan.ptr, plan.perm, R, C, b, w, v, "silu", "torch"),
+                          (P, Q, plan.index, ei[1], plan.ptr, plan.perm, R, C, b, w, v, "silu", "torch", False),
                           test_utils=tests)
+    gm, gs = rnd(n, 4), rnd(E)
+    torch.library.opcheck(torch.ops.gnnmegatron.fused_message_bwd.default,
+                          (gm, gs, P, Q, plan.index, ei[1], plan.ptr, plan.perm, R, C, b, w, v, None, None, "silu",
+                           "torch", [True] * 7, False), test_utils=tests)
+    gg = (rnd(n, 4), rnd(n, 4), rnd(E, 3), rnd(3, 4), rnd(4), rnd(E), rnd(4))
+    torch.library.opcheck(torch.ops.gnnmegatron.fused_message_bwd2.default,
+                          (gm, gs, P, Q, plan.index, ei[1], plan.ptr, plan.perm, R, C, b, w, v, *gg, None, None,
+                           "silu", "torch", [True] * 9, False), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.gnnmegatron.segment_reduce.default,
                           (rnd(E, 4), plan.index, plan.ptr, plan.perm, "max", "torch"), test_utils=tests)
     torch.library.opcheck(torch.ops.gnnmegatron.edge_vector_aggregate.default,

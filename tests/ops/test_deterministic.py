@@ -1,0 +1,76 @@
+"""Deterministic mode (switch, CPU backends' run-to-run bits) and the bounded dC partial buffer.
+
+The triton side of deterministic mode (source-sorted dQ, no autotuning) is tested in the
+interpreter with shuffled program order: tests/ops/test_triton_views_determinism.py.
+"""
+
+import pytest
+import torch
+
+from gnnmegatron.ops import fused_message_aggregate, settings
+from gnnmegatron.ops.dispatch import ENV_DETERMINISTIC, deterministic
+from ops_cases import fused_inputs, make_graph
+
+
+def test_switches(monkeypatch):
+    monkeypatch.delenv(ENV_DETERMINISTIC, raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert not deterministic()
+        torch.use_deterministic_algorithms(True)
+        assert deterministic()
+        torch.use_deterministic_algorithms(False)
+        monkeypatch.setenv(ENV_DETERMINISTIC, "1")
+        assert deterministic()
+        monkeypatch.setenv(ENV_DETERMINISTIC, "0")
+        assert not deterministic()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_cpu_backends_are_bit_identical_from_run_to_run(backend, monkeypatch):
+    """Shuffled (unsorted) edges, 2 threads, several chunks: first and second order, three runs."""
+    monkeypatch.setattr(settings, "chunk_edges", 64)
+    torch.set_num_threads(2)
+    ei, n = make_graph("hub", False, hub_edges=400)
+    inputs = fused_inputs(ei.shape[1], n, 48, 8, torch.float32)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        P, Q, R, C, b, w, v = leaves
+        m, s = fused_message_aggregate(P, Q, ei, R, C, b, w, v, backend=backend)
+        grads = torch.autograd.grad((m ** 2).sum() + (s ** 3).sum(), leaves, create_graph=True)
+        return [m, s] + list(grads) + list(torch.autograd.grad(sum((g ** 2).sum() for g in grads), leaves))
+
+    runs = [run() for _ in range(3)]
+    for other in runs[1:]:
+        for i, (a, e) in enumerate(zip(other, runs[0])):
+            assert torch.equal(a, e), f"{backend}: output {i} differs between runs"
+
+
+def test_dc_partial_buffer_is_bounded_independently_of_n(monkeypatch):
+    """The backward's per-program dC partials: programs x K x F x 4 B. With one program per
+    16 destinations (the old grid) they grew with N (1 GiB at N = 64k, K = 32, F = 2048); the
+    persistent grid caps them at max(PARTIAL_BYTES, one program per SM)."""
+    pytest.importorskip("triton")
+    from gnnmegatron.kernels import _common
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(_common, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    K, F = 32, 2048
+    row = K * F * 4
+    sizes = {}
+    for N in (100, 10_000, 65_536, 10_000_000):
+        programs = _common.persistent_programs(N, cuda, partial_row_bytes=row)
+        assert 1 <= programs <= N
+        sizes[N] = programs * row
+    assert sizes[10_000_000] == sizes[65_536], sizes  # no growth with N
+    assert sizes[65_536] <= max(_common.PARTIAL_BYTES, 132 * row), sizes
+    old = (65_536 // 16) * row
+    assert old == 1 << 30 and sizes[65_536] <= old // 8, (old, sizes)
+    # a small K x F keeps the full parallelism of PROGRAMS_PER_SM programs per SM
+    assert _common.persistent_programs(10_000_000, cuda, partial_row_bytes=16 * 64 * 4) == \
+        _common.PROGRAMS_PER_SM * 132
