@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts: machine description, versions, result files.
 
 Every benchmark writes ``results/<name>-<machine>.json`` (machine, command, versions, date, rows,
-summary) plus a CSV and a PNG beside it (see DESIGN.md, "Benchmark results").
+summary) plus a CSV and a PNG beside it (docs/architecture.md, "Benchmarks").
 """
 
 from __future__ import annotations

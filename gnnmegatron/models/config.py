@@ -59,7 +59,7 @@ class ModelConfig:
         layer_norm: apply ``LayerNorm(H)`` to each block's output node features.
         message: ``"faithful"`` (HydraGNN's E_GCL: edge MLP Linear-act-Linear-act, edge-level
             coordinate MLP and force head) or ``"node_split"`` (the tensor-parallel-native EGNN of
-            DESIGN.md: one edge linear + act, messages summed with the envelope, the node MLP's
+            docs/architecture.md: one edge linear + act, messages summed with the envelope, the node MLP's
             first linear acting on the summed messages; coordinate and direct-force scalars are
             ``a_ij . v`` with a bias-free ``Linear(H, 1)``).
         message_groups: node_split only. ``None`` (default): the node MLP's first linear mixes

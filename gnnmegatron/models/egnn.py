@@ -29,12 +29,12 @@ The edge computations are small separate methods with HydraGNN's parameter names
 (``edge_mlp``, ``coord_mlp``, ``node_mlp``) so the fused / tensor-parallel twin in
 ``gnnmegatron.parallel`` can take this block's parameters by name and be compared with it.
 The first edge linear's columns follow the input order: ``edge_mlp[0].weight[:, :H]`` acts
-on the receiver ``h_i`` (DESIGN's ``A``), ``[:, H:2H]`` on the neighbour ``h_j`` (``B``) and
+on the receiver ``h_i`` (``A`` in docs/architecture.md), ``[:, H:2H]`` on the neighbour ``h_j`` (``B``) and
 ``[:, 2H:]`` on the radial basis (``C``).
 
 Variants and execution (``ModelConfig.message`` / ``ModelConfig.execution``):
 
-* ``message="node_split"`` is the tensor-parallel-native EGNN of DESIGN.md: ``a_ij =
+* ``message="node_split"`` is the tensor-parallel-native EGNN of docs/architecture.md: ``a_ij =
   act(W1 [h_i ; h_j ; rbf_ij] + b1)`` (one linear), ``m_i = sum_j w_ij a_ij``, coordinate
   scalars ``phi_x(a_ij) = a_ij . v`` (``coord_mlp`` is one bias-free ``Linear(H, 1)``); the node
   MLP's first linear acts on ``m`` (it plays W2's role, applied per node, not per edge).

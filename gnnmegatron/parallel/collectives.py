@@ -201,7 +201,7 @@ def all_reduce_sum_scalars(s: torch.Tensor, group, name: str = "edge_scalars") -
     """Sum per-edge partial dot products over the TP group. fwd: all-reduce, bwd: identity.
 
     Same Function as :func:`reduce_from_tp_region`; recorded as ``"edge_scalars"`` so a
-    CommCounter can tell the E-scalar reduction (step 3 of the TP plan in DESIGN.md) from the
+    CommCounter can tell the E-scalar reduction (the per-edge scalar step of the TP plan in docs/architecture.md) from the
     N x H ones. Shapes: ``[E]`` or ``[E, k]`` -> same (replicated).
     """
     if group_size(group) == 1:

@@ -1,6 +1,6 @@
 """Tensor-parallel EGNN blocks: ``TPEGCL`` (node_split, node-granularity comm) and ``TPEGCLFaithful``.
 
-``TPEGCL`` is the tensor-parallel twin of the node_split ``EGCL`` (DESIGN.md, "Message passing
+``TPEGCL`` is the tensor-parallel twin of the node_split ``EGCL`` (docs/architecture.md, "Message passing
 at node granularity"); ``TPEGCLFaithful`` is the faithful E_GCL's twin, kept to measure what
 node granularity saves (it all-reduces an ``[E, H]`` tensor per block).
 

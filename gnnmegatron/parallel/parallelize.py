@@ -44,7 +44,7 @@ def parallelize(model: nn.Module, layout: ParallelLayout, *, allow_edge_collecti
         layout: the parallel layout (its ``tp_group`` shards the hidden units).
         allow_edge_collectives: also accept ``message="faithful"``, swapping its blocks for
             :class:`TPEGCLFaithful`, which all-reduces an ``[E, H]`` tensor per block forward
-            (for the communication comparison of DESIGN.md; not for training at scale).
+            (for the communication comparison in docs/architecture.md; not for training at scale).
 
     Returns:
         ``model`` (modified in place).
@@ -56,7 +56,7 @@ def parallelize(model: nn.Module, layout: ParallelLayout, *, allow_edge_collecti
     """
     cfg = getattr(model, "cfg", None)
     allowed = ("node_split", "faithful") if allow_edge_collectives else ("node_split",)
-    hint = ("use message='node_split' (the TP-native EGNN of DESIGN.md, whose collectives are node-sized), "
+    hint = ("use message='node_split' (the TP-native EGNN of docs/architecture.md, whose collectives are node-sized), "
             "or pass allow_edge_collectives=True for the faithful twin that all-reduces E x H per block")
     if cfg is not None and getattr(cfg, "message", "node_split") not in allowed:
         raise ValueError(f"parallelize: ModelConfig.message={cfg.message!r} has no node-granularity "

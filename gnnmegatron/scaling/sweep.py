@@ -662,7 +662,7 @@ def run_sweep(sweep_cfg: SweepConfig | str | Path, *, only=None, dry_run: bool =
 # ------------------------------------------------------------------------------------ summary
 def study_summary(records: list[dict], fits: dict, *, command: str, wall_s: float | None,
                   machine: str | None = None) -> dict[str, Any]:
-    """The benchmark-format JSON of a study (DESIGN.md "Benchmark results")."""
+    """The benchmark-format JSON of a study (docs/architecture.md, "Benchmarks")."""
     import platform
     from importlib import metadata
 

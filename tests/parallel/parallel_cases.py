@@ -33,7 +33,7 @@ def nonlinear_energy(y: torch.Tensor) -> torch.Tensor:
 
 
 def linear_energy(y: torch.Tensor) -> torch.Tensor:
-    """``y.sum()``: zero second derivative (the pattern DESIGN.md's megatron toy used)."""
+    """``y.sum()``: zero second derivative (the pattern of the first megatron-core toy check)."""
     return y.sum()
 
 

@@ -172,7 +172,7 @@ def test_megatron_first_order_matches(megatron_results):
 
 
 def test_megatron_double_backward_with_linear_energy_matches(megatron_results):
-    # DESIGN.md's toy (energy = y.sum()): passes, because d2E/dy2 = 0 hides the missing term.
+    # the toy with energy = y.sum(): passes, because d2E/dy2 = 0 hides the missing term.
     d = megatron_results["megatron linear energy"]
     assert max(v for k, v in d.items() if k != "fallback_warning") < 2e-5, d
 
