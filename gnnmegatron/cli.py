@@ -173,6 +173,12 @@ def _cmd_checkpoint_export(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from gnnmegatron.doctor import main as doctor_main
+
+    return doctor_main(quick=args.quick, devices=args.device, json_path=args.json)
+
+
 def _add_fit_keys(parser: argparse.ArgumentParser) -> None:
     """``--n-key`` / ``--d-key`` of ``scaling fit`` and ``scaling report``."""
     parser.add_argument("--n-key", default="params", help="record field used as N (default: non-embedding parameters)")
@@ -299,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     cexp.add_argument("path", help="run directory or checkpoint directory")
     cexp.add_argument("--out", required=True, help="file to write (e.g. model.pt)")
     cexp.set_defaults(func=_cmd_checkpoint_export)
+
+    doc = sub.add_parser("doctor", help="check every op's backends against the reference on the devices present")
+    doc.add_argument("--quick", action="store_true", help="small shapes only")
+    doc.add_argument("--device", action="append", default=None, help="cpu or cuda (repeatable; default: all present)")
+    doc.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    doc.set_defaults(func=_cmd_doctor)
     return parser
 
 

@@ -1,0 +1,41 @@
+"""``gnnmegatron doctor``: the table on this machine's devices, and a wrong backend is caught."""
+
+import torch
+
+from gnnmegatron import doctor
+from gnnmegatron.cli import main
+
+
+def test_doctor_passes_on_cpu_and_prints_the_table(capsys):
+    rows = doctor.run(devices=["cpu"], shapes=["small"], repeats=1)
+    ran = [r for r in rows if r.result != "SKIP"]
+    assert {r.op for r in ran} == set(doctor.OPS)
+    assert {r.backend for r in ran} == {"torch"}
+    assert all(r.result == "PASS" for r in ran), doctor.format_table(rows)
+    assert all(r.max_error is not None and r.max_error <= r.tolerance and r.time_ms > 0 for r in ran)
+    skipped = [r for r in rows if r.result == "SKIP"]
+    if not torch.cuda.is_available():
+        assert [r.backend for r in skipped] == ["triton"] and "CUDA" in skipped[0].note
+    assert main(["doctor", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "fused_message_aggregate[grad2]" in out and "rows pass" in out and "FAIL" not in out
+
+
+def test_doctor_reports_a_wrong_backend(monkeypatch, capsys):
+    """A torch backend whose segment sums are off by 1e-3 relative: its rows fail, exit status 1."""
+    import importlib
+
+    module = importlib.import_module("gnnmegatron.ops.segment_reduce")  # the package exports the function
+
+    real = module._torch_forward
+
+    def wrong(src2, index, ptr, reduce):
+        out, arg = real(src2, index, ptr, reduce)
+        return out * (1 + 1e-3), arg
+
+    monkeypatch.setattr(module, "_torch_forward", wrong)
+    rows = doctor.run(devices=["cpu"], shapes=["small"], repeats=1)
+    failed = {r.op for r in rows if r.result == "FAIL"}
+    assert failed == {"segment_reduce[sum]", "segment_reduce[max]"}, doctor.format_table(rows)
+    assert main(["doctor", "--quick", "--device", "cpu"]) == 1
+    assert "FAIL" in capsys.readouterr().out
