@@ -48,9 +48,9 @@ setup(
         # MPtrj JSON and ASE-LMDB rows (the stdlib json is the fallback).
         "importers": ["h5py>=3.8", "lmdb>=1.4", "orjson>=3.9"],
         # Optional baselines for the kernel benchmarks; torch-scatter builds from source (~9 min).
+        # (No apex extra: nothing imports apex; torch's fused AdamW and native norms cover it, and
+        # the package of that name on the index is unrelated to NVIDIA's.)
         "baselines": ["torch-scatter>=2.1", "torch-geometric>=2.5"],
-        # apex is optional: used only if a user already has NVIDIA's apex installed.
-        "apex": [],
     },
     entry_points={"console_scripts": ["gnnmegatron=gnnmegatron.cli:main"]},
 )
