@@ -3,8 +3,8 @@
 For each device (the CPU, and the GPU when there is one), each op and each backend that can run
 there, at a few shapes, it computes the outputs and their gradients (and, for the fused message
 op, the double backward a force loss takes), compares them with the reference backend run in
-float64 on the same (rounded) inputs, times forward + backward (median of a few runs), and
-prints one table row with PASS or FAIL. On a GPU the triton rows also run deterministic mode
+float64 on the same (rounded) inputs, times forward + backward (+ the double backward for the
+``[grad2]`` rows; median of a few runs, "time ms"), and prints one table row with PASS or FAIL. On a GPU the triton rows also run deterministic mode
 twice and require bit-identical results. The exit status is 1 if any row fails, so a GPU user
 validates the kernels in about a minute::
 
@@ -162,6 +162,8 @@ def check(op, device, backend, dtype, shape, repeats=3) -> Row:
         err = _max_error(got, want)
         ms = _time(lambda: _evaluate(op, backend, edge_index, N, tensors, dtype), device, repeats)
         ok, note = err <= tol, ""
+        if backend == "triton" and device.type == "cpu":
+            note = "TRITON_INTERPRET: CPU emulation, time is not a GPU time"
         if ok and backend == "triton" and device.type == "cuda" and op.startswith("fused_message"):
             with _env("GNNMEGATRON_DETERMINISTIC", "1"):
                 runs = [_evaluate(op, backend, edge_index, N, tensors, dtype) for _ in range(2)]
@@ -202,7 +204,7 @@ def run(devices=None, shapes=None, quick=False, repeats=3, progress=None) -> lis
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["op", "device", "backend", "dtype", "shape", "max rel err", "tolerance", "fwd+bwd ms", "result", "note"]
+    head = ["op", "device", "backend", "dtype", "shape", "max rel err", "tolerance", "time ms", "result", "note"]
     body = [[r.op, r.device, r.backend, r.dtype, r.shape, "-" if r.max_error is None else f"{r.max_error:.1e}",
              f"{r.tolerance:.0e}" if r.tolerance else "-", "-" if r.time_ms is None else f"{r.time_ms:.1f}",
              r.result, r.note] for r in rows]
