@@ -227,14 +227,23 @@ def main() -> None:
         s = {f"structures_per_s_w{w}": r[w]["structures_per_s"] for w in r}
         s.update({f"input_MB_per_s_w{w}": r[w]["input_MB_per_s"] for w in r})
         s.update({f"output_MB_per_s_w{w}": r[w]["output_MB_per_s"] for w in r})
+        s.update({f"cpu_utilization_w{w}": r[w]["cpu_utilization"] for w in r})
         w1 = r.get(1, next(iter(r.values())))
         s["per_structure_us_w1"] = {k: w1[f"{k}_us"] for k in ("read_parse", "validate_append", "compress_write")}
+        s["cpu_per_structure_us_w1"] = w1["cpu_per_structure_us"]
         if 1 in r and 2 in r:
             s["speedup_2_workers"] = round(r[2]["structures_per_s"] / r[1]["structures_per_s"], 2)
         summary[fmt] = s
     va = [row["validate_append_us"] for row in rows if row["workers"] == 1]
+    cpu = [row["cpu_per_structure_us"] for row in rows if row["workers"] == 1]
+    cw = [row["compress_write_us"] for row in rows if row["workers"] == 1]
     summary["per_frame_python_overhead_us"] = {"validate_append_median": float(np.median(va)),
-                                               "validate_append_range": [min(va), max(va)]}
+                                               "validate_append_range": [min(va), max(va)],
+                                               "cpu_per_structure_range": [min(cpu), max(cpu)],
+                                               "compress_write_range": [min(cw), max(cw)]}
+    summary["note"] = ("stage times are wall time inside the workers; cpu_utilization < 1 means the workers "
+                       "did not get their cores (other jobs on the shared machine, see the load averages): "
+                       "2-worker rows with low utilisation do not measure scaling")
 
     def plot(plt):
         fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))

@@ -90,7 +90,7 @@ def open_sharded(store) -> None:
     store._graph_chunks = np.concatenate(gcs + [np.asarray([G], np.int64)]).astype(np.int64)
     store._chunk_of_graph = (np.concatenate([p._chunk_of_graph + chunk_base[k] for k, p in enumerate(parts)])
                              if parts else np.zeros(0, np.int64))
-    store._apc = parts[0]._apc if parts else int(attrs.get("atoms_per_chunk", 8192))
+    store._apc = parts[0]._apc if parts else int(attrs.get("atoms_per_chunk") or 8192)
     store._readers = None
 
 
