@@ -15,6 +15,10 @@ Typical use::
 
     from gnnmegatron.data.importers import import_ase
     summary = import_ase(["train.extxyz", "oxides.db"], "data/mixed.zarr")
+
+This writes one plain store in one process. ``gnnmegatron data import`` (any ASE files, and the
+study's releases with ``--format``) uses :func:`gnnmegatron.data.import_driver.import_dataset`
+instead: worker processes, shards joined by a manifest, resume, a rejection log.
 """
 
 from __future__ import annotations

@@ -213,3 +213,15 @@ def test_join_datasets_remaps_sources(files, parallel_dataset, tmp_path):
     np.testing.assert_array_equal(ds[45]["positions"], db[5]["positions"])
     assert ds.structure_ids([45]) == db.structure_ids([5]) and ds[10]["energy"] == da[10]["energy"]
     assert ds.metadata["counts"]["per_source"] == [20, 40, 20]
+
+
+def test_every_record_rejected_gives_an_empty_dataset_and_a_full_log(tmp_path):
+    bad = tmp_path / "bad.extxyz"
+    bad.write_text("".join(oc20_frame_text([29, 29], [[0, 0, 5], [0, 0, 5.02]], np.diag([8.0, 8, 20]), -1.0 - k,
+                                           [[0, 0, 0], [0, 0, 0]]) for k in range(3)))
+    summary = import_dataset([bad], tmp_path / "e.zarr", format="oc20", on_bad="skip", progress=False)
+    assert summary["num_graphs"] == 0 and summary["rejected"]["by_reason"] == {"overlapping_atoms": 3}
+    ds = GraphStore(tmp_path / "e.zarr")
+    assert len(ds) == 0 and ds.num_chunks == 0 and ds.metadata["shards"] == []
+    assert [json.loads(x)["id"] for x in (tmp_path / "e.zarr" / "rejections.jsonl").read_text().splitlines()] == \
+        ["bad.extxyz:frame0", "bad.extxyz:frame1", "bad.extxyz:frame2"]
