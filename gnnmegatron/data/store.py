@@ -18,7 +18,10 @@ import zarr
 from gnnmegatron.data.schema import ARRAYS, SCHEMA_VERSION, STORE_FORMAT, ShardReader, StoreError
 from gnnmegatron.data.writer import (DEFAULT_ATOMS_PER_CHUNK, DEFAULT_GRAPHS_PER_CHUNK,  # noqa: F401
                                      SHARD_ATOMS, SHARD_GRAPHS, GraphStoreWriter, _partial_path,
-                                     _pid_alive, _read_attrs)
+                                     _read_attrs)
+
+__all__ = ["DEFAULT_ATOMS_PER_CHUNK", "DEFAULT_CACHE_CHUNKS", "DEFAULT_GRAPHS_PER_CHUNK", "GraphStore",
+           "GraphStoreWriter", "SHARD_ATOMS", "SHARD_GRAPHS", "split_indices"]
 
 DEFAULT_CACHE_CHUNKS = 16
 

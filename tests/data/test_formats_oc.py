@@ -144,9 +144,9 @@ def _omat_atoms():
 
 def test_aselmdb_rows_units_voigt_stress_and_deleted_rows(tmp_path):
     atoms = _omat_atoms() + [_omat_atoms()[0]]
-    path = write_aselmdb(tmp_path / "rattled-300.aselmdb", atoms,
-                         [{"sid": "omat-1"}, {"sid": "omat-2"}, {}, {"sid": "deleted"}], delete=(4,))
-    import_dataset([tmp_path], tmp_path / "omat.zarr", format="omat24", progress=False)
+    write_aselmdb(tmp_path / "rattled-300.aselmdb", atoms,
+                  [{"sid": "omat-1"}, {"sid": "omat-2"}, {}, {"sid": "deleted"}], delete=(4,))
+    import_dataset([tmp_path], tmp_path / "omat.zarr", format="omat24", progress=False)  # the folder as input
     ds = GraphStore(tmp_path / "omat.zarr")
     assert len(ds) == 3
     assert ds.structure_ids([0, 1]) == ["omat-1", "omat-2"]
