@@ -14,6 +14,14 @@ Methods (every one returns m and back-propagates a random dL/dm to h, R, w, W, b
 * ``fused-torch``: ``P, Q = h A^T, h B^T`` per node, then ``fused_message_aggregate``
   with the torch backend (chunked, compiled chunk bodies, recomputing backward).
 * ``fused-triton``: the same with the triton backend (CUDA only).
+* ``fused-triton-det``: the triton backend in deterministic mode (``GNNMEGATRON_DETERMINISTIC=1``:
+  dQ over the source-sorted plan instead of fp32 atomics, first config instead of autotuning),
+  CUDA only: the price of bit-reproducible GPU training.
+
+Group ``grad2`` times the conservative-force step instead of forward + backward: forward, the
+gradient of a random dL/dm with respect to h with ``create_graph`` (the "forces"), a loss on
+that gradient, and its backward to every parameter (the fused op's double backward: the triton
+bwd2 kernel, or its closed-form torch twin on CPU; autograd through the edge MLP for ``naive``).
 
 Each configuration runs in its own subprocesses (``--worker``) so that memory figures do not
 mix. Peak memory, CPU: the resident set size (RSS, /proc/self/statm) sampled every 0.5 ms
@@ -33,9 +41,10 @@ card's nominal HBM bandwidth.
 
 Run (about 15-20 min on 2 cores; needs about 16 GB free for the naive path at the headline size)::
 
-    OMP_NUM_THREADS=2 python benchmarks/kernels.py
+    OMP_NUM_THREADS=2 python benchmarks/kernels.py      # on a GPU machine: the same one command
 
-``--quick`` runs small sizes only (a smoke test); ``--sweep-chunk`` times chunk sizes.
+``--quick`` runs small sizes only (a smoke test); ``--sweep-chunk`` times chunk sizes; ``--grad2``
+runs only the ``grad2`` group (writes kernels-grad2-<machine>.json).
 Writes benchmarks/results/kernels-<machine>.json/.csv/.png.
 """
 
@@ -54,6 +63,7 @@ import time
 from common import write_results
 
 HEADLINE = dict(N=65536, E=2_000_000, F=256, K=32)
+GRAD2 = dict(N=16384, E=16384 * 24, F=128, K=32)  # the conservative-force step
 TARGET_SPEEDUP = 3.0
 TARGET_MEMORY_RATIO = 5.0
 TARGET_BANDWIDTH_FRACTION = 0.7
@@ -140,7 +150,7 @@ def _method(name, ei, lin, F, num_nodes):
     else:
         from gnnmegatron.ops import csr_plan, fused_message_aggregate
         plan = csr_plan(dst, num_nodes, sorted=True)
-        backend = name.split("-", 1)[1]
+        backend = name.split("-")[1]
 
         def run(h, R, w):
             W = lin.weight
@@ -162,6 +172,8 @@ def worker(spec: dict) -> dict:
     if spec.get("compile"):
         from gnnmegatron.ops import settings
         settings.compile = spec["compile"]
+    if spec["method"].endswith("-det"):
+        os.environ["GNNMEGATRON_DETERMINISTIC"] = "1"
     N, E, F, K = spec["N"], spec["E"], spec["F"], spec["K"]
     ei, h, R, w, lin, grad_m = _make_inputs(N, E, F, K, device, dtype)
     run = _method(spec["method"], ei, lin, F, N)
@@ -179,7 +191,11 @@ def worker(spec: dict) -> dict:
         m = run(h, R, w)
         sync()
         t1 = time.perf_counter()
-        m.backward(grad_m)
+        if spec.get("group") == "grad2":  # conservative-force step: a loss on dE/dh, differentiated
+            (force,) = torch.autograd.grad((m * grad_m).sum(), h, create_graph=True)
+            (force * force).sum().backward()
+        else:
+            m.backward(grad_m)
         sync()
         t2 = time.perf_counter()
         del m
@@ -261,7 +277,7 @@ def available_methods(device: str) -> list[str]:
             methods.append(name)
     methods.append("fused-torch")
     if device == "cuda":
-        methods.append("fused-triton")
+        methods += ["fused-triton", "fused-triton-det"]
     return methods
 
 
@@ -294,6 +310,22 @@ def plot(rows, headline_key, plt):
     return fig
 
 
+def plot_grad2(rows, plt):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    done = [r for r in rows if r.get("group") == "grad2" and "error" not in r]
+    names = [r["method"] for r in done]
+    axes[0].bar(names, [r["fwd_bwd_s"] for r in done], color="tab:blue")
+    axes[0].set_ylabel("conservative-force step (s)")
+    axes[1].bar(names, [r.get("peak_mem_bytes", 0) / 2**30 for r in done], color="tab:orange")
+    axes[1].set_ylabel("peak working memory (GiB)")
+    if done:
+        size = f"N={done[0]['N']} E={done[0]['E']} F={done[0]['F']} K={done[0]['K']}"
+        axes[0].set_title(f"grad2, {size}: time")
+        axes[1].set_title("memory")
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -302,6 +334,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
     ap.add_argument("--sweep-chunk", action="store_true", help="time the torch backend's chunk sizes only")
+    ap.add_argument("--grad2", action="store_true", help="time the conservative-force (double backward) group only")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     args = ap.parse_args(argv)
     if args.worker:
@@ -322,9 +355,13 @@ def main(argv=None):
     else:
         head, base_n, degrees, widths = HEADLINE, 16384, (8, 16, 32), (64, 128)
     specs = []
+    grad2_size = dict(N=2048, E=32768, F=64, K=16) if args.quick else GRAD2
+    grad2 = [dict(grad2_size, method=m, group="grad2") for m in methods if m not in ("torch_scatter", "pyg")]
     if args.sweep_chunk:
         for ce in (1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21):
             specs.append(dict(head, method="fused-torch", group="chunk", chunk_elements=ce))
+    elif args.grad2:
+        specs += grad2
     else:
         specs += [dict(head, method=m, group="headline") for m in methods]
         specs += [dict(N=base_n, E=base_n * d, F=256 if not args.quick else 64, K=head["K"], method=m,
@@ -332,6 +369,7 @@ def main(argv=None):
                                                                                            "fused-triton")]
         specs += [dict(N=base_n, E=base_n * 32, F=f, K=head["K"], method=m, group="sweep_F")
                   for f in widths for m in methods if m in ("naive", "fused-torch", "fused-triton")]
+        specs += grad2
     rows = []
     for spec in specs:
         spec.update(device=device, dtype="float32", repeats=args.repeats)
@@ -374,13 +412,25 @@ def main(argv=None):
         summary["torch_scatter"] = "not installed: baseline skipped"
     if "pyg" not in methods:
         summary["pyg"] = "not installed: baseline skipped"
-    name = "kernels" if not args.sweep_chunk else "kernels-chunk"
+    g_naive = get("naive", "grad2")
+    g_fused = get("fused-triton" if device == "cuda" else "fused-torch", "grad2")
+    if g_naive and g_fused:
+        summary.update(grad2_size=f"N={grad2_size['N']} E={grad2_size['E']} F={grad2_size['F']} K={grad2_size['K']}",
+                       grad2_naive_s=round(g_naive["fwd_bwd_s"], 3), grad2_fused_s=round(g_fused["fwd_bwd_s"], 3),
+                       grad2_speedup_vs_naive=round(g_naive["fwd_bwd_s"] / g_fused["fwd_bwd_s"], 2),
+                       grad2_peak_memory_ratio_vs_naive=round(g_naive["peak_mem_bytes"]
+                                                              / max(1, g_fused["peak_mem_bytes"]), 2))
+    det, nondet = get("fused-triton-det"), get("fused-triton")
+    if det and nondet:
+        summary["deterministic_slowdown"] = round(det["fwd_bwd_s"] / nondet["fwd_bwd_s"], 3)
+    name = "kernels-chunk" if args.sweep_chunk else "kernels-grad2" if args.grad2 else "kernels"
     extra = {
         "method": {
             "computation": "m_i = sum_j w_ij silu(W [h_i; h_j; R_ij] + b), backward of a random dL/dm to h, R, w, "
                            "W, b; float32",
             "time": f"median of {args.repeats} forward+backward steps after one warm-up step (the warm-up includes "
-                    "torch.compile's compile on CPU and autotuning on GPU)",
+                    "torch.compile's compile on CPU and autotuning on GPU); group grad2: the conservative-force "
+                    "step (forward, dL/dh with create_graph, loss |dL/dh|^2, its backward) in fwd_bwd_s",
             "peak_mem_bytes": ("CPU: peak RSS sampled every 0.5 ms during one forward+backward step (after a "
                                "warm-up step) minus the RSS just before it: the working memory of the step; "
                                "inputs, parameters and compiled code excluded. Measured in a separate subprocess "
@@ -393,7 +443,8 @@ def main(argv=None):
         },
     }
     out = write_results(name, machine, rows, summary,
-                        None if args.sweep_chunk else (lambda plt: plot(rows, summary.get("size", ""), plt)),
+                        None if args.sweep_chunk else (lambda plt: plot_grad2(rows, plt)) if args.grad2 else
+                        (lambda plt: plot(rows, summary.get("size", ""), plt)),
                         device=device, extra=extra)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")

@@ -240,14 +240,14 @@ def config(num_warps=4, num_stages=2, maxnreg=None, **blocks) -> triton.Config:
 NV_MAXNREG = 255
 
 
-def per_kind(cuda: list, hip: list | None = None) -> dict:
-    """Candidate configs by GPU kind: ``cuda`` ones get ``maxnreg``; ``hip`` defaults to the same
-    block sizes without it."""
+def per_kind(cuda: list, hip: list | None = None, maxnreg: int | None = NV_MAXNREG) -> dict:
+    """Candidate configs by GPU kind: ``cuda`` ones get ``maxnreg`` (None: ptxas's default);
+    ``hip`` defaults to the same block sizes without it."""
     def strip(c):
         return triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
 
     def nv(c):
-        return triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=NV_MAXNREG)
+        return triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=maxnreg)
 
     return {"cuda": [nv(c) for c in cuda], "hip": [strip(c) for c in (hip if hip is not None else cuda)]}
 

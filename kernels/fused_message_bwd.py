@@ -148,7 +148,8 @@ def launch_bwd(kernel: TunedKernel, cls, owners: int, F: int, K: int, acc_torch,
     """Run ``kernel`` over ``owners`` CSR rows on a persistent grid; ``make_args(programs, per,
     dc_part, dv_part)`` builds the argument tuple. Returns (dc_part, dv_part), the per-program
     partial sums of dC and dv (``partials=False``: empty), which the caller reduces."""
-    programs = persistent_programs(owners, device, partial_row_bytes=K * F * torch.finfo(acc_torch).bits // 8)
+    row_bytes = K * F * torch.finfo(acc_torch).bits // 8 if partials else 0
+    programs = persistent_programs(owners, device, partial_row_bytes=row_bytes)
     per = triton.cdiv(owners, programs) if programs else 1
     programs = triton.cdiv(owners, per) if programs else 0
     rows = max(programs, 1) if partials else 0
