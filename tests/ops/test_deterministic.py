@@ -74,3 +74,58 @@ def test_dc_partial_buffer_is_bounded_independently_of_n(monkeypatch):
     # a small K x F keeps the full parallelism of PROGRAMS_PER_SM programs per SM
     assert _common.persistent_programs(10_000_000, cuda, partial_row_bytes=16 * 64 * 4) == \
         _common.PROGRAMS_PER_SM * 132
+
+
+def test_gpu_launch_path_picks_audited_configs(monkeypatch):
+    """TunedKernel on a GPU (faked): deterministic launches take the class's first config without
+    autotuning; others autotune over exactly the audited candidates of the GPU kind (NVIDIA ones
+    with maxnreg, AMD ones without)."""
+    pytest.importorskip("triton")
+    from gnnmegatron.kernels import _common
+
+    launches, tuners = [], []
+
+    class FakeJit:
+        __name__ = "_fake_kernel"
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    def fake_autotune(configs, key, reset_to_zero):
+        tuners.append((configs, key, reset_to_zero))
+        return lambda fn: fn
+
+    kind = {"value": "cuda"}
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(_common, "target_kind", lambda device: kind["value"])
+    monkeypatch.setattr(_common.triton, "autotune", fake_autotune)
+    configs = {("fp32",): _common.per_kind([_common.config(BLOCK_E=16), _common.config(BLOCK_E=32, num_warps=8)])}
+    kernel = _common.TunedKernel(FakeJit(), configs, key=["F"], interpret=None, reset_to_zero=["DY"])
+    x = torch.zeros(4)
+    kernel.launch(("fp32",), (3,), (x, 5), {"ACC": "acc"}, deterministic=True)
+    grid, args, kwargs = launches[-1]
+    assert grid == (3,) and args == (x, 5) and not tuners
+    assert kwargs["BLOCK_E"] == 16 and kwargs["maxnreg"] == _common.NV_MAXNREG and kwargs["ACC"] == "acc"
+    kernel.launch(("fp32",), (3,), (x, 5), {"ACC": "acc"}, deterministic=False)
+    assert len(tuners) == 1 and [c.kwargs["BLOCK_E"] for c in tuners[0][0]] == [16, 32]
+    assert all(c.maxnreg == _common.NV_MAXNREG for c in tuners[0][0]) and tuners[0][2] == ["DY"]
+    assert "BLOCK_E" not in launches[-1][2]  # the autotuner supplies the config
+    kind["value"] = "hip"
+    kernel.launch(("fp32",), (3,), (x, 5), {}, deterministic=True)
+    assert "maxnreg" not in launches[-1][2] and launches[-1][2]["BLOCK_E"] == 16
+
+
+def test_large_k_falls_back_to_torch_only_when_the_backend_was_not_asked_for(monkeypatch):
+    """K > 64: the triton kernels cannot take it; a device-chosen triton becomes torch, an
+    explicit one is refused by name."""
+    import importlib
+
+    module = importlib.import_module("gnnmegatron.ops.fused_message")
+    monkeypatch.setattr(module, "resolve_backend", lambda backend, device: backend or "triton")  # as on a GPU
+    ei, n = make_graph("ragged", True)
+    P, Q, R, C, b, w, v = fused_inputs(ei.shape[1], n, 6, 70, torch.float64)
+    m, s = fused_message_aggregate(P, Q, ei, R, C, b, w, v)  # chosen by device: runs the torch path
+    m_ref, s_ref = fused_message_aggregate(P, Q, ei, R, C, b, w, v, backend="reference")
+    assert torch.allclose(m, m_ref) and torch.allclose(s, s_ref)
+    with pytest.raises(ValueError, match="K <= 64"):
+        fused_message_aggregate(P, Q, ei, R, C, b, w, v, backend="triton")

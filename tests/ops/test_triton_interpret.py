@@ -86,7 +86,7 @@ def main() -> None:  # runs in the subprocess
         fused_case("ragged", True, torch.float32, F=8, K=3, w=w, v=v)
     _fused_common.INTERPRET_CONFIG["BLOCK_F"] = 32  # one slice covers F
     fused_case("ragged", False, torch.float32, F=20, K=20)  # BLOCK_K 32
-    fused_case("isolated", False, torch.float32, F=12, K=40, second_order=False)  # BLOCK_K 64
+    fused_case("isolated", False, torch.float32, F=12, K=40)  # BLOCK_K 64
     fused_case("ragged", True, torch.float64, F=8, K=3)
     fused_case("ragged", False, torch.bfloat16, F=16, K=16, second_order=False)
     fused_case("ragged", True, torch.float16, F=16, K=4, second_order=False)
