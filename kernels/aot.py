@@ -4,13 +4,14 @@
 
 1. **Variants the launchers reach.** Every launcher is driven with tiny CPU tensors over its
    options (each dtype it accepts, K in each BLOCK_K class, sorted and unsorted edges, with and
-   without w and v, each activation, each set of wanted gradients, present and absent
+   without w and v, each activation, all and one wanted gradients, present and absent
    double-backward cotangents, deterministic or not, narrow and wide rows, each reduction);
    ``TunedKernel.recorder`` receives the launches instead of running them. Each launch is
    specialised exactly as triton's JIT would on the target (its own binder: argument types,
    constexprs, pointer alignment and, on AMD, buffer-op ranges), and the distinct
    specialisations are kept. Flags and scalars are runtime ``int32`` arguments, so they add
-   no variants; what remains is the dtype, BLOCK_K and REDUCE.
+   no variants (the test checks one variant per config, three for REDUCE); what remains is the
+   dtype, BLOCK_K and REDUCE.
 2. **Compile.** Each variant x each autotune config of its class x each target (sm_80, sm_90
    and AMD gfx942) goes through ``triton.compile`` in a process pool. Any error fails the audit.
 3. **Resources.** NVIDIA: ``cuobjdump --dump-resource-usage`` (shipped with triton's NVIDIA
