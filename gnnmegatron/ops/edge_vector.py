@@ -49,7 +49,7 @@ def _backward(ctx, grad_out):
     """``dvec_e = grad_out[dst_e] g_e``, ``dg_e = grad_out[dst_e] . vec_e``: a gather and an
     elementwise product in plain torch, hence differentiable again (double backward)."""
     vec, g, index = ctx.saved_tensors
-    go = grad_out[index]
+    go = grad_out.index_select(0, index)  # its own backward is index_add: deterministic on CPU
     dvec = go * g.unsqueeze(1).to(go.dtype) if ctx.needs_input_grad[0] else None
     dg = (go * vec.to(go.dtype)).sum(1).to(g.dtype) if ctx.needs_input_grad[1] else None
     return (dvec.to(vec.dtype) if dvec is not None else None), dg, None, None, None, None

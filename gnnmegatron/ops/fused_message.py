@@ -51,7 +51,9 @@ def fused_message_reference(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tensor,
     """Plain torch oracle that materialises the [E, F] pre-activations (fp32 math for half inputs)."""
     dst, src = edge_index[0], edge_index[1]
     cdt = compute_dtype(P.dtype)
-    z = P[dst].to(cdt) + Q[src].to(cdt) + R.to(cdt) @ C.to(cdt)
+    # index_select, not P[dst]: its backward is index_add, deterministic on CPU threads (advanced
+    # indexing's backward, index_put_ with accumulate, is not)
+    z = P.index_select(0, dst).to(cdt) + Q.index_select(0, src).to(cdt) + R.to(cdt) @ C.to(cdt)
     if b is not None:
         z = z + b.to(cdt)
     a = act(activation, z)

@@ -75,32 +75,36 @@ def fused_message_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activa
         else:
             acc[name] = acc[name].index_add(0, rows, value) if create else acc[name].index_add_(0, rows, value)
 
+    def take(t, rows):  # index_select: under autograd its backward is index_add (deterministic on CPU)
+        return t.index_select(0, rows)
+
     step = settings.edges_per_chunk(F)
     for e0 in range(0, E, step):
         e1 = min(E, e0 + step)
         idx = torch.arange(e0, e1, device=dev) if perm is None else perm[e0:e1]
         order.append(idx)
         d, j = dst[idx], src[idx]
-        Rc = R[idx].to(cdt)
-        z = torch.addmm(bc, Rc, Cc) + P[d].to(cdt) + Q[j].to(cdt)
+        Rc = take(R, idx).to(cdt)
+        z = torch.addmm(bc, Rc, Cc) + take(P, d).to(cdt) + take(Q, j).to(cdt)
         a, a1, a2 = act_grads2(activation, z)
-        gmr = gmc[d]
-        wv = w[idx].to(cdt).unsqueeze(1) if w is not None else None
-        gsv = gs[idx].to(cdt).unsqueeze(1) if v is not None else None
+        gmr = take(gmc, d)
+        wv = take(w, idx).to(cdt).unsqueeze(1) if w is not None else None
+        gsv = take(gs, idx).to(cdt).unsqueeze(1) if v is not None else None
         g = gmr * wv if wv is not None else gmr
         if gsv is not None:
             g = g + gsv * vc
         dz = g * a1
         G = None
-        for term in (ggP[d] if ggP is not None else None, ggQ[j] if ggQ is not None else None,
-                     ggR[idx].to(cdt) @ Cc if ggR is not None else None, Rc @ ggCc if ggC is not None else None,
-                     ggbc):
+        ggr = take(ggR, idx).to(cdt) if ggR is not None else None
+        ggwv = take(ggw, idx).to(cdt).unsqueeze(1) if ggw is not None else None
+        for term in (take(ggP, d) if ggP is not None else None, take(ggQ, j) if ggQ is not None else None,
+                     ggr @ Cc if ggr is not None else None, Rc @ ggCc if ggC is not None else None, ggbc):
             if term is not None:
                 G = term.to(cdt) if G is None else G + term.to(cdt)
         H = a1 * G if G is not None else None
         coef = None
         if ggw is not None:
-            coef = ggw[idx].to(cdt).unsqueeze(1) * gmr
+            coef = ggwv * gmr
         if ggv is not None:
             coef = gsv * ggvc if coef is None else coef + gsv * ggvc
         T = None
@@ -114,14 +118,13 @@ def fused_message_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activa
             add("b", T.sum(0))
             add("C", Rc.T @ T)
         if ggR is not None:
-            add("C", ggR[idx].to(cdt).T @ dz)
+            add("C", ggr.T @ dz)
         if need["gm"]:
             gm_term = None
             if H is not None:
                 gm_term = H * wv if wv is not None else H
             if ggw is not None:
-                gm_term = ggw[idx].to(cdt).unsqueeze(1) * a if gm_term is None else \
-                    gm_term + ggw[idx].to(cdt).unsqueeze(1) * a
+                gm_term = ggwv * a if gm_term is None else gm_term + ggwv * a
             add("gm", gm_term, d)
         if need["v"] and H is not None:
             add("v", gsv.squeeze(1) @ H)

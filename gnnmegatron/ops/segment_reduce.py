@@ -96,10 +96,10 @@ def _backward(ctx, grad_out, grad_arg):
     if grad_out is None:
         return (None,) * 6
     if ctx.reduce == "sum":
-        g = grad_out[index]
+        g = grad_out.index_select(0, index)  # differentiable again through index_add (deterministic)
     elif ctx.reduce == "mean":
         count = (ptr[1:] - ptr[:-1]).clamp_min(1).to(grad_out.dtype).unsqueeze(1)
-        g = (grad_out / count)[index]
+        g = (grad_out / count).index_select(0, index)
     else:
         E, F = ctx.num_edges, grad_out.shape[1]
         g = grad_out.new_zeros((E + 1, F)).scatter(0, arg, grad_out)[:E]
