@@ -33,6 +33,7 @@ def test_switches(monkeypatch):
 def test_cpu_backends_are_bit_identical_from_run_to_run(backend, monkeypatch):
     """Shuffled (unsorted) edges, 2 threads, several chunks: first and second order, three runs."""
     monkeypatch.setattr(settings, "chunk_edges", 64)
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
     ei, n = make_graph("hub", False, hub_edges=400)
     inputs = fused_inputs(ei.shape[1], n, 48, 8, torch.float32)
@@ -44,7 +45,10 @@ def test_cpu_backends_are_bit_identical_from_run_to_run(backend, monkeypatch):
         grads = torch.autograd.grad((m ** 2).sum() + (s ** 3).sum(), leaves, create_graph=True)
         return [m, s] + list(grads) + list(torch.autograd.grad(sum((g ** 2).sum() for g in grads), leaves))
 
-    runs = [run() for _ in range(3)]
+    try:
+        runs = [run() for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
     for other in runs[1:]:
         for i, (a, e) in enumerate(zip(other, runs[0])):
             assert torch.equal(a, e), f"{backend}: output {i} differs between runs"
