@@ -1,11 +1,11 @@
 """Triton fused message aggregation, backward: ``_fused_message_bwd_kernel`` -> ``fused_message_bwd``.
 
 Per edge tile (layout as in ``fused_message.py``): ``dz = (gm_i w_ij + gs_ij v) * act'(z)``;
-dP_i = sum dz (owned rows); dR = dz C^T (rank-1 steps over k, ``mul_ct``) and dw = gm_i . a
-are full-F sums that the owner
-accumulates over its F slices (no atomics); dC and dv are summed per program (dC += R^T dz is
-the one ``tl.dot``) into ``[programs, K, F]`` / ``[programs, F]`` partial buffers that torch reduces; db = sum_i dP_i.
-The persistent grid bounds the partial buffers independently of N (``persistent_programs``).
+dP_i = sum dz (owned rows); dR = dz C^T (row reductions over k, ``mul_ct``) and dw = gm_i . a
+are full-F sums that the owner accumulates over its F slices (no atomics); dC and dv are summed
+per program (dC += R^T dz is the one ``tl.dot``) into ``[programs, K, F]`` / ``[programs, F]``
+partial buffers that torch reduces; db = sum_i dP_i. The persistent grid bounds the partial
+buffers independently of N (``persistent_programs``: at most max(64 MiB, one program per SM)).
 
 dQ_j sums dz over the edges *leaving* j, which the destination-ordered programs do not own:
 
