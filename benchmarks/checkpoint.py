@@ -13,8 +13,9 @@ first step), then measures, in this order:
    above the steady state during the save.
 2. **DCP load** of that checkpoint into the same tensors (what a resume does): seconds.
 3. **Gathered save** (what the previous release did): every TP rank all-gathers the full weights
-   (``gather_state_dict``), rank 0 writes them with ``torch.save``, and every TP rank writes its
-   optimizer state beside them. Same measurements. Skipped where the gathered copies would not
+   (``gather_state_dict``), rank 0 writes them, and every TP rank writes its optimizer state beside
+   them, each file with that release's ``atomic_save`` (temporary file, fsync, rename; DCP fsyncs
+   its files too). Same measurements. Skipped where the gathered copies would not
    fit in this machine's memory (``--max-gathered-gib``); the JSON then states the bytes it would
    have gathered.
 
@@ -51,9 +52,10 @@ def _rank(preset: str, tp: int, root: str, gathered: bool) -> dict:
     from gnnmegatron.parallel.layout import init_layout, single
     from gnnmegatron.training import sharded_checkpoint as sc
     from gnnmegatron.training.build import build_local_model
+    from gnnmegatron.training.checkpoint import atomic_save
     from gnnmegatron.training.optim import build_optimizer
     from gnnmegatron.training.config import OptimConfig
-    from gnnmegatron.training.train_state import model_state, optimizer_state
+    from gnnmegatron.training.train_state import apply_optimizer_state, model_state, optimizer_state
 
     torch.set_num_threads(1)
     layout = init_layout(tp=tp, groups="torch") if tp > 1 else single()
@@ -82,15 +84,18 @@ def _rank(preset: str, tp: int, root: str, gathered: bool) -> dict:
     out["dcp_save_s"] = time.perf_counter() - t0
     out["dcp_save_peak_extra_bytes"] = max(0, _peak() - before)
     out["dcp_file_bytes"] = (path / f"__{rank}_0.distcp").stat().st_size
-    # 2. DCP load into the same tensors
+    del state  # it holds views of the optimizer state, which the resume below allocates afresh
+    # 2. DCP load, as a resume does: into the model's tensors and freshly allocated optimizer state
+    optimizer.state.clear()
     load_state = {**model_state(model)}
-    opt_state, _ = optimizer_state(optimizer, model, fresh=True)
+    opt_state, pending = optimizer_state(optimizer, model, fresh=True)
     load_state.update(opt_state)
     barrier()
     t0 = time.perf_counter()
     sc.load_sharded(path, load_state)
     out["dcp_load_s"] = time.perf_counter() - t0
-    del load_state, opt_state
+    apply_optimizer_state(optimizer, pending, load_state)
+    del load_state, opt_state, pending
     barrier()
     if rank == 0:
         shutil.rmtree(run / "checkpoints")
@@ -104,9 +109,9 @@ def _rank(preset: str, tp: int, root: str, gathered: bool) -> dict:
         full = gather_state_dict(model) if tp > 1 else model.state_dict()
         folder = run / "gathered"
         folder.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            torch.save(full, folder / "model.pt")
-        torch.save(optimizer.state_dict(), folder / f"optim-tp{rank}.pt")
+        if rank == 0:  # the previous release's atomic_save: temporary file, fsync, rename
+            atomic_save(full, folder / "model.pt")
+        atomic_save(optimizer.state_dict(), folder / f"optim-tp{rank}.pt")
         barrier()
         out["gathered_save_s"] = time.perf_counter() - t0
         out["gathered_save_peak_extra_bytes"] = max(0, _peak() - before)

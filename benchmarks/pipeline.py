@@ -9,11 +9,14 @@ node_split EGNN (hidden 128) with two blocks per pipeline rank.
 
 * **Bubble fraction** (pp = 2 and 4; GPipe, 1F1B, interleaved with 2 chunks per rank; direct
   forces; m = 1, 2, 4, 8, 16 micro-batches): per rank, the busy time is the sum of its actions'
-  compute (from the end of each action's receive to its end, ``engine.trace``); the step's
+  time less the time they were blocked in a receive (``engine.trace``); the step's
   bubble is ``1 - mean busy / step wall time`` (the slowest rank's wall time), median over the
   measured steps, against the analytic ``(p-1)/(m+p-1)`` (``(p-1)/(v m + p-1)`` interleaved;
-  the last stage's heads and loss make the stages a little unequal). With pp = 4 on a 2-core
-  machine the four ranks share two cores: the pp = 4 rows are oversubscribed and say so.
+  the last stage's heads and loss make the stages a little unequal). Beside it, the *replay*
+  bubble: the schedule simulated with each action's measured compute time and free
+  communication (``schedules.replay``), i.e. what the schedule itself costs with these stage
+  times; measured minus replay is the point-to-point and framework overhead. With pp = 4 on a
+  2-core machine the four ranks share two cores: the pp = 4 rows are oversubscribed and say so.
 * **Activation memory per stage** (pp = 4, m = 8): the peak bytes of tensors autograd saves for
   backward (``torch.autograd.graph.saved_tensors_hooks``, each storage counted once, parameters
   excluded) on each rank during one step, per schedule; conservative forces run their GPipe
@@ -86,12 +89,14 @@ def _step(engine, batches, forces=True):
     t0 = time.perf_counter()
     engine.train_step(batches, loss_fn, compute_forces=forces)
     wall = time.perf_counter() - t0
-    busy = sum(end - start for _, _, _, _, start, end in engine.trace)
+    busy = sum(end - start - waited for _, _, _, start, waited, end in engine.trace)
     return wall, busy
 
 
 def _bubble_worker(pp, ms, steps):
     import torch.distributed as dist
+
+    from gnnmegatron.parallel.pipeline.schedules import replay
 
     torch.set_num_threads(1)
     batch = make_batch()
@@ -108,11 +113,17 @@ def _bubble_worker(pp, ms, steps):
                 t = torch.tensor([wall, busy], dtype=torch.float64)
                 walls = [torch.zeros(2, dtype=torch.float64) for _ in range(pp)]
                 dist.all_gather(walls, t, group=engine.layout.pp_group)
+                traces = [None] * pp
+                dist.all_gather_object(traces, [end - start - waited for _, _, _, start, waited, end in engine.trace],
+                                       group=engine.layout.pp_group)
+                ideal = replay(engine.schedule(m, False), traces)
                 max_wall = max(float(w[0]) for w in walls)
                 mean_busy = sum(float(w[1]) for w in walls) / pp
-                rows.append((max_wall, 1 - mean_busy / max_wall))
+                rows.append((max_wall, 1 - mean_busy / max_wall, ideal["bubble"], mean_busy / m))
             out.append({"schedule": schedule, "v": v, "m": m, "step_s": statistics.median(r[0] for r in rows),
-                        "bubble": statistics.median(r[1] for r in rows)})
+                        "bubble": statistics.median(r[1] for r in rows),
+                        "replay_bubble": statistics.median(r[2] for r in rows),
+                        "busy_s_per_micro_batch": statistics.median(r[3] for r in rows)})
     return out
 
 
@@ -259,6 +270,11 @@ def main() -> None:
     for pp in (2, 4):
         for sched in ("gpipe", "1f1b", "interleaved"):
             summary[f"bubble_max_abs_error_pp{pp}_{sched}"] = mean_abs(pp, sched)
+            sel = [r for r in rows if r["kind"] == "bubble" and r["pp"] == pp and r["schedule"] == sched]
+            summary[f"replay_bubble_max_abs_error_pp{pp}_{sched}"] = max(abs(r["replay_bubble"] - r["analytic_bubble"])
+                                                                        for r in sel)
+            summary[f"overhead_fraction_m16_pp{pp}_{sched}"] = next(
+                (r["bubble"] - r["replay_bubble"] for r in sel if r["m"] == max(ms)), None)
     for sched in ("gpipe", "1f1b", "interleaved", "conservative-gpipe"):
         peaks = [r["peak_saved_bytes"] for r in rows if r["kind"] == "activation_memory" and r["schedule"] == sched]
         summary[f"peak_activation_mib_stage0_{sched}"] = peaks[0] / 2**20 if peaks else None
@@ -278,6 +294,8 @@ def main() -> None:
                 ax.plot([r["m"] for r in sel], [r["bubble"] for r in sel], "o-", color=color, label=f"{sched} measured")
                 ax.plot([r["m"] for r in sel], [r["analytic_bubble"] for r in sel], "--", color=color, alpha=0.6,
                         label=f"{sched} (p-1)/(vm+p-1)")
+                ax.plot([r["m"] for r in sel], [r["replay_bubble"] for r in sel], ":", color=color, alpha=0.8,
+                        label=f"{sched} replay of measured times")
             ax.set(xscale="log", xlabel="micro-batches m", ylabel="bubble fraction",
                    title=f"pp={pp}" + (" (oversubscribed: 4 ranks, 2 cores)" if pp > cores else ""))
             ax.legend(fontsize=7)

@@ -244,3 +244,16 @@ def test_tp2_pp2_equals_single_device():
     results = run_distributed(_stage_worker, 4, JOBS_TP2_PP2, 2, timeout=600)
     for idx, (name, overrides, forces, stress, _, _, m, _) in enumerate(JOBS_TP2_PP2):
         _check_against_reference([[rank[idx]] for rank in results], name, overrides, forces, stress, m)
+
+
+def test_replay_with_the_unit_costs_reproduces_the_simulation():
+    from gnnmegatron.parallel.pipeline.schedules import replay
+
+    for sched in (gpipe(3, 5), one_f_one_b(4, 7), interleaved(2, 4, 2)):
+        unit = [[1.0 if a.sweep == "F" else 2.0 for a in acts] for acts in sched.actions]
+        r = replay(sched, unit)
+        assert r["makespan"] == sched.makespan and abs(r["bubble"] - sched.bubble) < 1e-12
+        # a slower last stage lengthens the step and the bubble
+        slow = [list(d) for d in unit]
+        slow[-1] = [2 * x for x in slow[-1]]
+        assert replay(sched, slow)["makespan"] > sched.makespan

@@ -119,9 +119,9 @@ class PipelineEngine:
         self.device = next(model.parameters()).device
         self.profile = False
         self.trace: list[tuple[str, int, int, float, float, float]] = []
-        """With ``profile = True``: per action (sweep, chunk, micro-batch, start, compute start, end) in
-        ``time.perf_counter`` seconds; compute start is when its receive completed (benchmarks)."""
-        self._t_recv = 0.0
+        """With ``profile = True``: per action (sweep, chunk, micro-batch, start, seconds blocked in
+        receives, end), ``time.perf_counter`` seconds (benchmarks: busy = end - start - blocked)."""
+        self._waited = 0.0
 
     # ---------------------------------------------------------------------------- helpers
     def schedule(self, m: int, conservative: bool) -> Schedule:
@@ -147,10 +147,11 @@ class PipelineEngine:
 
     def _recv(self, n: int, direction: str, sweep: str, stage: int, mb: int, requires_grad: bool):
         src_stage = stage - 1 if direction == "fwd" else stage + 1
+        t0 = time.perf_counter() if self.profile else 0.0
         flat = self.channels.recv((n, self.hidden + 3), self.dtype, self.device, direction, src_stage % self.p,
                                   tag_of(sweep, src_stage, mb))
         if self.profile:
-            self._t_recv = time.perf_counter()
+            self._waited += time.perf_counter() - t0
         h, x = flat[:, :self.hidden].clone(), flat[:, self.hidden:].clone()
         return h.requires_grad_(requires_grad), x.requires_grad_(requires_grad)
 
@@ -309,7 +310,7 @@ class PipelineEngine:
         try:
             for a in sched.actions[self.layout.pp_rank]:
                 if self.profile:
-                    t0 = self._t_recv = time.perf_counter()
+                    t0, self._waited = time.perf_counter(), 0.0
                 st = states[a.micro_batch] if a.micro_batch >= 0 else None
                 if a.sweep == "F":
                     self._prepare(st, conservative and compute_forces, compute_stress)
@@ -332,7 +333,7 @@ class PipelineEngine:
                 elif a.sweep == "B2b":
                     self._b2b(st, a.chunk, a.micro_batch)
                 if self.profile:
-                    self.trace.append((a.sweep, a.chunk, a.micro_batch, t0, max(self._t_recv, t0), time.perf_counter()))
+                    self.trace.append((a.sweep, a.chunk, a.micro_batch, t0, self._waited, time.perf_counter()))
             self.channels.wait_sends()
         finally:
             self.channels.wait_sends()

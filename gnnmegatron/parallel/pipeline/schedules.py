@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 __all__ = ["Action", "Schedule", "ScheduleError", "build_schedule", "conservative_gpipe", "gpipe", "interleaved",
-           "one_f_one_b", "simulate", "SCHEDULES"]
+           "one_f_one_b", "replay", "simulate", "SCHEDULES"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 FORWARD_SWEEPS = ("F", "B2a")
@@ -229,8 +229,11 @@ def _recv_channel(a: Action, stage: int, S: int, p: int) -> tuple[str, int, int]
     return None
 
 
-def _run(sched: Schedule) -> tuple[list[int], int, list[int], int]:
-    """Simulate; returns (stalled ranks or [], makespan, peak in-flight per rank, busy time)."""
+def _run(sched: Schedule, durations: list[list[float]] | None = None) -> tuple[list[int], float, list[int], float]:
+    """Simulate; returns (stalled ranks or [], makespan, peak in-flight per rank, busy time).
+
+    ``durations[rank][i]``: the time of that rank's i-th action (default: unit forward, backward 2).
+    """
     p, S = sched.p, sched.p * sched.v
     done: set[tuple[str, int, int]] = set()
     ptr = [0] * p
@@ -264,7 +267,7 @@ def _run(sched: Schedule) -> tuple[list[int], int, list[int], int]:
             deps = _deps(a, stage, S)
             if all(d in done and finish[d] <= t for d in deps):
                 key = (a.sweep, stage, a.micro_batch)
-                cost = _COST[a.sweep]
+                cost = _COST[a.sweep] if durations is None else durations[r][ptr[r]]
                 free_at[r] = t + cost
                 finish[key] = t + cost
                 done.add(key)
@@ -284,6 +287,20 @@ def _run(sched: Schedule) -> tuple[list[int], int, list[int], int]:
                 return stalled, t, peak, busy
             t = min(nxt)
     return [], max(free_at + [t]), peak, busy
+
+
+def replay(sched: Schedule, durations: list[list[float]]) -> dict[str, float]:
+    """The schedule run with measured action times and no communication cost.
+
+    ``durations[rank][i]`` is the measured compute time of rank's i-th action (``SYNC`` entries
+    are ignored). Returns ``makespan`` and ``bubble`` (``1 - busy / (p * makespan)``): the idle
+    fraction the schedule itself implies for these compute times, to compare with the measured
+    one (the difference is communication and framework overhead).
+    """
+    stalled, makespan, _, busy = _run(sched, durations)
+    if stalled:
+        raise ScheduleError(f"replay of {sched.name} stalls on ranks {stalled}")
+    return {"makespan": makespan, "bubble": 1.0 - busy / (sched.p * makespan) if makespan else 0.0}
 
 
 def simulate(sched: Schedule) -> Schedule:
