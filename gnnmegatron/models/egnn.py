@@ -38,11 +38,16 @@ Variants and execution (``ModelConfig.message`` / ``ModelConfig.execution``):
   act(W1 [h_i ; h_j ; rbf_ij] + b1)`` (one linear), ``m_i = sum_j w_ij a_ij``, coordinate
   scalars ``phi_x(a_ij) = a_ij . v`` (``coord_mlp`` is one bias-free ``Linear(H, 1)``); the node
   MLP's first linear acts on ``m`` (it plays W2's role, applied per node, not per edge).
-* ``execution="fused"`` runs the ``gnnmegatron.ops`` ops: node_split goes through
-  ``fused_message_aggregate`` end to end (``P = h A^T``, ``Q = h B^T`` per node, no [E, H]
-  tensor; ``EGCLOutput.edge_feat`` is then ``None``), and the faithful block uses
-  ``segment_reduce`` for the aggregation and ``edge_vector_aggregate`` for the coordinate
-  update. Outputs and gradients equal the unfused mode (tests/models/test_egnn_fused.py).
+* ``execution="fused"`` runs the ``gnnmegatron.ops`` ops, with ``P = h A^T``, ``Q = h B^T`` per
+  node and no [E, H] tensor (``EGCLOutput.edge_feat`` is then ``None``): node_split goes through
+  ``fused_message_aggregate`` end to end, the faithful block through
+  ``faithful_message_aggregate`` (the whole edge MLP, the envelope-weighted sum and the coordinate
+  MLP's scalar, tile by tile, recomputed in backward and double backward), and both through
+  ``edge_vector_aggregate`` for the coordinate update. Outputs and gradients equal the unfused mode
+  (tests/models/test_egnn_fused.py). One exception: the faithful direct-force head reads the last
+  block's ``edge_feat`` (``AtomisticModel.direct_forces``), so that block (``returns_edge_feat``,
+  set by ``EGNNStack``), or a faithful block handed a ``scalar_vector``, still builds its [E, H]
+  edge features, summed by ``segment_reduce``.
 
 Shapes:
     N atoms, E directed edges, H hidden, K radial basis functions.
@@ -58,7 +63,8 @@ from torch import nn
 
 from gnnmegatron.models.config import ModelConfig
 from gnnmegatron.models.radial import build_radial_basis
-from gnnmegatron.ops import CSRPlan, csr_plan, edge_vector_aggregate, fused_message_aggregate, segment_reduce
+from gnnmegatron.ops import (CSRPlan, csr_plan, edge_vector_aggregate, faithful_message_aggregate, fused_message_aggregate,
+                             segment_reduce)
 
 _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh, "softplus": nn.Softplus}
 
@@ -114,7 +120,7 @@ class EGCLOutput(NamedTuple):
         edge_vec: [E, 3] edge vectors ``r_ij`` this block saw.
         edge_scalar: [E] ``a_ij . v`` for the ``scalar_vector`` handed to the block (fused
             node_split direct-force head), else ``None``. ``edge_feat`` is ``None`` in fused
-            node_split mode (no [E, H] tensor exists).
+            mode (no [E, H] tensor exists), except for a faithful block that ``returns_edge_feat``.
     """
 
     h: torch.Tensor
@@ -175,6 +181,8 @@ class EGCL(nn.Module):
         else:
             self.node_mix = None
         self.norm = nn.LayerNorm(H) if cfg.layer_norm else None
+        # fused faithful: build the [E, H] edge features anyway (a head reads them; EGNNStack sets it)
+        self.returns_edge_feat = False
 
     @property
     def update_coords(self) -> bool:
@@ -284,12 +292,33 @@ class EGCL(nn.Module):
         rbf = self.radial(dist)
         if self.fused and self.message == "node_split":
             return self._fused_node_split(h, x, edge_index, vec, dist, rbf, edge_weight, plan, scalar_vector)
+        if self.fused and scalar_vector is None and not self.returns_edge_feat:
+            return self._fused_faithful(h, x, edge_index, vec, dist, rbf, edge_weight, plan)
         edge_feat = self.edge_messages(h, edge_index, rbf)
         m = self.aggregate(edge_feat, edge_weight, dst, num_nodes, plan)
         if self.coord_mlp is not None:
             x = self.coord_update(x, vec, dist, edge_feat, edge_weight, dst, plan=plan)
         edge_scalar = edge_feat @ scalar_vector if scalar_vector is not None else None
         return EGCLOutput(self.node_update(h, m), x, edge_feat, vec, edge_scalar)
+
+    def _fused_faithful(self, h, x, edge_index, vec, dist, rbf, edge_weight, plan) -> EGCLOutput:
+        """The faithful block through ``faithful_message_aggregate``: P, Q per node, the rest of the edge
+        MLP, the sum and the coordinate scalar tile by tile, no [E, H] tensor."""
+        H = self.hidden
+        lin, lin2 = self.edge_mlp[0], self.edge_mlp[2]
+        P = F.linear(h, lin.weight[:, :H])
+        Q = F.linear(h, lin.weight[:, H:2 * H])
+        C = lin.weight[:, 2 * H:].t()
+        coord = () if self.coord_mlp is None else (self.coord_mlp[0].weight, self.coord_mlp[0].bias,
+                                                   self.coord_mlp[2].weight[0])
+        out = faithful_message_aggregate(P, Q, edge_index, rbf, C, lin.bias, lin2.weight, lin2.bias, edge_weight,
+                                         *coord, activation=self.activation, plan=plan, backend=self.ops_backend)
+        m, s = out if coord else (out, None)
+        if self.message_normalizer != 1.0:
+            m = m / self.message_normalizer
+        if self.coord_mlp is not None:
+            x = self.coord_update(x, vec, dist, None, edge_weight, edge_index[0], raw=s, plan=plan)
+        return EGCLOutput(self.node_update(h, m), x, None, vec, None)
 
     def _fused_node_split(self, h, x, edge_index, vec, dist, rbf, edge_weight, plan, scalar_vector) -> EGCLOutput:
         """node_split through ``fused_message_aggregate``: P, Q per node, no [E, H] tensor."""
@@ -331,6 +360,8 @@ class EGNNStack(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(
             EGCL(cfg, update_coords=cfg.update_coords and i < cfg.layers - 1) for i in range(cfg.layers))
+        # the faithful direct-force head reads the last block's [E, H] edge features
+        self.blocks[-1].returns_edge_feat = cfg.force_mode == "direct" and cfg.message == "faithful"
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor,
                 edge_offset: torch.Tensor, edge_weight: torch.Tensor,

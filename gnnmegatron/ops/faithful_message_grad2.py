@@ -1,0 +1,266 @@
+"""Double backward of ``faithful_message_aggregate``: the ``gnnmegatron::faithful_message_bwd2`` op and
+its chunked torch twin.
+
+The backward op maps the cotangents ``(gm, gs)`` of ``(m, s)`` and the primal inputs to the gradients
+``(dP, dQ, dR, dC, db1, dW2, db2, dw, dWc, dbc, dv)`` of ``L1 = sum(gm m) + sum(gs s)``. A force loss
+differentiates that map once more, with cotangents ``t = (tP, tQ, tR, tC, tb1, tW2, tb2, tw, tWc,
+tbc, tv)`` of those gradients. ``L2 = <t, dL1/d(inputs)>`` is the derivative of ``L1`` along the
+direction ``t``, so the double backward is forward-over-reverse: push the tangent ``t`` through
+each edge's MLP next to the primal values (dual numbers), and back-propagate
+``L2 = sum_i gm_i . mdot_i + sum_e gs_e sdot_e``. With ``act'``/``act''`` the activation's
+derivatives (``s1 = act'(z1)``, ``ss1 = act''(z1)`` and so on), per edge e = (i, j)::
+
+    z1 = P_i + Q_j + R_e C + b1             z1' = tP_i + tQ_j + tR_e C + R_e tC + tb1
+    a1 = act(z1)                            a1' = s1 z1'
+    z2 = a1 W2^T + b2                       z2' = a1' W2^T + a1 tW2^T + tb2
+    a  = act(z2)                            a'  = s2 z2'
+    z3 = a Wc^T + bc                        z3' = a' Wc^T + a tWc^T + tbc
+    a3 = act(z3)                            a3' = s3 z3'
+    m_i = sum_e w_e a                       m'_i = sum_e (tw_e a + w_e a')          = dL2/dgm_i
+    s_e = a3 . v                            s'_e = a3' . v + a3 . tv                = dL2/dgs_e
+
+and the reverse sweep (``x~`` is the adjoint of ``x``; ``x'~`` that of the tangent ``x'``)::
+
+    a'~ = gm_i w_e          a~ = gm_i tw_e          dw_e = gm_i . a'
+    a3'~ = gs_e v           a3~ = gs_e tv           dv = sum_e gs_e a3'
+    z3'~ = s3 a3'~          z3~ = ss3 z3' a3'~ + s3 a3~
+    a'~ += z3'~ Wc          a~ += z3~ Wc + z3'~ tWc
+    dWc = sum_e z3'~^T a' + z3~^T a                     dbc = sum_e z3~
+    z2'~ = s2 a'~           z2~ = ss2 z2' a'~ + s2 a~
+    a1'~ = z2'~ W2          a1~ = z2~ W2 + z2'~ tW2
+    dW2 = sum_e z2'~^T a1' + z2~^T a1                   db2 = sum_e z2~
+    z1'~ = s1 a1'~          z1~ = ss1 z1' a1'~ + s1 a1~
+    dP_i = sum_e z1~        dQ_j = sum_e z1~            db1 = sum_e z1~
+    dR_e = z1~ C^T + z1'~ tC^T                          dC = sum_e R_e^T z1~ + tR_e^T z1'~
+
+Absent tangents drop their terms (a force loss gives tangents on P, Q, R and w only, since the
+backward of a conservative-force pass asks for nothing else). Per chunk of edges that is the
+forward's two GEMMs, the tangent's two and six in the reverse sweep: twelve ``[chunk, H] x
+[H, H]`` products, nothing ``[E, H]`` kept. ``faithful_bwd2_torch`` evaluates it chunk by chunk
+in plain torch ops, so with grad mode on it is differentiable once more (third order; then
+autograd records the chunks). The triton kernel (``gnnmegatron.kernels.faithful_message_bwd2``)
+evaluates the same formulas tile by tile.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from gnnmegatron.ops.activations import act_grads2
+from gnnmegatron.ops.dispatch import compute_dtype
+from gnnmegatron.ops.faithful_message_torch import chunk_rows, rowdot
+
+Tensor = torch.Tensor
+OUTPUTS = ("gm", "gs", "P", "Q", "R", "C", "b1", "W2", "b2", "w", "Wc", "bc", "v")
+TANGENTS = ("P", "Q", "R", "C", "b1", "W2", "b2", "w", "Wc", "bc", "v")
+
+
+def _add(x, y):
+    if y is None:
+        return x
+    return y if x is None else x + y
+
+
+def _mul(x, y):
+    return None if (x is None or y is None) else x * y
+
+
+def faithful_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, tangents,
+                        need) -> dict:
+    """``{name: gradient or None}`` for ``OUTPUTS`` (formulas in the module docstring).
+
+    ``tangents``: the 11 cotangents (``TANGENTS`` order), ``None`` where absent; ``need``: name ->
+    whether that gradient is wanted. In-place accumulation when grad mode is off, out-of-place
+    (differentiable) when it is on.
+    """
+    tP, tQ, tR, tC, tb1, tW2, tb2, tw, tWc, tbc, tv = tangents
+    coord = v is not None
+    if not coord:
+        tWc = tbc = tv = None
+    if w is None:
+        tw = None
+    need = {k: bool(need.get(k)) for k in OUTPUTS}
+    need["gs"] &= coord
+    for k in ("Wc", "bc", "v"):
+        need[k] &= coord
+    need["w"] &= w is not None
+    out = {k: None for k in OUTPUTS}
+    if not any(need.values()):
+        return out
+    create = torch.is_grad_enabled()
+    N, F1 = P.shape
+    F2 = W2.shape[0]
+    E, K = R.shape
+    F3 = Wc.shape[0] if coord else 1
+    cdt = compute_dtype(P.dtype)
+    dev = P.device
+
+    def cast(t):
+        return t.to(cdt) if t is not None else None
+
+    C, b1, W2, b2, Wc, bc, v, tC, tb1, tW2, tb2, tWc, tbc, tv, gm = map(
+        cast, (C, b1, W2, b2, Wc, bc, v, tC, tb1, tW2, tb2, tWc, tbc, tv, gm))
+
+    def zeros(shape, on):
+        return torch.zeros(shape, dtype=cdt, device=dev) if on else None
+
+    acc = dict(gm=zeros((N, F2), need["gm"]), P=zeros((N, F1), need["P"] or need["b1"]), Q=zeros(Q.shape, need["Q"]),
+               C=zeros((K, F1), need["C"]), W2=zeros((F2, F1), need["W2"]), b2=zeros(F2, need["b2"]),
+               Wc=zeros((F3, F2), need["Wc"]), bc=zeros(F3, need["bc"]), v=zeros(F3, need["v"]))
+    edge = {k: [] for k in ("gs", "R", "w")}  # per-edge results chunk by chunk (destination order)
+    order = []
+
+    def add(name, value, rows=None):
+        if acc[name] is None or value is None:
+            return
+        if rows is None:
+            acc[name] = acc[name] + value if create else acc[name].add_(value)
+        else:
+            acc[name] = acc[name].index_add(0, rows, value) if create else acc[name].index_add_(0, rows, value)
+
+    def take(t, rows):  # index_select: under autograd its backward is index_add (deterministic on CPU)
+        return t.index_select(0, rows).to(cdt) if t is not None else None
+
+    step = chunk_rows(E, F1, F2, F3)
+    for e0 in range(0, E, step):
+        e1 = min(E, e0 + step)
+        idx = torch.arange(e0, e1, device=dev) if perm is None else perm[e0:e1]
+        order.append(idx)
+        d, j = dst[idx], src[idx]
+        Rc = take(R, idx)
+        # ---- primal and tangent forward
+        z1 = torch.addmm(b1, Rc, C) + take(P, d) + take(Q, j)
+        a1, s1, ss1 = act_grads2(activation, z1)
+        dz1 = None  # the tangent z1'
+        for term in (take(tP, d), take(tQ, j), take(tR, idx) @ C if tR is not None else None,
+                     Rc @ tC if tC is not None else None, tb1):
+            dz1 = _add(dz1, term)
+        da1 = _mul(s1, dz1)
+        z2 = torch.addmm(b2, a1, W2.t())
+        a, s2, ss2 = act_grads2(activation, z2)
+        dz2 = da1 @ W2.t() if da1 is not None else None
+        if tW2 is not None:
+            dz2 = _add(dz2, a1 @ tW2.t())
+        dz2 = _add(dz2, tb2)
+        da = _mul(s2, dz2)
+        gmr = take(gm, d)
+        wv = take(w, idx).unsqueeze(1) if w is not None else None
+        twv = take(tw, idx).unsqueeze(1) if tw is not None else None
+        # ---- JVP outputs (dL2/dgm, dL2/dgs) and the adjoints of a' and a
+        if need["gm"]:
+            add("gm", _add(da * wv if (da is not None and wv is not None) else da, _mul(twv, a)), d)
+        if need["w"]:
+            edge["w"].append(rowdot(gmr, da) if da is not None else torch.zeros(e1 - e0, dtype=cdt, device=dev))
+        bar_da = gmr * wv if wv is not None else gmr
+        bar_a = gmr * twv if twv is not None else None
+        if coord:
+            gsc = take(gs, idx).unsqueeze(1)
+            z3 = torch.addmm(bc, a, Wc.t())
+            a3, s3, ss3 = act_grads2(activation, z3)
+            dz3 = da @ Wc.t() if da is not None else None
+            if tWc is not None:
+                dz3 = _add(dz3, a @ tWc.t())
+            dz3 = _add(dz3, tbc)
+            da3 = _mul(s3, dz3)
+            if need["gs"]:
+                dgs = da3 @ v if da3 is not None else torch.zeros(e1 - e0, dtype=cdt, device=dev)
+                if tv is not None:
+                    dgs = dgs + a3 @ tv
+                edge["gs"].append(dgs)
+            if need["v"] and da3 is not None:
+                add("v", gsc.squeeze(1) @ da3)
+            bar_dz3 = s3 * (gsc * v)                      # z3'~
+            bar_z3 = _mul(ss3 * dz3, gsc * v) if dz3 is not None else None
+            if tv is not None:
+                bar_z3 = _add(bar_z3, s3 * (gsc * tv))
+            bar_da = bar_da + bar_dz3 @ Wc
+            if bar_z3 is not None:
+                bar_a = _add(bar_a, bar_z3 @ Wc)
+            if tWc is not None:
+                bar_a = _add(bar_a, bar_dz3 @ tWc)
+            if need["Wc"]:
+                if da is not None:
+                    add("Wc", bar_dz3.t() @ da)
+                if bar_z3 is not None:
+                    add("Wc", bar_z3.t() @ a)
+            if need["bc"] and bar_z3 is not None:
+                add("bc", bar_z3.sum(0))
+        # ---- second layer
+        bar_dz2 = s2 * bar_da
+        bar_z2 = _add(_mul(ss2 * dz2, bar_da) if dz2 is not None else None, _mul(s2, bar_a))
+        bar_da1 = bar_dz2 @ W2
+        bar_a1 = bar_z2 @ W2 if bar_z2 is not None else None
+        if tW2 is not None:
+            bar_a1 = _add(bar_a1, bar_dz2 @ tW2)
+        if need["W2"]:
+            if da1 is not None:
+                add("W2", bar_dz2.t() @ da1)
+            if bar_z2 is not None:
+                add("W2", bar_z2.t() @ a1)
+        if need["b2"] and bar_z2 is not None:
+            add("b2", bar_z2.sum(0))
+        # ---- first layer
+        bar_dz1 = s1 * bar_da1
+        bar_z1 = _add(_mul(ss1 * dz1, bar_da1) if dz1 is not None else None, _mul(s1, bar_a1))
+        if bar_z1 is not None:
+            add("P", bar_z1, d)
+            add("Q", bar_z1, j)
+            add("C", Rc.t() @ bar_z1)
+        if tR is not None:
+            add("C", take(tR, idx).t() @ bar_dz1)
+        if need["R"]:
+            dr = bar_z1 @ C.t() if bar_z1 is not None else torch.zeros((e1 - e0, K), dtype=cdt, device=dev)
+            if tC is not None:
+                dr = dr + bar_dz1 @ tC.t()
+            edge["R"].append(dr)
+    for name in ("gm", "P", "Q", "C", "W2", "b2", "Wc", "bc", "v"):
+        if need[name]:
+            out[name] = acc[name]
+    if need["b1"]:
+        out["b1"] = acc["P"].sum(0)  # db1 = sum_e z1~ = sum_i dP_i
+    if E == 0:
+        for name, shape in (("gs", (0,)), ("w", (0,)), ("R", (0, K))):
+            if need[name]:
+                out[name] = torch.zeros(shape, dtype=cdt, device=dev)
+    else:
+        rows = torch.cat(order)
+        for name in ("gs", "w", "R"):
+            if need[name]:
+                vals = torch.cat(edge[name])
+                out[name] = vals.new_zeros(vals.shape).index_put((rows,), vals)  # back to the caller's edge order
+    like = dict(gm=P, gs=P, P=P, Q=Q, R=R, C=C, b1=b1, W2=W2, b2=b2, w=w if w is not None else P,
+                Wc=Wc if coord else P, bc=bc if coord else P, v=v if coord else P)
+    return {k: (t.to(like[k].dtype) if t is not None else None) for k, t in out.items()}
+
+
+# ----------------------------------------------------------------------------- the custom op
+@torch.library.custom_op("gnnmegatron::faithful_message_bwd2", mutates_args=())
+def faithful_message_bwd2_op(gm: Tensor, gs: Optional[Tensor], P: Tensor, Q: Tensor, dst: Tensor, src: Tensor,
+                             ptr: Tensor, perm: Optional[Tensor], R: Tensor, C: Tensor, b1: Tensor, W2: Tensor,
+                             b2: Tensor, w: Optional[Tensor], Wc: Optional[Tensor], bc: Optional[Tensor],
+                             v: Optional[Tensor], tP: Optional[Tensor], tQ: Optional[Tensor], tR: Optional[Tensor],
+                             tC: Optional[Tensor], tb1: Optional[Tensor], tW2: Optional[Tensor],
+                             tb2: Optional[Tensor], tw: Optional[Tensor], tWc: Optional[Tensor],
+                             tbc: Optional[Tensor], tv: Optional[Tensor], activation: str, backend: str,
+                             need: Sequence[bool], deterministic: bool) -> list[Tensor]:
+    """``[dgm, dgs, dP, dQ, dR, dC, db1, dW2, db2, dw, dWc, dbc, dv]``, empty where not in ``need``."""
+    tangents = (tP, tQ, tR, tC, tb1, tW2, tb2, tw, tWc, tbc, tv)
+    want = dict(zip(OUTPUTS, [bool(n) for n in need]))
+    if backend == "triton":
+        from gnnmegatron.kernels.faithful_message import faithful_message_bwd2 as launch
+        res = launch(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, tangents, want,
+                     deterministic=deterministic)
+    else:
+        with torch.no_grad():
+            res = faithful_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation,
+                                      tangents, want)
+    return [res[k] if res[k] is not None else P.new_empty(0) for k in OUTPUTS]
+
+
+@faithful_message_bwd2_op.register_fake
+def _(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, tP, tQ, tR, tC, tb1, tW2, tb2, tw, tWc, tbc,
+      tv, activation, backend, need, deterministic):
+    like = [gm, gs, P, Q, R, C, b1, W2, b2, w, Wc, bc, v]
+    return [t.new_empty(t.shape) if (n and t is not None) else P.new_empty(0) for t, n in zip(like, need)]

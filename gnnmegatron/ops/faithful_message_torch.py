@@ -1,0 +1,232 @@
+"""Chunked torch backend of ``faithful_message_aggregate`` (the CPU path): forward and the
+recomputing backward.
+
+Edges are visited in destination-sorted order, ``chunk`` at a time (``settings.edges_per_chunk``
+of the widest layer). Each chunk computes its ``[chunk, H]`` tiles of the whole edge MLP (first
+layer from the per-node P and Q, the second linear and the coordinate MLP as GEMMs of ``chunk``
+rows), adds its messages into ``m`` and drops the tiles: no ``[E, H]`` tensor exists, in forward
+or backward, whose chunks recompute the forward tiles first (as FlashAttention recomputes the
+attention matrix). The tiles live in a few preallocated ``[chunk, H]`` buffers reused by every
+chunk (``_Buffers``): on the 2-core VMs a fresh 4 MiB tensor costs about a thousand page
+faults, and the GEMMs write into the buffers with ``out=``.
+
+Per chunk the backward does the forward's two GEMMs again (``a1 W2^T``, ``a Wc^T``) and four of its
+own (``dz3 Wc``, ``dz3^T a``, ``dz2^T a1``, ``dz2 W2``); gradients nobody asked for are skipped
+(``needs``). The double backward is in ``faithful_message_grad2``.
+
+Shapes:
+    N nodes, E edges, F1 first-layer width (P, Q, C, b1), F2 second-layer width (W2 [F2, F1]),
+    F3 coordinate-MLP width (Wc [F3, F2], v [F3]), K radial functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gnnmegatron.ops.activations import act, act_and_grad
+from gnnmegatron.ops.dispatch import compute_dtype, settings
+
+
+# ----------------------------------------------------------------------------- activations in place
+def act_(name: str, z: torch.Tensor) -> torch.Tensor:
+    """``act(z)`` written over ``z`` (returned)."""
+    if name == "silu":
+        return torch.nn.functional.silu(z, inplace=True)
+    if name == "tanh":
+        return z.tanh_()
+    return z.copy_(act(name, z))
+
+
+def act_grad_(name: str, z: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(act(z), act'(z))`` written into the buffers ``z`` and ``other`` (which one holds which is
+    returned; ``z``'s values are consumed)."""
+    if name == "silu":
+        torch.sigmoid(z, out=other)          # other = s
+        z.mul_(other)                        # z = a = z s
+        other.addcmul_(other, z, value=-1.0)  # other = s - s a
+        other.add_(z)                        # other = s + a (1 - s) = silu'
+        return z, other
+    if name == "tanh":
+        z.tanh_()
+        torch.mul(z, z, out=other)
+        other.neg_().add_(1.0)
+        return z, other
+    a, d = act_and_grad(name, z)
+    other.copy_(d)
+    z.copy_(a)
+    return z, other
+
+
+def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``(x * y).sum(1)`` without the [c, F] temporary."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(x.shape[0])
+
+
+class _Buffers:
+    """Named ``[chunk, width]`` buffers, allocated once per call and sliced to each chunk."""
+
+    def __init__(self, rows: int, widths: dict[str, int], dtype, device):
+        self.rows = rows
+        self.bufs = {k: torch.empty((rows, f), dtype=dtype, device=device) for k, f in widths.items()}
+
+    def get(self, name: str, c: int) -> torch.Tensor:
+        return self.bufs[name][:c]
+
+
+def chunk_rows(E: int, *widths: int) -> int:
+    return max(1, min(E, settings.edges_per_chunk(max(widths))))
+
+
+def chunks(E: int, step: int, perm):
+    """Slices (sorted edges) or edge-id tensors (through ``perm``) of ``step`` edges, in destination order."""
+    for e0 in range(0, E, step):
+        e1 = min(E, e0 + step)
+        yield slice(e0, e1) if perm is None else perm[e0:e1]
+
+
+def _first_layer(Z1, T, P, Q, d, j, Rc, C, b1):
+    """``Z1 = P[d] + Q[j] + Rc C + b1`` (T: scratch of Z1's shape)."""
+    torch.addmm(b1, Rc, C, out=Z1)
+    torch.index_select(P, 0, d, out=T)
+    Z1.add_(T)
+    torch.index_select(Q, 0, j, out=T)
+    Z1.add_(T)
+    return Z1
+
+
+def _cast(cdt, *tensors):
+    return [t.to(cdt) if t is not None else None for t in tensors]
+
+
+# ----------------------------------------------------------------------------- forward
+def faithful_fwd_torch(P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation):
+    """``(m [N, F2], s [E] or [0])``: inputs as in the ``gnnmegatron::faithful_message_fwd`` op."""
+    N, F1 = P.shape
+    F2 = W2.shape[0]
+    E = dst.numel()
+    dev = P.device
+    cdt = compute_dtype(P.dtype)
+    P, Q, R, C, b1, W2, b2, w, Wc, bc, v = _cast(cdt, P, Q, R, C, b1, W2, b2, w, Wc, bc, v)
+    coord = v is not None
+    F3 = Wc.shape[0] if coord else 1
+    m = torch.zeros((N, F2), dtype=cdt, device=dev)
+    s = torch.empty(E if coord else 0, dtype=cdt, device=dev)
+    if E == 0:
+        return m.to(P.dtype), s
+    rows = chunk_rows(E, F1, F2, F3)
+    buf = _Buffers(rows, dict(Z1=F1, T=F1, Z2=F2, Z3=F3 if coord else 1), cdt, dev)
+    W2t = W2.t()
+    Wct = Wc.t() if coord else None
+    with torch.no_grad():
+        for idx in chunks(E, rows, perm):
+            d, j = dst[idx], src[idx]
+            c = d.numel()
+            a1 = act_(activation, _first_layer(buf.get("Z1", c), buf.get("T", c), P, Q, d, j, R[idx], C, b1))
+            a = act_(activation, torch.addmm(b2, a1, W2t, out=buf.get("Z2", c)))
+            if coord:
+                a3 = act_(activation, torch.addmm(bc, a, Wct, out=buf.get("Z3", c)))
+                s[idx] = torch.mv(a3, v)
+            if w is not None:
+                a.mul_(w[idx].unsqueeze(1))
+            m.index_add_(0, d, a)
+    return m, s
+
+
+# ----------------------------------------------------------------------------- backward
+NEEDS = ("P", "Q", "R", "C", "b1", "W2", "b2", "w", "Wc", "bc", "v")
+
+
+def faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, needs):
+    """Gradients ``[dP, dQ, dR, dC, db1, dW2, db2, dw, dWc, dbc, dv]`` (``NEEDS`` order) of
+    ``sum(gm * m) + sum(gs * s)``; an entry not in ``needs`` (or of an absent input) is empty."""
+    N, F1 = P.shape
+    F2 = W2.shape[0]
+    E, K = R.shape
+    dev = P.device
+    odt = P.dtype
+    cdt = compute_dtype(odt)
+    originals = dict(P=P, Q=Q, R=R, C=C, b1=b1, W2=W2, b2=b2, w=w, Wc=Wc, bc=bc, v=v)
+    gm, gs, P, Q, R, C, b1, W2, b2, w, Wc, bc, v = _cast(cdt, gm, gs, P, Q, R, C, b1, W2, b2, w, Wc, bc, v)
+    coord = v is not None
+    F3 = Wc.shape[0] if coord else 1
+    need = {k: bool(n) and originals[k] is not None for k, n in zip(NEEDS, needs)}
+    if not coord:
+        need["Wc"] = need["bc"] = need["v"] = False
+    first = need["P"] or need["Q"] or need["R"] or need["C"] or need["b1"]
+
+    def zeros(shape, on):
+        return torch.zeros(shape, dtype=cdt, device=dev) if on else None
+
+    acc = dict(P=zeros((N, F1), need["P"] or need["b1"]), Q=zeros(Q.shape, need["Q"]), C=zeros((K, F1), need["C"]),
+               W2=zeros((F2, F1), need["W2"]), b2=zeros(F2, need["b2"]), Wc=zeros((F3, F2), need["Wc"]),
+               bc=zeros(F3, need["bc"]), v=zeros(F3, need["v"]))
+    dR = torch.empty((E, K), dtype=cdt, device=dev) if need["R"] else None
+    dw = torch.empty(E, dtype=cdt, device=dev) if need["w"] else None
+    if E > 0 and any(need.values()):
+        rows = chunk_rows(E, F1, F2, F3)
+        widths = dict(Z1=F1, A1=F1, T=F1, Z2=F2, A=F2, G=F2)
+        if coord:
+            widths.update(Z3=F3, A3=F3)
+        buf = _Buffers(rows, widths, cdt, dev)
+        W2t = W2.t()
+        Wct = Wc.t() if coord else None
+        with torch.no_grad():
+            for idx in chunks(E, rows, perm):
+                d, j = dst[idx], src[idx]
+                c = d.numel()
+                Rc = R[idx]
+                z1 = _first_layer(buf.get("Z1", c), buf.get("T", c), P, Q, d, j, Rc, C, b1)
+                a1, d1 = act_grad_(activation, z1, buf.get("A1", c))
+                a, d2 = act_grad_(activation, torch.addmm(b2, a1, W2t, out=buf.get("Z2", c)), buf.get("A", c))
+                g = torch.index_select(gm, 0, d, out=buf.get("G", c))
+                if need["w"]:
+                    dw[idx] = rowdot(g, a)
+                if w is not None:
+                    g.mul_(w[idx].unsqueeze(1))
+                if coord:
+                    gsc = gs[idx]
+                    a3, dz3 = act_grad_(activation, torch.addmm(bc, a, Wct, out=buf.get("Z3", c)), buf.get("A3", c))
+                    if need["v"]:
+                        acc["v"].addmv_(a3.t(), gsc)
+                    dz3.mul_(v).mul_(gsc.unsqueeze(1))  # dz3 = gs v act'(z3)
+                    if need["Wc"]:
+                        acc["Wc"].addmm_(dz3.t(), a)
+                    if need["bc"]:
+                        acc["bc"].add_(dz3.sum(0))
+                    g.addmm_(dz3, Wc)  # da = gm w + dz3 Wc
+                dz2 = g.mul_(d2)
+                if need["W2"]:
+                    acc["W2"].addmm_(dz2.t(), a1)
+                if need["b2"]:
+                    acc["b2"].add_(dz2.sum(0))
+                if not first:
+                    continue
+                dz1 = torch.mm(dz2, W2, out=a1).mul_(d1)  # a1 is not needed any more
+                if acc["P"] is not None:
+                    acc["P"].index_add_(0, d, dz1)
+                if need["Q"]:
+                    acc["Q"].index_add_(0, j, dz1)
+                if need["R"]:
+                    if isinstance(idx, slice):
+                        torch.mm(dz1, C.t(), out=dR[idx])
+                    else:
+                        dR[idx] = dz1 @ C.t()
+                if need["C"]:
+                    acc["C"].addmm_(Rc.t(), dz1)
+    else:  # no edges: every gradient is zero
+        if dR is not None:
+            dR.zero_()
+        if dw is not None:
+            dw.zero_()
+    db1 = acc["P"].sum(0) if need["b1"] else None  # db1 = sum_e dz1_e = sum_i dP_i
+
+    def out(t, like, on):
+        # a fresh tensor per output: custom-op outputs must not alias each other
+        return t.to(like.dtype) if (on and t is not None) else torch.empty(0, dtype=odt, device=dev)
+
+    return [out(acc["P"], originals["P"], need["P"]), out(acc["Q"], originals["Q"], need["Q"]),
+            out(dR, originals["R"], need["R"]), out(acc["C"], originals["C"], need["C"]),
+            out(db1, originals["b1"], need["b1"]), out(acc["W2"], originals["W2"], need["W2"]),
+            out(acc["b2"], originals["b2"], need["b2"]), out(dw, originals["w"], need["w"]),
+            out(acc["Wc"], originals["Wc"], need["Wc"]), out(acc["bc"], originals["bc"], need["bc"]),
+            out(acc["v"], originals["v"], need["v"])]
