@@ -61,7 +61,7 @@ def _assemble(cfg, tp, pp, seed=7, **kw):
             for p in pieces[name]:
                 dst = full.setdefault(p.key, torch.full(p.global_shape, float("nan"), dtype=torch.float64))
                 region = tuple(slice(o, o + n) for o, n in zip(p.offsets, p.sizes))
-                dst[region] = t[p.local]
+                dst[region] = t.detach()[p.local]
     check_coverage(pieces_by_rank, {k: tuple(v.shape) for k, v in full.items()})
     return full
 
