@@ -9,7 +9,7 @@ that was rejected, e.g. ``ModelConfig.hidden must be an integer >= 1, got 0``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 ACTIVATIONS = ("silu", "gelu", "tanh", "softplus")
@@ -21,6 +21,9 @@ RADIAL_BASES = ("bessel", "gaussian")
 MESSAGES = ("faithful", "node_split")
 EXECUTIONS = ("unfused", "fused")
 OPS_BACKENDS = ("auto", "reference", "torch", "triton")
+HEADS = ("shared", "per_source", "embedding")
+"""Energy heads of a multi-source model: one head for every source, one head per source, or one
+head whose input is shifted by a learned per-source embedding (``AtomisticModel``)."""
 
 
 class ModelConfigError(ValueError):
@@ -76,6 +79,14 @@ class ModelConfig:
             Both give the same outputs and gradients.
         ops_backend: backend of the fused ops (``"auto"`` = dispatch by device and
             ``$GNNMEGATRON_OPS_BACKEND``); see ``gnnmegatron.ops.dispatch``.
+        sources: names of the data sources of a multi-source model (e.g. ``["mptrj", "ani1x"]``),
+            in the order of their ids (``batch["source"]``). Empty (default) or one name: a
+            single-source model. With two or more, the per-element reference energies are per
+            source (``reference_energies`` [S, max_z + 1]) and the model needs each graph's source.
+        heads: ``"shared"`` (one energy head for all sources), ``"per_source"`` (an energy head per
+            source on the shared backbone, as HydraGNN's branches) or ``"embedding"`` (one head whose
+            input is the node features plus a learned embedding of the graph's source). The last two
+            need two or more ``sources``. Forces of ``direct`` models come from one shared head.
     """
 
     hidden: int = 128
@@ -100,6 +111,8 @@ class ModelConfig:
     message_groups: int | None = None
     execution: str = "unfused"
     ops_backend: str = "auto"
+    sources: list[str] = field(default_factory=list)
+    heads: str = "shared"
 
     def __post_init__(self):
         for name, low in (("hidden", 1), ("layers", 1), ("num_rbf", 1), ("max_z", 1),
@@ -137,6 +150,20 @@ class ModelConfig:
                                        f"got message={self.message!r}")
             if self.hidden % g:
                 raise ModelConfigError(f"ModelConfig.message_groups={g} must divide hidden={self.hidden}")
+        if isinstance(self.sources, str) or not isinstance(self.sources, (list, tuple)):
+            raise ModelConfigError(f"ModelConfig.sources must be a list of source names, got {self.sources!r}")
+        self.sources = list(self.sources)
+        bad = [s for s in self.sources if not isinstance(s, str) or not s.strip()]
+        if bad:
+            raise ModelConfigError(f"ModelConfig.sources must hold non-empty names, got {bad!r} in {self.sources}")
+        dup = sorted({s for s in self.sources if self.sources.count(s) > 1})
+        if dup:
+            raise ModelConfigError(f"ModelConfig.sources has duplicate name(s) {dup}: {self.sources}")
+        if self.heads not in HEADS:
+            raise ModelConfigError(f"ModelConfig.heads={self.heads!r} is not one of {list(HEADS)}")
+        if self.heads != "shared" and len(self.sources) < 2:
+            raise ModelConfigError(f"ModelConfig.heads={self.heads!r} needs two or more sources, got sources="
+                                   f"{self.sources}; use heads: shared for a single-source model")
         if self.compute_stress and self.force_mode != "conservative":
             raise ModelConfigError(
                 f"ModelConfig.compute_stress=True needs force_mode='conservative' (stress is dE/dstrain), "
@@ -154,6 +181,16 @@ class ModelConfig:
         if unknown:
             raise ModelConfigError(f"unknown ModelConfig field(s) {unknown}; valid fields are {sorted(known)}")
         return cls(**values)
+
+    @property
+    def num_sources(self) -> int:
+        """Sources with their own reference energies (1 for a single-source model)."""
+        return max(len(self.sources), 1)
+
+    @property
+    def multi_source(self) -> bool:
+        """Two or more sources: per-source references (and heads), the batch must name each graph's source."""
+        return len(self.sources) >= 2
 
     @property
     def coord_blocks(self) -> int:

@@ -5,6 +5,13 @@ Energy::
     E_b = sum_{i in b} ( reference_energies[z_i] + energy_scale * e_i + energy_shift ),
     e_i = energy_head(h_i^L)        (MLP H -> H -> 1, the last linear has no bias)
 
+Multi-source models (``ModelConfig.sources`` with two or more names; graph b has source
+``s_b = batch["source"][b]``) keep one table of reference energies per source,
+``reference_energies[s_b, z_i]``, and pick the head by ``ModelConfig.heads``: ``shared`` (one
+``energy_head``), ``per_source`` (``energy_heads[s_b]``, one MLP per source on the shared
+backbone) or ``embedding`` (``energy_head(h_i^L + source_embedding[s_b])``, a learned vector per
+source, initialised to zero).
+
 Forces, two modes (``ModelConfig.force_mode``):
 
 * ``"conservative"``: ``F = -dE/dx`` by ``torch.autograd.grad`` (``create_graph`` in
@@ -41,6 +48,39 @@ from gnnmegatron.ops import edge_vector_aggregate
 REQUIRED_KEYS = ("atomic_numbers", "positions", "cell", "batch", "edge_index", "edge_shift")
 
 
+class SourceEmbedding(nn.Module):
+    """A learned vector per data source, added to the node features before the energy head.
+
+    Initialised to zero (``init_spec``), so a new multi-source model starts as one shared head.
+
+    Shapes:
+        weight [S, H]; forward(source [N]) -> [N, H].
+    """
+
+    def __init__(self, num_sources: int, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_sources, hidden))
+
+    def init_spec(self, name: str, tensor: torch.Tensor):
+        from gnnmegatron.models.init import InitSpec
+
+        return InitSpec("constant", 0.0) if name == "weight" else None
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        return self.weight.index_select(0, source)  # index_add backward: deterministic on CPU threads
+
+
+def _energy_mlp(cfg: ModelConfig) -> nn.Sequential:
+    # No bias on the last linear: the per-atom constant lives in energy_shift and the
+    # reference energies, and every parameter then gets a gradient from a force loss.
+    return nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), make_activation(cfg.activation),
+                         nn.Linear(cfg.hidden, 1, bias=False))
+
+
+HEAD_MODULES = ("energy_head", "energy_heads", "source_embedding", "force_head")
+"""Modules of the output heads (the last pipeline stage holds them, with the energy buffers)."""
+
+
 class AtomisticModel(nn.Module):
     """EGNN potential on the graph batch dict of ``gnnmegatron.data.batch.collate``.
 
@@ -48,7 +88,8 @@ class AtomisticModel(nn.Module):
         cfg: validated ``ModelConfig``.
 
     Buffers (saved in checkpoints, follow ``.to(dtype)``):
-        reference_energies: [max_z + 1] eV per element, added per atom (``set_reference_energies``).
+        reference_energies: [max_z + 1] eV per element, added per atom (``set_reference_energies``);
+            [S, max_z + 1] (one row per source) for a multi-source model.
         energy_scale, energy_shift: scalars, ``scale * e_i + shift`` per atom (``set_normalization``).
 
     Shapes:
@@ -68,10 +109,10 @@ class AtomisticModel(nn.Module):
         self.embedding = nn.Embedding(cfg.max_z + 1, H)
         self.envelope = PolynomialEnvelope(cfg.cutoff, cfg.envelope_exponent)
         self.backbone = EGNNStack(cfg)
-        # No bias on the last linear: the per-atom constant lives in energy_shift and the
-        # reference energies, and every parameter then gets a gradient from a force loss.
-        self.energy_head = nn.Sequential(nn.Linear(H, H), make_activation(cfg.activation),
-                                         nn.Linear(H, 1, bias=False))
+        self.energy_head = _energy_mlp(cfg) if cfg.heads != "per_source" else None
+        self.energy_heads = nn.ModuleList(_energy_mlp(cfg) for _ in cfg.sources) \
+            if cfg.heads == "per_source" else None
+        self.source_embedding = SourceEmbedding(len(cfg.sources), H) if cfg.heads == "embedding" else None
         if cfg.force_mode == "direct" and cfg.message == "node_split":
             # node_split: a linear scalar a_ij . v, which the fused op computes without [E, H]
             self.force_head = nn.Sequential(nn.Linear(H, 1, bias=False))
@@ -80,7 +121,8 @@ class AtomisticModel(nn.Module):
                                             nn.Linear(H, 1, bias=False))
         else:
             self.force_head = None
-        self.register_buffer("reference_energies", torch.zeros(cfg.max_z + 1))
+        ref_shape = (len(cfg.sources), cfg.max_z + 1) if cfg.multi_source else (cfg.max_z + 1,)
+        self.register_buffer("reference_energies", torch.zeros(ref_shape))
         self.register_buffer("energy_scale", torch.tensor(1.0))
         self.register_buffer("energy_shift", torch.tensor(0.0))
 
@@ -91,27 +133,35 @@ class AtomisticModel(nn.Module):
 
     # ------------------------------------------------------------------ settings
     @torch.no_grad()
-    def set_reference_energies(self, ref: torch.Tensor | Sequence[float] | Mapping[int, float]) -> None:
+    def set_reference_energies(self, ref) -> None:
         """Per-element reference energies (eV), added to every atom's energy.
 
         Args:
             ref: a [max_z + 1] tensor/sequence indexed by atomic number, or a mapping
-                ``{atomic_number: energy}`` (missing elements get 0).
+                ``{atomic_number: energy}`` (missing elements get 0). A multi-source model takes
+                [S, max_z + 1] (row s for source s), or a mapping ``{source name: row}`` naming
+                every source, each row in either form.
         """
         size = self.cfg.max_z + 1
-        if isinstance(ref, Mapping):
-            values = torch.zeros(size, dtype=torch.float64)
-            for z, e in ref.items():
-                if not 0 <= int(z) <= self.cfg.max_z:
-                    raise ValueError(f"reference energy for atomic number {z} is outside 0..max_z={self.cfg.max_z}")
-                values[int(z)] = float(e)
+        if self.reference_energies.dim() == 2:
+            names = list(self.cfg.sources)
+            if isinstance(ref, Mapping):
+                unknown = sorted(set(ref) - set(names))
+                missing = [n for n in names if n not in ref]
+                if unknown or missing:
+                    raise ValueError(f"reference energies by source: unknown source(s) {unknown}, missing {missing}; "
+                                     f"this model's sources are {names}")
+                values = torch.stack([_reference_row(ref[n], size, self.cfg.max_z) for n in names])
+            else:
+                values = torch.as_tensor(ref, dtype=torch.float64).detach().cpu()
+                if values.shape != (len(names), size):
+                    raise ValueError(f"reference energies of a model with sources {names} must have shape "
+                                     f"[S, max_z+1] = [{len(names)}, {size}], got {list(values.shape)}; or pass "
+                                     f"{{source name: per-element energies}}")
         else:
-            values = torch.as_tensor(ref, dtype=torch.float64).detach().cpu()
-            if values.shape != (size,):
-                raise ValueError(f"reference energies must have shape [max_z+1] = [{size}], "
-                                 f"got {list(values.shape)}; pass a dict {{z: energy}} for a few elements")
+            values = _reference_row(ref, size, self.cfg.max_z)
         if not torch.isfinite(values).all():
-            bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
+            bad = torch.nonzero(~torch.isfinite(values))[:, -1].flatten().tolist()
             raise ValueError(f"reference energies are not finite for atomic numbers {bad[:10]}")
         self.reference_energies.copy_(values.to(self.reference_energies))
 
@@ -135,6 +185,9 @@ class AtomisticModel(nn.Module):
             if batch[key].dtype != dtype:
                 raise TypeError(f"batch['{key}'] is {batch[key].dtype} but the model parameters are {dtype}; "
                                 f"collate with dtype={dtype} or call model.to({dtype})")
+        if self.cfg.multi_source and "source" not in batch:
+            raise KeyError(f"this model was trained on several sources {list(self.cfg.sources)} and needs "
+                           f"batch['source'] [B], each graph's source id (0..{len(self.cfg.sources) - 1})")
         z = batch["atomic_numbers"]
         if z.numel() and (int(z.min()) < 0 or int(z.max()) > self.cfg.max_z):
             raise ValueError(f"atomic numbers span {int(z.min())}..{int(z.max())} but the embedding covers "
@@ -175,14 +228,59 @@ class AtomisticModel(nn.Module):
             scalar_vector = self.force_head[-1].weight[0]
         return self.backbone(h, positions, edge_index, edge_offset, edge_weight, scalar_vector), edge_weight
 
-    def node_energies(self, atomic_numbers: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def node_energies(self, atomic_numbers: torch.Tensor, h: torch.Tensor,
+                      source: torch.Tensor | None = None) -> torch.Tensor:
         """``reference_energies[z_i] + energy_scale * energy_head(h_i) + energy_shift``.
 
+        A multi-source model needs ``source`` (each atom's source id) and uses that source's
+        reference row and head (see the module docstring).
+
         Shapes:
-            atomic_numbers [N], h [N, H] -> [N] (eV).
+            atomic_numbers [N], h [N, H], source [N] -> [N] (eV).
         """
-        e = self.energy_head(h).squeeze(-1)
-        return self.reference_energies[atomic_numbers] + self.energy_scale * e + self.energy_shift
+        e = self.head_energy(h, source)
+        if self.reference_energies.dim() == 2:
+            ref = self.reference_energies[source, atomic_numbers]
+        else:
+            ref = self.reference_energies[atomic_numbers]
+        return ref + self.energy_scale * e + self.energy_shift
+
+    def head_energy(self, h: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """The energy head's per-atom output ``e_i`` (before scale, shift and references).
+
+        Shapes:
+            h [N, H], source [N] (multi-source heads only) -> [N].
+        """
+        heads = self.cfg.heads
+        if heads == "shared":
+            return self.energy_head(h).squeeze(-1)
+        if heads == "embedding":
+            return self.energy_head(h + self.source_embedding(source)).squeeze(-1)
+        # per_source: every head runs on its own atoms (an empty selection still gives its weights
+        # a zero gradient, so every rank of a data-parallel group reduces the same tensors)
+        out = h.new_zeros(h.shape[0])
+        for k, head in enumerate(self.energy_heads):
+            idx = torch.nonzero(source == k).squeeze(1)
+            out = out.index_copy(0, idx, head(h.index_select(0, idx)).squeeze(-1))
+        return out
+
+    def atom_sources(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Each atom's source id from ``batch["source"]`` [B] (None for a single-source model).
+
+        Raises:
+            KeyError/ValueError: the batch names no source, or an id outside the model's sources.
+        """
+        if not self.cfg.multi_source:
+            return None
+        names = list(self.cfg.sources)
+        if "source" not in batch:
+            raise KeyError(f"this model was trained on several sources {names} and needs batch['source'] [B], "
+                           f"each graph's source id (0..{len(names) - 1})")
+        src = batch["source"]
+        if src.numel() and (int(src.min()) < 0 or int(src.max()) >= len(names)):
+            raise ValueError(f"batch['source'] holds ids {sorted(set(src.tolist()))[:8]} but the model's sources are "
+                             f"{dict(enumerate(names))}")
+        return src.index_select(0, batch["batch"])
 
     def direct_forces(self, out: EGCLOutput, edge_weight: torch.Tensor, edge_index: torch.Tensor,
                       num_atoms: int) -> torch.Tensor:
@@ -246,11 +344,27 @@ class AtomisticModel(nn.Module):
             out.h [N, H] -> dict(energy [B], node_energy [N], forces [N, 3] if ``direct_forces``).
         """
         z, graph = batch["atomic_numbers"], batch["batch"]
-        node_energy = self.node_energies(z, out.h)
+        node_energy = self.node_energies(z, out.h, self.atom_sources(batch))
         result = {"energy": scatter_sum(node_energy, graph, batch["cell"].shape[0]), "node_energy": node_energy}
         if direct_forces:
             result["forces"] = self.direct_forces(out, geom.edge_weight, batch["edge_index"], z.shape[0])
         return result
+
+
+def _reference_row(ref, size: int, max_z: int) -> torch.Tensor:
+    """One table of per-element reference energies, [size] float64, from a sequence or {Z: eV}."""
+    if isinstance(ref, Mapping):
+        values = torch.zeros(size, dtype=torch.float64)
+        for z, e in ref.items():
+            if not 0 <= int(z) <= max_z:
+                raise ValueError(f"reference energy for atomic number {z} is outside 0..max_z={max_z}")
+            values[int(z)] = float(e)
+        return values
+    values = torch.as_tensor(ref, dtype=torch.float64).detach().cpu()
+    if values.shape != (size,):
+        raise ValueError(f"reference energies must have shape [max_z+1] = [{size}], "
+                         f"got {list(values.shape)}; pass a dict {{z: energy}} for a few elements")
+    return values
 
 
 class Geometry(NamedTuple):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from gnnmegatron.models.config import ModelConfig
-from gnnmegatron.models.potential import AtomisticModel, Geometry, prepare_geometry
+from gnnmegatron.models.potential import HEAD_MODULES, AtomisticModel, Geometry, prepare_geometry
 from gnnmegatron.models.presets import forward_flops
 from gnnmegatron.ops import csr_plan
 
@@ -153,7 +153,8 @@ class PipelineStageModel(nn.Module):
         num_stages: ``S``, virtual stages in the whole pipeline.
         embedding: the element embedding (first virtual stage's rank), else None.
         backbone.blocks: ``ModuleDict`` {global block index: block}.
-        energy_head, force_head: the heads (last virtual stage's rank), else None.
+        energy_head, energy_heads, source_embedding, force_head: the heads (last virtual stage's
+            rank; ``AtomisticModel``'s, per-source ones included), else None.
         reference_energies, energy_scale, energy_shift: buffers (last virtual stage's rank only).
     """
 
@@ -165,8 +166,8 @@ class PipelineStageModel(nn.Module):
         self.embedding = None
         self.backbone = nn.Module()
         self.backbone.blocks = nn.ModuleDict()
-        self.energy_head = None
-        self.force_head = None
+        for name in HEAD_MODULES:
+            setattr(self, name, None)
         self.envelope = None
 
     @classmethod
@@ -180,8 +181,8 @@ class PipelineStageModel(nn.Module):
             for i in c.blocks:
                 stage.backbone.blocks[str(i)] = model.blocks[i]
             if c.last:
-                stage.energy_head = model.energy_head
-                stage.force_head = model.force_head
+                for name in HEAD_MODULES:
+                    setattr(stage, name, getattr(model, name))
                 for name in ("reference_energies", "energy_scale", "energy_shift"):
                     stage.register_buffer(name, getattr(model, name))
         return stage
@@ -234,6 +235,8 @@ class PipelineStageModel(nn.Module):
 
     # AtomisticModel's heads and energy settings, reused unchanged on the last stage
     node_energies = AtomisticModel.node_energies
+    head_energy = AtomisticModel.head_energy
+    atom_sources = AtomisticModel.atom_sources
     direct_forces = AtomisticModel.direct_forces
     set_reference_energies = AtomisticModel.set_reference_energies
     set_normalization = AtomisticModel.set_normalization
