@@ -19,8 +19,11 @@ edge_index         [2, E]       int64    row 0 = dst (centre i, receiver), row 1
 edge_shift         [E, 3]       float    integer image multiples S: the edge vector is
                                          r_ij = positions[src] - positions[dst]
                                          + edge_shift @ cell[batch[dst]] (Å), 0 < |r_ij| < cutoff
-energy             [B]          float    total energy (eV)                         [targets]
-forces             [N, 3]       float    forces (eV/Å)                             [targets]
+energy             [B]          float    total energy (eV); 0 where has_energy is False  [targets]
+has_energy         [B]          bool     the structure has an energy label          [targets]
+forces             [N, 3]       float    forces (eV/Å); 0 for atoms of structures whose
+                                         has_forces is False                       [targets]
+has_forces         [B]          bool     the structure has force labels (all its atoms) [targets]
 stress             [B, 3, 3]    float    stress (eV/Å^3), ASE sign: (1/V) dE/dstrain;
                                          zeros where has_stress is False           [targets]
 has_stress         [B]          bool     the structure has a stress label          [targets]
@@ -28,12 +31,15 @@ source             [B]          int64    source (dataset) id
 index              [B]          int64    graph index in the store
 =================  ===========  =======  ======================================================
 
-"float" is the ``dtype`` given to `collate` (float32 by default). Target keys appear when the
-structures carry them: ``energy`` when every structure has one (a mix raises), ``forces``
-likewise; ``stress`` and ``has_stress`` whenever ``energy`` is present or any structure has a
-stress, so training batches of one dataset always have the same keys. The neighbour list is
-computed in float64 from the structures' positions (`neighbors.radius_graph_pbc`) on the target
-device, before positions are cast to ``dtype``.
+"float" is the ``dtype`` given to `collate` (float32 by default). Targets are per-structure
+label masks: when any structure carries any label (energy, forces or stress), all six target
+keys are present, each label filled with zeros where a structure lacks it and flagged by its
+``has_*`` mask, so a batch may mix structures with and without energy, forces or stress (the
+losses of ``gnnmegatron.training.losses`` average each term over the labelled structures only)
+and every training batch has the same keys. A batch of bare structures (no label at all, e.g. for
+inference) has none of them. The neighbour list is computed in float64 from the structures'
+positions (`neighbors.radius_graph_pbc`) on the target device, before positions are cast to
+``dtype``.
 
 Shapes:
     B graphs, N atoms, E directed edges.
@@ -117,19 +123,6 @@ def _parse(s, pos, where):
     return out
 
 
-def _all_or_none(parsed, name):
-    have = [p[name] is not None for p in parsed]
-    if any(have) and not all(have):
-        k = have.index(False)
-        j = have.index(True)
-        raise ValueError(
-            f"structure {k} (store index {parsed[k]['index']}) has no {name!r} but structure {j} "
-            f"(store index {parsed[j]['index']}) has one; a batch needs {name!r} for all or none "
-            f"of its structures (filter the dataset or split it by source)"
-        )
-    return all(have)
-
-
 def collate(structures: Sequence[Mapping], cutoff: float, dtype=torch.float32, device="cpu") -> dict:
     """Concatenate structures into one batch dict and build its neighbour list.
 
@@ -146,8 +139,7 @@ def collate(structures: Sequence[Mapping], cutoff: float, dtype=torch.float32, d
         The batch dict documented in this module's docstring.
 
     Raises:
-        ValueError: an empty list, a malformed field (names the structure and field), or a
-            target present in some structures only (energy, forces).
+        ValueError: an empty list or a malformed field (names the structure and field).
 
     Shapes:
         See the module docstring (B = len(structures)).
@@ -183,16 +175,17 @@ def collate(structures: Sequence[Mapping], cutoff: float, dtype=torch.float32, d
         "edge_index": edge_index,
         "edge_shift": edge_shift.to(dtype),
     }
-    if _all_or_none(parsed, "energy"):
-        out["energy"] = torch.tensor([p["energy"] for p in parsed], dtype=dtype, device=device)
-    if _all_or_none(parsed, "forces"):
-        forces = np.concatenate([p["forces"] for p in parsed]).reshape(-1, 3)
+    has = {name: [p[name] is not None for p in parsed] for name in ("energy", "forces", "stress")}
+    if any(any(flags) for flags in has.values()):  # labelled: every target with its per-structure mask
+        out["energy"] = torch.tensor([p["energy"] if p["energy"] is not None else 0.0 for p in parsed],
+                                     dtype=dtype, device=device)
+        forces = np.concatenate([p["forces"] if p["forces"] is not None else np.zeros((len(p["atomic_numbers"]), 3))
+                                 for p in parsed]).reshape(-1, 3)
         out["forces"] = torch.from_numpy(forces).to(device, dtype)
-    has_stress = [p["stress"] is not None for p in parsed]
-    if "energy" in out or any(has_stress):
         stress = np.stack([p["stress"] if p["stress"] is not None else np.zeros((3, 3)) for p in parsed])
         out["stress"] = torch.from_numpy(stress).to(device, dtype)
-        out["has_stress"] = torch.tensor(has_stress, dtype=torch.bool, device=device)
+        for name, flags in has.items():
+            out[f"has_{name}"] = torch.tensor(flags, dtype=torch.bool, device=device)
     out["source"] = torch.tensor([p["source"] for p in parsed], dtype=torch.long, device=device)
     out["index"] = torch.tensor([p["index"] for p in parsed], dtype=torch.long, device=device)
     return out

@@ -44,7 +44,7 @@ import torch
 
 from gnnmegatron.data.batch import collate
 
-__all__ = ["ChunkAwareSampler", "GraphLoader"]
+__all__ = ["ChunkAwareSampler", "GraphLoader", "chunk_shuffle"]
 
 _STATE_VERSION = 1
 
@@ -55,6 +55,23 @@ def _positive_or_none(name, value, kind=float):
     if not value > 0:
         raise ValueError(f"{name} must be > 0 or None, got {value!r}")
     return kind(value)
+
+
+def chunk_shuffle(sel, graph_chunks, window_chunks, rng):
+    """Chunk-aware shuffle of graph indices ``sel``: storage chunks (grouped into windows of
+    ``window_chunks``) in random order, graphs in random order inside each window.
+
+    Shapes:
+        sel [S] -> [S]; graph_chunks [C+1].
+    """
+    if len(sel) == 0:
+        return sel
+    chunk = np.searchsorted(graph_chunks, sel, side="right") - 1
+    uniq, inv = np.unique(chunk, return_inverse=True)
+    chunk_rank = rng.permutation(len(uniq))  # random position of each chunk in the epoch
+    window = chunk_rank[inv] // window_chunks
+    noise = rng.random(len(sel))
+    return sel[np.lexsort((noise, window))]  # by window, then randomly inside it
 
 
 class ChunkAwareSampler:
@@ -142,12 +159,7 @@ class ChunkAwareSampler:
         if not self.shuffle or len(sel) == 0:
             return sel
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(epoch)]))
-        chunk = np.searchsorted(self.graph_chunks, sel, side="right") - 1
-        uniq, inv = np.unique(chunk, return_inverse=True)
-        chunk_rank = rng.permutation(len(uniq))  # random position of each chunk in the epoch
-        window = chunk_rank[inv] // self.window_chunks
-        noise = rng.random(len(sel))
-        return sel[np.lexsort((noise, window))]  # by window, then randomly inside it
+        return chunk_shuffle(sel, self.graph_chunks, self.window_chunks, rng)
 
     def _split(self, order):
         """Greedy budgeted batches over ``order`` (loop over batches, not graphs)."""

@@ -33,7 +33,7 @@ def test_keys_shapes_dtypes_and_targets():
         "edge_shift": ((E, 3), torch.float32), "energy": ((B,), torch.float32),
         "forces": ((N, 3), torch.float32),
         "stress": ((B, 3, 3), torch.float32), "has_stress": ((B,), torch.bool), "source": ((B,), torch.int64),
-        "index": ((B,), torch.int64),
+        "index": ((B,), torch.int64), "has_energy": ((B,), torch.bool), "has_forces": ((B,), torch.bool),
     }
     assert set(b) == set(expected)
     for k, (shape, dtype) in expected.items():
@@ -42,6 +42,7 @@ def test_keys_shapes_dtypes_and_targets():
     assert b["index"].tolist() == [42, 1, 7], "index: given, else list position"
     assert b["source"].tolist() == [1, 0, 2] and b["pbc"][2].tolist() == [True] * 3
     assert b["has_stress"].tolist() == [True, False, True]
+    assert b["has_energy"].tolist() == [True] * 3 and b["has_forces"].tolist() == [True] * 3
     assert torch.equal(b["stress"][1], torch.zeros(3, 3))
     assert np.allclose(b["stress"][0].numpy(), [[1, 6, 5], [6, 2, 4], [5, 4, 3]]), "Voigt xx yy zz yz xz xy"
     assert np.allclose(b["forces"][4:7].numpy(), s[1]["forces"]) and b["energy"].tolist() == [-3.5, -1.0, 0.5]
@@ -93,18 +94,26 @@ def test_gradient_flows_to_positions_and_pair_forces_balance():
     assert abs(float(fd) - float(grad[1, 0])) < 1e-6
 
 
-def test_inconsistent_targets_raise_and_absent_targets_are_omitted():
+def test_mixed_labels_are_masked_and_absent_targets_are_omitted():
+    """A batch may mix structures with and without energy, forces or stress: zeros plus has_* masks."""
     s = structures()
     s[1]["energy"] = None
-    with pytest.raises(ValueError, match="structure 1 .*'energy'"):
-        collate(s, CUTOFF)
-    s = structures()
     s[2]["forces"] = None
-    with pytest.raises(ValueError, match="structure 2 \\(store index 7\\) has no 'forces'"):
-        collate(s, CUTOFF)
+    b = collate(s, CUTOFF)
+    assert b["has_energy"].tolist() == [True, False, True]
+    assert b["has_forces"].tolist() == [True, True, False]
+    assert b["has_stress"].tolist() == [True, False, True]
+    assert b["energy"].tolist() == [-3.5, 0.0, 0.5]
+    assert np.allclose(b["forces"][:7].numpy(), np.concatenate([s[0]["forces"], s[1]["forces"]]))
+    assert torch.equal(b["forces"][7:], torch.zeros(1, 3))
+    # forces only, no energy anywhere: still every target key, energy all unlabelled
+    only_forces = [dict(st, energy=None, stress=None) for st in structures()]
+    b = collate(only_forces, CUTOFF)
+    assert b["has_energy"].tolist() == [False] * 3 and b["has_forces"].tolist() == [True] * 3
+    assert torch.equal(b["energy"], torch.zeros(3))
     bare = [{k: st[k] for k in ("atomic_numbers", "positions", "cell", "pbc")} for st in structures()]
     b = collate(bare, CUTOFF)
-    assert not {"energy", "forces", "stress", "has_stress"} & set(b)
+    assert not {"energy", "forces", "stress", "has_stress", "has_energy", "has_forces"} & set(b)
     assert b["source"].tolist() == [0, 0, 0] and b["index"].tolist() == [0, 1, 2]
 
 
