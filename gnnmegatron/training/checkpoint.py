@@ -116,6 +116,8 @@ def check_model_compatible(path: Path, saved_model_config: dict, model_config: d
     from gnnmegatron.models.config import ModelConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    defaults.update({f.name: f.default_factory() for f in dataclasses.fields(ModelConfig)
+                     if f.default_factory is not dataclasses.MISSING})
     saved_model_config = {**defaults, **saved_model_config}
     model_config = {**defaults, **model_config}
     keys = sorted((set(saved_model_config) | set(model_config)) - set(EXECUTION_FIELDS))

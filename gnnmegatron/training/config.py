@@ -6,6 +6,9 @@ should never silently fall back to a default)::
     run_dir: runs/demo
     seed: 0
     data:   {store: data/emt.zarr, cutoff: 5.0, budget_atoms: 512, emt: {num_structures: 3000}}
+            # or several stores mixed by sampling weight (multi-source pretraining):
+            # {sources: [{store: data/mptrj.zarr}, {store: data/ani1x.zarr, train_fraction: 0.5}],
+            #  sampling: temperature, temperature: 2.0, cutoff: 5.0, budget_atoms: 512}
     model:  {preset: egnn-small, force_mode: conservative}
     optim:  {lr: 2.0e-3, warmup_steps: 100}
     loss:   {energy_weight: 1.0, force_weight: 1.0, kind: mae}
@@ -31,19 +34,110 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
+SAMPLING_MODES = ("proportional", "uniform", "temperature", "given")
+
+
+@dataclass
+class SourceConfig:
+    """One source of a multi-source run: an entry of ``data.sources``.
+
+    Attributes:
+        store: path of its Zarr graph store (or sharded dataset).
+        name: the source's name (model heads, reference energies, metrics and inference use it);
+            default: the store's directory name without its suffix (``data/mptrj.zarr`` -> ``mptrj``).
+        splits, split_seed: its own train/val/test split (default: ``data.splits`` / ``data.split_seed``).
+        train_fraction: train on this fraction of its training split (nested subsets, as
+            ``data.train_fraction``).
+        weight: sampling weight under ``data.sampling: given`` (>= 0).
+        energy_weight, force_weight, stress_weight: loss weights of its structures (default: the
+            ``loss`` section's).
+        max_val_graphs: validate on at most this many of its validation graphs (default:
+            ``data.max_val_graphs``; 0 = all).
+        emt: when the store is missing, generate the embedded EMT dataset there with these
+            ``EMTConfig`` fields first.
+        emt_energy_offsets: with ``emt``: eV added per atom of each element (``{symbol: eV}``) to the
+            generated energies, i.e. EMT on another energy reference (a second embedded source).
+        import_from: when the store is missing, import these ASE-readable files into it first
+            (``gnnmegatron data import``).
+    """
+
+    store: str = ""
+    name: str | None = None
+    splits: tuple[float, float, float] | None = None
+    split_seed: int | None = None
+    train_fraction: float = 1.0
+    weight: float | None = None
+    energy_weight: float | None = None
+    force_weight: float | None = None
+    stress_weight: float | None = None
+    max_val_graphs: int | None = None
+    emt: dict[str, Any] | None = None
+    emt_energy_offsets: dict[str, float] | None = None
+    import_from: list[str] | None = None
+
+    def __post_init__(self):
+        if not self.store or not isinstance(self.store, str):
+            raise ConfigError(f"data.sources: every entry needs a store path, got {self.store!r}")
+        if self.name is None:
+            self.name = Path(self.store.rstrip("/")).stem or self.store
+        where = f"data.sources entry {self.name!r}"
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"{where}: name must be a non-empty string, got {self.name!r}")
+        if self.splits is not None:
+            self.splits = _check_splits(self.splits, f"{where}: splits")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"{where}: train_fraction must be in (0, 1], got {self.train_fraction}")
+        if self.weight is not None and not self.weight >= 0:
+            raise ConfigError(f"{where}: weight must be >= 0, got {self.weight}")
+        for key in ("energy_weight", "force_weight", "stress_weight"):
+            value = getattr(self, key)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{where}: {key} must be >= 0, got {value}")
+        if self.max_val_graphs is not None and self.max_val_graphs < 0:
+            raise ConfigError(f"{where}: max_val_graphs must be >= 0, got {self.max_val_graphs}")
+        if self.emt_energy_offsets is not None and self.emt is None:
+            raise ConfigError(f"{where}: emt_energy_offsets applies to generated EMT data; give emt too")
+        if isinstance(self.import_from, str):
+            self.import_from = [self.import_from]
+        if self.import_from is not None and self.emt is not None:
+            raise ConfigError(f"{where}: give either emt (generate) or import_from (import files), not both")
+
+
+def _check_splits(splits, where: str) -> tuple[float, float, float]:
+    splits = tuple(float(f) for f in splits)
+    if len(splits) != 3 or any(f < 0 for f in splits) or abs(sum(splits) - 1) > 1e-6:
+        raise ConfigError(f"{where} must be three non-negative fractions summing to 1, got {splits}")
+    if splits[0] == 0 or splits[1] == 0:
+        raise ConfigError(f"{where} needs non-empty train and val fractions, got {splits}")
+    return splits
+
+
 @dataclass
 class DataConfig:
     """Where the training data comes from and how it is batched.
 
+    One store (``store``), or several mixed by sampling weight (``sources``, a list of
+    ``SourceConfig``; multi-source pretraining, ``gnnmegatron.data.mixture``).
+
     Attributes:
         store: path of the Zarr graph store (relative paths are relative to the
-            working directory).
+            working directory); default ``data/emt.zarr``. Not with ``sources``.
+        sources: several stores, each with its own split and ``train_fraction`` (``SourceConfig``);
+            an epoch draws ``epoch_graphs`` training graphs from them by ``sampling``.
+        sampling: how the sources' sampling weights are set: ``proportional`` (to their training
+            graphs), ``uniform``, ``temperature`` (proportional to graphs^(1/temperature): 1 is
+            proportional, large values approach uniform) or ``given`` (each source's ``weight``).
+        temperature: of ``sampling: temperature`` (> 0).
+        epoch_graphs: training graphs per epoch of the mixture (0: the sum of the sources'
+            training graphs).
         emt: if given and ``store`` does not exist, the embedded EMT dataset is
             generated there first with these ``EMTConfig`` fields.
         splits: train/val/test fractions of the store's graphs.
         train_fraction: train on this fraction of the training split. Subsets are nested: a
             fixed permutation of the training split (seeded by ``split_seed``) is cut at
             ``ceil(fraction * n)``, so a larger fraction contains every smaller one (scaling studies).
+            With ``sources`` it multiplies every source's own ``train_fraction`` (a scaling sweep's
+            data fractions then shrink all sources alike).
         split_seed: seed of the deterministic split.
         cutoff: neighbour-list radius in Å (must equal the model's cutoff).
         budget_atoms: atoms per micro-batch (batches are formed by atom budget).
@@ -54,7 +148,11 @@ class DataConfig:
         prefetch: batches assembled ahead by a background thread.
     """
 
-    store: str = "data/emt.zarr"
+    store: str | None = None
+    sources: list[SourceConfig] | None = None
+    sampling: str = "proportional"
+    temperature: float = 1.0
+    epoch_graphs: int = 0
     emt: dict[str, Any] | None = None
     splits: tuple[float, float, float] = (0.9, 0.05, 0.05)
     split_seed: int = 0
@@ -68,11 +166,11 @@ class DataConfig:
     prefetch: int = 2
 
     def __post_init__(self):
-        self.splits = tuple(float(f) for f in self.splits)
-        if len(self.splits) != 3 or any(f < 0 for f in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
-            raise ConfigError(f"data.splits must be three non-negative fractions summing to 1, got {self.splits}")
-        if self.splits[0] == 0 or self.splits[1] == 0:
-            raise ConfigError(f"data.splits needs non-empty train and val fractions, got {self.splits}")
+        self.splits = _check_splits(self.splits, "data.splits")
+        if self.sources is not None:
+            self._check_sources()
+        elif self.store is None:
+            self.store = "data/emt.zarr"
         if not 0 < self.train_fraction <= 1:
             raise ConfigError(f"data.train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.cutoff <= 0:
@@ -81,6 +179,62 @@ class DataConfig:
             raise ConfigError(f"data.budget_atoms must be >= 1, got {self.budget_atoms}")
         if self.val_budget_atoms is None:
             self.val_budget_atoms = self.budget_atoms
+
+    def _check_sources(self) -> None:
+        if not isinstance(self.sources, list) or not self.sources:
+            raise ConfigError(f"data.sources must be a non-empty list of stores ({{store: PATH, ...}}), got "
+                              f"{self.sources!r}")
+        if self.store is not None:
+            raise ConfigError(f"data.store={self.store!r} and data.sources are exclusive; list that store as one "
+                              f"of the sources")
+        if self.emt is not None:
+            raise ConfigError("data.emt does not apply with data.sources; give emt in the source entry that "
+                              "should be generated")
+        self.sources = [s if isinstance(s, SourceConfig) else build_dataclass(SourceConfig, s, f"data.sources[{i}]")
+                        for i, s in enumerate(self.sources)]
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"data.sources: source name(s) {dup} appear more than once ({names}); give each "
+                              f"entry its own name:")
+        if self.sampling not in SAMPLING_MODES:
+            raise ConfigError(f"data.sampling must be one of {list(SAMPLING_MODES)}, got {self.sampling!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"data.temperature must be > 0, got {self.temperature}")
+        if self.epoch_graphs < 0:
+            raise ConfigError(f"data.epoch_graphs must be >= 0 (0: the sources' training graphs), got "
+                              f"{self.epoch_graphs}")
+        if self.sampling == "given":
+            missing = [s.name for s in self.sources if s.weight is None]
+            if missing:
+                raise ConfigError(f"data.sampling: given needs a weight for every source; {missing} have none")
+            if sum(s.weight for s in self.sources) <= 0:
+                raise ConfigError(f"data.sampling: given needs a positive weight for some source, got "
+                                  f"{[s.weight for s in self.sources]}")
+        elif any(s.weight is not None for s in self.sources):
+            named = [s.name for s in self.sources if s.weight is not None]
+            raise ConfigError(f"data.sources {named} give a weight, which only data.sampling: given uses (sampling "
+                              f"is {self.sampling!r}); remove it or set sampling: given")
+
+    @property
+    def multi_source(self) -> bool:
+        """Training reads ``sources`` (a mixture), not one ``store``."""
+        return self.sources is not None
+
+    def source_list(self) -> list[SourceConfig]:
+        """The sources with every default resolved (one entry for a single-store config)."""
+        if self.sources is None:
+            return [SourceConfig(store=self.store, name=Path(self.store.rstrip("/")).stem or self.store,
+                                 splits=self.splits, split_seed=self.split_seed, train_fraction=self.train_fraction,
+                                 max_val_graphs=self.max_val_graphs, emt=self.emt)]
+        out = []
+        for s in self.sources:
+            out.append(dataclasses.replace(
+                s, train_fraction=s.train_fraction * self.train_fraction,
+                splits=s.splits if s.splits is not None else self.splits,
+                split_seed=s.split_seed if s.split_seed is not None else self.split_seed,
+                max_val_graphs=s.max_val_graphs if s.max_val_graphs is not None else self.max_val_graphs))
+        return out
 
 
 @dataclass
@@ -267,14 +421,40 @@ class PretrainConfig:
             raise ConfigError("model.preset is required (see `gnnmegatron model info --list`)")
 
     def model_config(self):
-        """Builds the validated ``ModelConfig`` (preset + overrides; cutoff taken from data)."""
+        """Builds the validated ``ModelConfig`` (preset + overrides; cutoff taken from data, the
+        source names from ``data.sources``)."""
+        from gnnmegatron.models.config import ModelConfigError
         from gnnmegatron.models.presets import get_preset
 
         overrides = {k: v for k, v in self.model.items() if k != "preset"}
         cutoff = overrides.pop("cutoff", self.data.cutoff)
         if cutoff != self.data.cutoff:
             raise ConfigError(f"model.cutoff={cutoff} differs from data.cutoff={self.data.cutoff}; set one value")
-        return get_preset(self.model["preset"], cutoff=self.data.cutoff, **overrides)
+        if self.data.multi_source:
+            names = [s.name for s in self.data.sources]
+            given = overrides.pop("sources", names)
+            if list(given) != names:
+                raise ConfigError(f"model.sources={given} differs from the names of data.sources {names}; leave "
+                                  f"model.sources out (it is taken from data.sources)")
+            overrides["sources"] = names
+        elif overrides.get("sources"):
+            raise ConfigError(f"model.sources={overrides['sources']} needs data.sources (several stores); a "
+                              f"single-store run has one source")
+        try:
+            return get_preset(self.model["preset"], cutoff=self.data.cutoff, **overrides)
+        except ModelConfigError as exc:
+            raise ConfigError(f"model: {exc}") from exc
+
+    def loss_weights(self):
+        """[S, 3] loss weights (energy, force, stress) per source, float64 (``compute_loss``)."""
+        import torch
+
+        base = (self.loss.energy_weight, self.loss.force_weight, self.loss.stress_weight)
+        rows = []
+        for s in self.data.source_list():
+            own = (s.energy_weight, s.force_weight, s.stress_weight)
+            rows.append([b if o is None else float(o) for b, o in zip(base, own)])
+        return torch.tensor(rows, dtype=torch.float64)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -38,7 +38,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
-    """Training loss and validation MAEs against step, written as a PNG."""
+    """Training loss and validation MAEs against step, written as a PNG.
+
+    Multi-source runs (validation records with ``sources``) also get one line per source in the
+    two validation panels (dotted: that source's baseline), beside the overall errors.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,10 +62,24 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
     ):
         if val:
             steps = [r["step"] for r in val]
-            ax.plot(steps, [scale * r[key] for r in val], "o-", label="model")
+            ax.plot(steps, [scale * r[key] for r in val], "o-", color="black",
+                    label="model, all sources" if val[-1].get("sources") else "model")
             ax.plot(steps, [scale * r[base] for r in val], "--", color="gray",
                     label="composition fit" if "energy" in key else "zero forces")
-            ax.legend()
+            names = list(val[-1].get("sources") or {})
+            colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+            for k, name in enumerate(names):
+                rows = [r for r in val if name in (r.get("sources") or {})]
+                counted = "energy_graphs" if "energy" in key else "force_components"
+                rows = [r for r in rows if r["sources"][name].get(counted, 1)]
+                if not rows:
+                    continue
+                color = colors[k % len(colors)]
+                xs = [r["step"] for r in rows]
+                ax.plot(xs, [scale * r["sources"][name][key] for r in rows], "s-", ms=3, lw=1, color=color,
+                        label=name)
+                ax.plot(xs, [scale * r["sources"][name][base] for r in rows], ":", lw=1, color=color)
+            ax.legend(fontsize=8)
         ax.set(xlabel="step", ylabel=f"validation {unit}", yscale="log", title=key.replace("_", " "))
     if title:
         fig.suptitle(title)

@@ -13,6 +13,10 @@ JSON layout (``card_version`` 1)::
     training: step, epoch, dtype, seed, max_steps, loss (LossConfig dict)
     data:     store, producer, sources, store_graphs, store_atoms, splits, train_fraction, cutoff,
               seen {atoms, edges, graphs, flops}
+    sources:  multi-source runs (``data.sources``), one entry per source in the model's source order:
+              name, store, producer, store_graphs, splits, train_fraction, sampling_probability,
+              train_graphs, elements, loss weights, and its last validation errors; ``heads`` says
+              how the model's energy heads are shared (null for single-store runs)
     layout:   tp, pp, dp, world_size
     metrics:  last_val (metrics of the latest validation at or before this step, with its step),
               best_val (best validation energy MAE so far, with its step)
@@ -108,6 +112,44 @@ def _layout(config: dict, world_size: int) -> dict[str, int]:
     return {"tp": tp, "pp": pp, "dp": dp, "world_size": int(world_size)}
 
 
+def _sources(config: dict, state: dict, model_cfg, last_val: dict | None) -> list[dict[str, Any]] | None:
+    """The card's ``sources`` list (multi-source runs), None for a single-store run."""
+    data_cfg = config.get("data") or {}
+    entries = data_cfg.get("sources")
+    if not entries:
+        return None
+    loss = config.get("loss") or {}
+    mixture = state.get("mixture") or {}
+    probs = dict(zip(mixture.get("names", []), mixture.get("probabilities", [])))
+    train_graphs = dict(zip(mixture.get("names", []), mixture.get("train_graphs", [])))
+    per_stats = (state.get("stats") or {}).get("sources") or {}
+    per_val = (last_val or {}).get("sources") or {}
+    from ase.data import chemical_symbols
+
+    out = []
+    for entry in entries:
+        name = entry.get("name")
+        md = _store_metadata(entry.get("store"))
+        elements = per_stats.get(name, {}).get("elements", [])
+        out.append({
+            "name": name,
+            "store": entry.get("store"),
+            "producer": md.get("producer"),
+            "store_sources": md.get("sources"),
+            "store_graphs": md.get("num_graphs"),
+            "splits": entry.get("splits") or data_cfg.get("splits"),
+            "train_fraction": entry.get("train_fraction"),
+            "sampling": data_cfg.get("sampling"),
+            "sampling_probability": probs.get(name),
+            "train_graphs": train_graphs.get(name),
+            "elements": [chemical_symbols[int(z)] for z in elements],
+            "loss_weights": {k: entry.get(f"{k}_weight") if entry.get(f"{k}_weight") is not None
+                             else loss.get(f"{k}_weight") for k in ("energy", "force", "stress")},
+            "last_val": per_val.get(name),
+        })
+    return out
+
+
 def build_model_card(checkpoint_path: str | Path, state: dict, *, last_val: dict | None = None) -> dict[str, Any]:
     """The card as a dict (what ``write_model_card`` writes). See the module docstring for the layout."""
     import torch
@@ -164,6 +206,8 @@ def build_model_card(checkpoint_path: str | Path, state: dict, *, last_val: dict
             "cutoff": model_cfg.cutoff,
             "seen": dict(state.get("seen") or {}),
         },
+        "sources": _sources(config, state, model_cfg, last_val),
+        "heads": model_cfg.heads if data_cfg.get("sources") else None,
         "layout": _layout(config, int(state.get("world_size", 1) or 1)),
         "metrics": {"last_val": last_val, "best_val": state.get("best_val")},
         "elements": [{"symbol": chemical_symbols[z], "Z": z} for z in elements],
@@ -188,17 +232,39 @@ def _markdown(card: dict[str, Any]) -> str:
         f"- model: {m['family']}, preset `{m['preset']}`, {m['parameters']:,} parameters "
         f"(H={m['config']['hidden']}, L={m['config']['layers']}, cutoff {d['cutoff']} Å, "
         f"{m['config']['force_mode']} forces)",
-        f"- data: `{d['store']}` (producer {d['producer']}, sources {d['sources']}), train fraction "
-        f"{d['train_fraction']}; seen {seen.get('graphs', 0):,} graphs / {seen.get('atoms', 0):,} atoms",
+        (f"- data: `{d['store']}` (producer {d['producer']}, sources {d['sources']}), train fraction "
+         f"{d['train_fraction']}; seen {seen.get('graphs', 0):,} graphs / {seen.get('atoms', 0):,} atoms"
+         if not card.get("sources") else
+         f"- data: a mixture of {len(card['sources'])} stores (below); seen {seen.get('graphs', 0):,} graphs / "
+         f"{seen.get('atoms', 0):,} atoms"),
         f"- training: step {card['training']['step']}, {card['training']['dtype']}; layout tp={lay['tp']} "
         f"pp={lay['pp']} dp={lay['dp']} (world size {lay['world_size']})",
         f"- validation, last: {mae(met['last_val'])}",
         f"- validation, best: {mae(met['best_val'])}",
         f"- elements: {', '.join(e['symbol'] for e in card['elements']) or 'unknown'}",
+        *_source_md(card),
         f"- gnnmegatron {card['gnnmegatron_version']}, torch {card['torch_version']}, written {card['created']}",
         "",
     ]
     return "\n".join(lines)
+
+
+def _source_md(card: dict[str, Any]) -> list[str]:
+    sources = card.get("sources")
+    if not sources:
+        return []
+    lines = [f"- sources ({len(sources)}, heads: {card.get('heads')}); pick one by name at inference "
+             f"(`GNNMegatronCalculator(..., source=NAME)`, `gnnmegatron predict --source NAME`):"]
+    for s in sources:
+        v = s.get("last_val") or {}
+        err = (f"; last validation energy {1000 * v['energy_mae_per_atom']:.2f} meV/atom"
+               + (f", forces {1000 * v['force_mae']:.1f} meV/Å" if v.get("force_components") else "")
+               if v else "")
+        p = s.get("sampling_probability")
+        lines.append(f"  - `{s['name']}`: `{s['store']}` ({s.get('store_graphs')} graphs, producer {s.get('producer')}), "
+                     f"sampling probability {p if p is None else round(p, 4)}, elements "
+                     f"{', '.join(s.get('elements') or []) or 'unknown'}{err}")
+    return lines
 
 
 def _prune_orphans(folder: Path) -> None:

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from gnnmegatron.training.config import PretrainConfig
 
-__all__ = ["checkpoint_blocks", "ensure_store", "format_report", "init_distributed", "nested_subset"]
+__all__ = ["checkpoint_blocks", "ensure_source_store", "ensure_store", "format_report", "init_distributed",
+           "nested_subset"]
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
@@ -85,6 +86,72 @@ def ensure_store(cfg: PretrainConfig, rank: int) -> Path:
     return path
 
 
+def ensure_source_store(src, rank: int, index: int) -> Path:
+    """The store of source entry ``src`` (``SourceConfig``, entry ``index`` of ``data.sources``),
+    generated (``emt``, optionally shifted by ``emt_energy_offsets``) or imported (``import_from``)
+    first when it is missing and the entry says how."""
+    path = Path(src.store)
+    what = f"data.sources[{index}] ({src.name!r})"
+    if not path.exists():
+        if src.emt is None and src.import_from is None:
+            raise FileNotFoundError(
+                f"{what}: store {path} does not exist; create it with `gnnmegatron data import FILES --out {path}` "
+                f"(or `gnnmegatron data emt --out {path}`), give the entry import_from: FILES or emt: {{...}}, or "
+                f"remove the entry from data.sources")
+        if src.import_from is not None:
+            missing = [f for f in src.import_from if not Path(f).exists()]
+            if missing:
+                raise FileNotFoundError(f"{what}: store {path} does not exist and its import_from file(s) {missing} "
+                                        f"do not exist either; fix the paths or import the data yourself")
+        if rank == 0:
+            if src.import_from is not None:
+                from gnnmegatron.data.importers import import_ase
+
+                print(f"importing {src.import_from} into {path} (source {src.name!r})", flush=True)
+                import_ase(src.import_from, path, source_names=[src.name] if len(src.import_from) == 1 else None,
+                           progress=True)
+            else:
+                print(f"generating the embedded EMT dataset at {path} ({src.emt}"
+                      + (f", energy offsets {src.emt_energy_offsets} eV/atom" if src.emt_energy_offsets else "")
+                      + ")", flush=True)
+                generate_emt_source(path, src.emt, src.emt_energy_offsets, name=src.name)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def generate_emt_source(path, emt: dict, offsets: dict | None = None, name: str = "emt") -> None:
+    """The embedded EMT dataset at ``path``; with ``offsets`` ({symbol: eV}) each structure's energy is
+    shifted by ``sum_i offsets[z_i]``: EMT on another per-element energy reference, as a second source
+    computed with other settings would be (forces and stress are unchanged)."""
+    from gnnmegatron.data.emt import EMTConfig, generate_emt_dataset, iter_emt_structures
+
+    cfg = EMTConfig(**emt)
+    if not offsets:
+        generate_emt_dataset(path, cfg, progress=True)
+        return
+    from ase.data import atomic_numbers as symbol_to_z
+
+    from gnnmegatron.data.store import GraphStoreWriter
+
+    unknown = sorted(set(offsets) - set(symbol_to_z))
+    if unknown:
+        raise ValueError(f"emt_energy_offsets: unknown chemical symbol(s) {unknown}")
+    shift = np.zeros(119)
+    for sym, value in offsets.items():
+        shift[symbol_to_z[sym]] = float(value)
+
+    def stream():
+        for s in iter_emt_structures(cfg):
+            s.pop("kind", None)
+            s.pop("index", None)
+            s["energy"] = float(s["energy"]) + float(shift[np.asarray(s["atomic_numbers"])].sum())
+            yield s
+
+    with GraphStoreWriter(path, producer="gnnmegatron.data.emt+offsets", sources=[name]) as writer:
+        writer.append(stream(), source=0)
+
+
 def nested_subset(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """The first ``ceil(fraction * n)`` of a fixed permutation of ``indices`` (sorted): nested in ``fraction``."""
     if fraction >= 1:
@@ -92,6 +159,20 @@ def nested_subset(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray
     order = np.random.default_rng([seed, 7919]).permutation(len(indices))
     keep = order[: int(np.ceil(fraction * len(indices)))]
     return np.sort(np.asarray(indices)[keep])
+
+
+def _source_lines(sources: dict[str, dict]) -> list[str]:
+    """Per-source validation rows of the final report (multi-source runs)."""
+    if not sources:
+        return []
+    lines = [f"  per source:{'':17s}{'energy':>12s}{'baseline':>12s}{'forces':>10s}{'zero F':>10s}"
+             f"   (meV/atom, meV/Å; baselines: that source's composition fit, zero forces)"]
+    for name, m in sources.items():
+        forces = (f"{1000 * m['force_mae']:10.1f}{1000 * m['baseline_force_mae']:10.1f}" if m.get("force_components")
+                  else f"{'n/a':>10s}{'n/a':>10s}")
+        lines.append(f"  {name[:26]:26s} {1000 * m['energy_mae_per_atom']:12.2f}"
+                     f"{1000 * m['baseline_energy_mae_per_atom']:12.2f}{forces}   ({int(m['graphs'])} graphs)")
+    return lines
 
 
 def format_report(report: dict[str, Any], run_dir: str | Path) -> str:
@@ -107,6 +188,7 @@ def format_report(report: dict[str, Any], run_dir: str | Path) -> str:
         f"  {'force MAE (meV/Å)':28s}{1000 * v['force_mae']:12.1f}{1000 * v['baseline_force_mae']:12.1f}"
         f"{f_ratio:8.3f}   baseline: zero forces",
         f"  target ratio <= 0.5: energy {'met' if e_ratio <= 0.5 else 'NOT met'}, forces {'met' if f_ratio <= 0.5 else 'NOT met'}",
+        *_source_lines(v.get("sources") or {}),
         f"  wrote {Path(run_dir) / 'checkpoints'}, {Path(run_dir) / 'metrics.jsonl'}, "
         f"{Path(run_dir) / 'loss_curve.png'}, {Path(run_dir) / 'report.json'}",
     ]

@@ -32,16 +32,17 @@ import yaml
 
 from gnnmegatron.training import checkpoint as ckpt
 from gnnmegatron.training import sharded_checkpoint as sc
-from gnnmegatron.training.baselines import composition_energy, fit_reference_energies
+from gnnmegatron.training.baselines import composition_energy, fit_reference_energies, fit_source_references
 from gnnmegatron.training.build import build_local_model, set_energy_buffers
 from gnnmegatron.training.config import ConfigError, PretrainConfig
 from gnnmegatron.training.distributed import TrainGroups, clip_grad_norm, dp_allreduce_grads, split_params
 from gnnmegatron.training.faults import Heartbeat, NonFiniteStep, RankLost, describe_failure
 from gnnmegatron.training.logging import MetricsWriter, Progress, plot_loss_curve
-from gnnmegatron.training.losses import ErrorAccumulator, compute_loss, loss_denominators
+from gnnmegatron.training.losses import ErrorAccumulator, active_terms, compute_loss, label_masks, loss_denominators
 from gnnmegatron.training.optim import build_optimizer, lr_at, set_lr
 from gnnmegatron.training.runtime import (  # noqa: F401 - re-exported for callers of the first releases
     checkpoint_blocks,
+    ensure_source_store,
     ensure_store,
     format_report,
     init_distributed,
@@ -66,9 +67,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: PretrainConfig, resume: str = "auto"):
-        from gnnmegatron.data.sampler import ChunkAwareSampler, GraphLoader
-        from gnnmegatron.data.store import GraphStore, split_indices
-
         self.cfg = cfg
         self.rank, self.world = init_distributed(cfg.train.collective_timeout_s)
         par = cfg.parallel.resolve(self.world)
@@ -87,40 +85,14 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resume_path, note = self._resume_path(resume)
 
-        store_path = ensure_store(cfg, self.rank)
-        self.store = GraphStore(store_path)
-        splits = split_indices(len(self.store), cfg.data.splits, seed=cfg.data.split_seed)
-        splits["train"] = nested_subset(splits["train"], cfg.data.train_fraction, cfg.data.split_seed)
-        self.splits = splits
-        val_idx = splits["val"]
-        if cfg.data.max_val_graphs:
-            val_idx = val_idx[: cfg.data.max_val_graphs]
-        self.train_sampler = ChunkAwareSampler(
-            self.store.atom_counts, self.store.graph_chunks, splits["train"], seed=cfg.seed, shuffle=True,
-            budget_atoms=cfg.data.budget_atoms, max_graphs=cfg.data.max_graphs,
-            dp_rank=self.groups.dp_rank, dp_size=self.dp)
-        if len(self.train_sampler) < self.micro_batches:
-            raise ConfigError(f"the training split gives {len(self.train_sampler)} batches per rank and epoch but a step "
-                              f"needs train.micro_batches={self.micro_batches} (train graphs={len(splits['train'])}, "
-                              f"dp={self.dp}, budget_atoms={cfg.data.budget_atoms}); use more data or fewer ranks")
-        self.val_sampler = ChunkAwareSampler(
-            self.store.atom_counts, self.store.graph_chunks, val_idx, seed=cfg.seed, shuffle=False,
-            budget_atoms=cfg.data.val_budget_atoms, max_graphs=cfg.data.max_graphs)
-        self.train_loader = GraphLoader(self.store, self.train_sampler, cutoff=cfg.data.cutoff, dtype=self.dtype,
-                                        prefetch=cfg.data.prefetch)
-        self.val_loader = GraphLoader(self.store, self.val_sampler, cutoff=cfg.data.cutoff, dtype=self.dtype,
-                                      prefetch=cfg.data.prefetch)
+        self._build_data()
 
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = build_local_model(self.model_cfg, self.groups.layout, cfg.seed, dtype=self.dtype,
                                        device=self.device, virtual_stages=par.virtual_stages,
                                        pp_layers=par.pp_layers)
-        reference, self.stats = fit_reference_energies(self.store, splits["train"], self.model_cfg.max_z,
-                                                       max_graphs=cfg.data.stats_graphs)
-        unknown = sorted(set(self.store.metadata.get("elements", [])) - set(self.stats["elements"]))
-        if unknown and self.groups.is_logger:
-            print(f"warning: elements {unknown} occur in the store but not in the sampled training graphs")
+        reference = self._fit_references()
         self.reference = reference
         set_energy_buffers(self.model, reference, self.stats["force_rms"], 0.0)
         from gnnmegatron.models import count_parameters
@@ -152,12 +124,105 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
                                      resume_step=self.step if resume_path is not None else None) \
             if self.is_logger else None
+        if self.is_logger and self.mixture is not None:
+            self._print_mixture()
         if self.is_logger:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.heartbeat = Heartbeat()
         self.async_saver = sc.AsyncSaver() if cfg.train.async_checkpoint else None
 
     # ----------------------------------------------------------------------------------- setup
+    def _build_data(self) -> None:
+        """Stores, splits, samplers and loaders: one store, or several mixed by weight (``data.sources``)."""
+        from gnnmegatron.data.mixture import MixtureSampler, MixtureStore, mixture_weights
+        from gnnmegatron.data.sampler import ChunkAwareSampler, GraphLoader
+        from gnnmegatron.data.store import GraphStore, split_indices
+
+        cfg = self.cfg
+        self.sources = cfg.data.source_list()
+        self.source_weights = cfg.loss_weights() if cfg.data.multi_source else None
+        self.mixture = None
+        if not cfg.data.multi_source:
+            store_path = ensure_store(cfg, self.rank)
+            self.store = GraphStore(store_path)
+            self.source_stores = [self.store]
+            splits = split_indices(len(self.store), cfg.data.splits, seed=cfg.data.split_seed)
+            splits["train"] = nested_subset(splits["train"], cfg.data.train_fraction, cfg.data.split_seed)
+            self.source_splits = [splits]
+            val_idx = splits["val"]
+            if cfg.data.max_val_graphs:
+                val_idx = val_idx[: cfg.data.max_val_graphs]
+            self.train_sampler = ChunkAwareSampler(
+                self.store.atom_counts, self.store.graph_chunks, splits["train"], seed=cfg.seed, shuffle=True,
+                budget_atoms=cfg.data.budget_atoms, max_graphs=cfg.data.max_graphs,
+                dp_rank=self.groups.dp_rank, dp_size=self.dp)
+        else:
+            self.source_stores, self.source_splits = [], []
+            for i, src in enumerate(self.sources):
+                store = GraphStore(ensure_source_store(src, self.rank, i))
+                sp = split_indices(len(store), src.splits, seed=src.split_seed)
+                sp["train"] = nested_subset(sp["train"], src.train_fraction, src.split_seed)
+                if len(sp["train"]) == 0 or len(sp["val"]) == 0:
+                    raise ConfigError(f"data.sources[{i}] ({src.name!r}): {len(store)} graphs give {len(sp['train'])} "
+                                      f"training and {len(sp['val'])} validation graphs (splits {src.splits}, "
+                                      f"train_fraction {src.train_fraction}); every source needs both")
+                self.source_stores.append(store)
+                self.source_splits.append(sp)
+            names = [s.name for s in self.sources]
+            self.store = MixtureStore(self.source_stores, names)
+            sizes = [len(sp["train"]) for sp in self.source_splits]
+            probs = mixture_weights(sizes, cfg.data.sampling, temperature=cfg.data.temperature,
+                                    weights=[s.weight for s in self.sources] if cfg.data.sampling == "given" else None)
+            self.mixture = {"names": names, "probabilities": probs.tolist(), "train_graphs": sizes,
+                            "sampling": cfg.data.sampling, "temperature": cfg.data.temperature,
+                            "epoch_graphs": cfg.data.epoch_graphs or int(sum(sizes))}
+            glob = [{k: self.store.to_global(i, v) for k, v in sp.items()} for i, sp in enumerate(self.source_splits)]
+            splits = {k: np.concatenate([g[k] for g in glob]) for k in ("train", "val", "test")}
+            val_idx = np.concatenate([g["val"][: src.max_val_graphs] if src.max_val_graphs else g["val"]
+                                      for g, src in zip(glob, self.sources)])
+            self.train_sampler = MixtureSampler(
+                self.store.atom_counts, self.store.graph_chunks, [g["train"] for g in glob], probs, seed=cfg.seed,
+                epoch_graphs=cfg.data.epoch_graphs or None, budget_atoms=cfg.data.budget_atoms,
+                max_graphs=cfg.data.max_graphs, dp_rank=self.groups.dp_rank, dp_size=self.dp)
+        self.splits = splits
+        if len(self.train_sampler) < self.micro_batches:
+            raise ConfigError(f"the training split gives {len(self.train_sampler)} batches per rank and epoch but a step "
+                              f"needs train.micro_batches={self.micro_batches} (train graphs={len(splits['train'])}, "
+                              f"dp={self.dp}, budget_atoms={cfg.data.budget_atoms}); use more data or fewer ranks")
+        self.val_sampler = ChunkAwareSampler(
+            self.store.atom_counts, self.store.graph_chunks, val_idx, seed=cfg.seed, shuffle=False,
+            budget_atoms=cfg.data.val_budget_atoms, max_graphs=cfg.data.max_graphs)
+        self.train_loader = GraphLoader(self.store, self.train_sampler, cutoff=cfg.data.cutoff, dtype=self.dtype,
+                                        prefetch=cfg.data.prefetch)
+        self.val_loader = GraphLoader(self.store, self.val_sampler, cutoff=cfg.data.cutoff, dtype=self.dtype,
+                                      prefetch=cfg.data.prefetch)
+
+    def _fit_references(self) -> torch.Tensor:
+        """Per-element reference energies on the training split(s): one table, or one per source."""
+        cfg = self.cfg
+        if self.mixture is None:
+            reference, self.stats = fit_reference_energies(self.store, self.splits["train"], self.model_cfg.max_z,
+                                                           max_graphs=cfg.data.stats_graphs)
+        else:
+            reference, self.stats = fit_source_references(
+                self.source_stores, [sp["train"] for sp in self.source_splits], self.mixture["names"],
+                self.model_cfg.max_z, max_graphs=cfg.data.stats_graphs)
+            if not self.model_cfg.multi_source:  # one source entry: a single-source model
+                reference = reference[0]
+        for src, store in zip(self.sources, self.source_stores):
+            seen = (self.stats.get("sources") or {}).get(src.name, self.stats)["elements"]
+            unknown = sorted(set(store.metadata.get("elements", [])) - set(seen))
+            if unknown and self.groups.is_logger:
+                print(f"warning: elements {unknown} occur in the store {src.store} but not in the sampled training graphs")
+        return reference
+
+    def _print_mixture(self) -> None:
+        m = self.mixture
+        rows = ", ".join(f"{n} {p:.3f} ({g} train graphs)" for n, p, g in
+                         zip(m["names"], m["probabilities"], m["train_graphs"]))
+        print(f"mixture of {len(m['names'])} sources ({m['sampling']} sampling, {m['epoch_graphs']} graphs per "
+              f"epoch, heads: {self.model_cfg.heads}): {rows}", flush=True)
+
     def _check_layout(self, par) -> None:
         mc = self.model_cfg
         if par.tp > 1 and mc.message != "node_split":
@@ -272,7 +337,7 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "seen": dict(self.seen), "best_val": self.best_val,
                 "stats": self.stats, "config": self.cfg.to_dict(), "model_config": self.model_cfg.to_dict(),
                 "layout": self.describe_layout(), "world_size": self.world, "sampler": sampler,
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "mixture": self.mixture}
 
     def save(self) -> Path:
         """Writes a sharded checkpoint (collective: every rank writes its own shards) and its model card.
@@ -333,8 +398,8 @@ class Trainer:
         return {k: (v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in out.items()}
 
     def _forces_needed(self) -> tuple[bool, bool]:
-        stress = self.cfg.loss.stress_weight > 0 and self.model_cfg.force_mode == "conservative"
-        return self.cfg.loss.force_weight > 0, stress
+        terms = active_terms(self.cfg.loss, self.source_weights)
+        return "forces" in terms, "stress" in terms and self.model_cfg.force_mode == "conservative"
 
     def train_step(self, micro: list[dict]) -> tuple[float, dict[str, float]]:
         """One optimizer step over ``micro`` (this replica's micro-batches); returns the global loss and parts."""
@@ -345,7 +410,7 @@ class Trainer:
         denominators = loss_denominators(micro)
 
         def loss_fn(out, batch):
-            return compute_loss(self._to_float(out), batch, self.cfg.loss, denominators)
+            return compute_loss(self._to_float(out), batch, self.cfg.loss, denominators, self.source_weights)
 
         if self.engine is None:
             loss, parts = None, {}
@@ -360,7 +425,7 @@ class Trainer:
             res = self.engine.train_step(micro, loss_fn, compute_forces=forces, compute_stress=stress)
             loss, parts = res.loss, res.parts
             if loss is None:  # not the last stage: receive the values below
-                keys = ["energy"] * (self.cfg.loss.energy_weight > 0) + ["forces"] * forces + ["stress"] * stress
+                keys = [k for k in active_terms(self.cfg.loss, self.source_weights) if k != "stress" or stress]
                 loss, parts = torch.zeros((), dtype=torch.float64), {k: torch.zeros((), dtype=torch.float64) for k in keys}
         values = torch.stack([torch.as_tensor(loss)] + [torch.as_tensor(v) for v in parts.values()]).to(torch.float64)
         self.groups.from_last_stage(values)
@@ -390,6 +455,8 @@ class Trainer:
             indices = [None] * self.dp
             dist.all_gather_object(indices, local, group=self.groups.dp_group)
         names = sorted(i for part in indices for i in part)
+        if self.mixture is not None:  # joint indices -> "source:index in its store"
+            names = self.store.describe(names)
         what = (f"step {self.step + 1}: loss {loss}, gradient norm {grad_norm}; the step's {len(names)} structures "
                 f"(store indices) are {names[:40]}{' ...' if len(names) > 40 else ''}")
         if self.cfg.train.on_nonfinite == "skip":
@@ -405,11 +472,17 @@ class Trainer:
         """Adds this step's global atoms, edges, graphs and analytic training FLOPs to ``seen``."""
         from gnnmegatron.models.presets import flops_per_step
 
+        labelled = [0.0, 0.0, 0.0]
+        for b in micro:
+            for j, m in enumerate(label_masks(b).values()):
+                labelled[j] += float(m.sum())
         local = torch.tensor([float(sum(int(b["num_atoms"].sum()) for b in micro)),
                               float(sum(int(b["edge_index"].shape[1]) for b in micro)),
-                              float(sum(int(b["num_atoms"].numel()) for b in micro))], dtype=torch.float64)
+                              float(sum(int(b["num_atoms"].numel()) for b in micro))] + labelled, dtype=torch.float64)
         self.groups.dp_all_reduce(local)
-        atoms, edges, graphs = (int(v) for v in local.tolist())
+        atoms, edges, graphs, e_lab, f_lab, s_lab = (int(v) for v in local.tolist())
+        # the structures each loss term averaged over in this step (all data-parallel ranks)
+        self._last_labels = {"graphs": graphs, "energy": e_lab, "forces": f_lab, "stress": s_lab}
         self.seen["atoms"] += atoms
         self.seen["edges"] += edges
         self.seen["graphs"] += graphs
@@ -419,7 +492,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Energy MAE per atom and force MAE on the validation split, with the two baselines (all ranks)."""
         self.model.eval()
-        acc = ErrorAccumulator()
+        names = self.mixture["names"] if self.model_cfg.multi_source else None
+        acc = ErrorAccumulator(len(names) if names else 1)
         conservative = self.model_cfg.force_mode == "conservative"
         for k, batch in enumerate(self.val_loader):
             if k % self.dp != self.groups.dp_rank:  # the tp x pp ranks of a replica run the same batches
@@ -434,16 +508,20 @@ class Trainer:
                     out = self._to_float(self.model(batch, compute_forces=True))
             if self.groups.is_last_stage:
                 base = composition_energy(self.reference, batch["atomic_numbers"], batch["batch"],
-                                          int(batch["num_atoms"].numel()))
+                                          int(batch["num_atoms"].numel()), batch.get("source"))
                 acc.update(out, batch, base)
         sums = acc.state()
         self.groups.dp_all_reduce(sums)
         self.groups.from_last_stage(sums)
         acc.load(sums)
-        result = acc.result()
         # One number to compare runs by (scaling fits): the loss weights applied to the two MAEs.
-        result["loss"] = (self.cfg.loss.energy_weight * result["energy_mae_per_atom"]
-                          + self.cfg.loss.force_weight * result["force_mae"])
+        def with_loss(r):
+            return dict(r, loss=self.cfg.loss.energy_weight * r["energy_mae_per_atom"]
+                        + self.cfg.loss.force_weight * r["force_mae"])
+
+        result = with_loss(acc.result())
+        if names:
+            result["sources"] = {n: with_loss(r) for n, r in zip(names, acc.per_source())}
         return result
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any] | None:
@@ -484,7 +562,7 @@ class Trainer:
                     "loss_mean": window["loss"] / window["steps"], **{f"loss_{k}": v for k, v in parts.items()},
                     "lr": self.optimizer.param_groups[0]["lr"], "atoms_per_s": rate,
                     "window_atoms_per_s": window["atoms"] / max(now - window["t"], 1e-9),
-                    "skipped_steps": self.skipped_steps,
+                    "skipped_steps": self.skipped_steps, "labelled": dict(self._last_labels),
                 })
                 window = {"loss": 0.0, "atoms": 0, "steps": 0, "t": now}
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
@@ -497,6 +575,11 @@ class Trainer:
                         f"step {self.step}: val energy MAE {1000 * last_val['energy_mae_per_atom']:.2f} meV/atom "
                         f"(composition fit {1000 * last_val['baseline_energy_mae_per_atom']:.2f}), force MAE "
                         f"{1000 * last_val['force_mae']:.1f} meV/Å (zero forces {1000 * last_val['baseline_force_mae']:.1f})")
+                    for name, v in (last_val.get("sources") or {}).items():
+                        forces = (f"force MAE {1000 * v['force_mae']:.1f} meV/Å (zero forces "
+                                  f"{1000 * v['baseline_force_mae']:.1f})" if v["force_components"] else "no force labels")
+                        progress.write(f"    {name}: energy MAE {1000 * v['energy_mae_per_atom']:.2f} meV/atom (its "
+                                       f"composition fit {1000 * v['baseline_energy_mae_per_atom']:.2f}), {forces}")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or self.step == stop_at:
                 self.save()
             if self.step == stop_at:
@@ -526,14 +609,36 @@ class Trainer:
             "train_fraction": self.cfg.data.train_fraction,
             "preset": self.cfg.model["preset"],
             "graphs": {k: int(len(v)) for k, v in self.splits.items()},
+            "sources": self._source_report(val),
             "layout": self.describe_layout(),
             "skipped_steps": self.skipped_steps,
         }
         if self.is_logger:
             (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
+            data = self.cfg.data.store if self.mixture is None else " + ".join(self.mixture["names"])
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png",
-                            title=f"{self.cfg.model['preset']} on {self.cfg.data.store}")
+                            title=f"{self.cfg.model['preset']} on {data}")
         return report
+
+    def _source_report(self, val: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """Per source: store, split sizes, sampling probability and validation errors with their ratios."""
+        if self.mixture is None:
+            return None
+        out = []
+        per = val.get("sources") or {}
+        for k, src in enumerate(self.sources):
+            v = per.get(src.name)
+            row = {"name": src.name, "store": src.store, "train_fraction": src.train_fraction,
+                   "probability": self.mixture["probabilities"][k],
+                   "graphs": {s: int(len(ix)) for s, ix in self.source_splits[k].items()},
+                   "elements": (self.stats.get("sources") or {}).get(src.name, {}).get("elements"), "val": v}
+            if v is not None:
+                row["energy_mae_ratio_vs_composition"] = v["energy_mae_per_atom"] / max(
+                    v["baseline_energy_mae_per_atom"], 1e-12)
+                row["force_mae_ratio_vs_zero"] = (v["force_mae"] / max(v["baseline_force_mae"], 1e-12)
+                                                  if v["force_components"] else None)
+            out.append(row)
+        return out
 
 
 def _staged(value: Any) -> Any:
