@@ -225,3 +225,34 @@ def autocast_inputs(device: torch.device, *tensors, promote: bool = False):
         dt = torch.get_autocast_dtype(kind)
     cast = tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
     return cast, torch.autocast(kind, enabled=False)
+
+
+def wanted_grads(needs_input_grad, tensors) -> list[bool]:
+    """``needs_input_grad``, narrowed to the tensors the running backward pass will actually use.
+
+    ``needs_input_grad`` only says an input requires grad. In ``torch.autograd.grad(E, positions,
+    create_graph=True)`` (conservative forces) the weights require grad too, but their gradients are
+    not on the path to the positions: ``torch._C._will_engine_execute_node`` tells, for the node that
+    would receive each gradient, whether this pass runs it. A backward that skips those gradients
+    saves their work, and its outputs then carry no cotangent into the double backward. Any failure
+    of that private API keeps the plain flag."""
+    out = []
+    for need, t in zip(needs_input_grad, tensors):
+        if need and t is not None:
+            try:
+                node = torch.autograd.graph._get_grad_fn_or_grad_acc(t)
+                need = node is None or bool(torch._C._will_engine_execute_node(node))
+            except Exception:
+                need = True
+        out.append(bool(need and t is not None))
+    return out
+
+
+def drop_zero(t: torch.Tensor | None, limit: int = 1 << 16) -> torch.Tensor | None:
+    """``None`` for an absent, empty or (when it has at most ``limit`` elements) all-zero cotangent: the
+    double backward then skips its terms (autograd hands zeros for outputs the loss does not use)."""
+    if t is None or t.numel() == 0:
+        return None
+    if t.numel() <= limit and not bool(t.any()):
+        return None
+    return t

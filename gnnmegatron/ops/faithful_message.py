@@ -40,7 +40,7 @@ import torch.nn.functional as Fn
 from gnnmegatron.kernels.codes import MAX_K
 from gnnmegatron.ops.activations import act, check_activation
 from gnnmegatron.ops.dispatch import (CSRPlan, autocast_inputs, backend_requested, compute_dtype, csr_plan,
-                                      deterministic, resolve_backend)
+                                      deterministic, drop_zero, resolve_backend, wanted_grads)
 from gnnmegatron.ops.faithful_message_grad2 import OUTPUTS as GRAD2_OUTPUTS
 from gnnmegatron.ops.faithful_message_grad2 import faithful_bwd2_torch, faithful_message_bwd2_op
 from gnnmegatron.ops.faithful_message_torch import NEEDS, faithful_bwd_torch, faithful_fwd_torch
@@ -117,25 +117,6 @@ def _(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activat
 
 
 # ----------------------------------------------------------------------------- autograd
-def _wanted(ctx_needs, tensors) -> list[bool]:
-    """``needs_input_grad``, narrowed to the tensors this backward pass will actually use.
-
-    ``needs_input_grad`` only says an input requires grad. In ``torch.autograd.grad(E, positions,
-    create_graph=True)`` (conservative forces) the weights require grad too, but their gradient is
-    not on the path to the positions; ``torch._C._will_engine_execute_node`` tells, for the node that
-    would receive each gradient. Any failure of that private API keeps the plain flag."""
-    out = []
-    for need, t in zip(ctx_needs, tensors):
-        if need and t is not None:
-            try:
-                node = torch.autograd.graph._get_grad_fn_or_grad_acc(t)
-                need = node is None or bool(torch._C._will_engine_execute_node(node))
-            except Exception:
-                need = True
-        out.append(bool(need and t is not None))
-    return out
-
-
 def _fwd_setup(ctx, inputs, output):
     P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, backend, det = inputs
     ctx.activation, ctx.backend, ctx.deterministic = activation, backend, det
@@ -145,7 +126,7 @@ def _fwd_setup(ctx, inputs, output):
 def _fwd_backward(ctx, gm, gs):
     P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v = ctx.saved_tensors
     saved = dict(P=P, Q=Q, R=R, C=C, b1=b1, W2=W2, b2=b2, w=w, Wc=Wc, bc=bc, v=v)
-    needs = _wanted([ctx.needs_input_grad[_FWD_POS[k]] for k in NEEDS], [saved[k] for k in NEEDS])
+    needs = wanted_grads([ctx.needs_input_grad[_FWD_POS[k]] for k in NEEDS], [saved[k] for k in NEEDS])
     if gm is None:
         gm = P.new_zeros((P.shape[0], W2.shape[0]))
     if v is None:
@@ -177,11 +158,13 @@ def _bwd_backward(ctx, *grads):
     """Double backward: the bwd2 op, or its torch twin under autograd when grad mode is on."""
     gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v = ctx.saved_tensors
     saved = dict(gm=gm, gs=gs, P=P, Q=Q, R=R, C=C, b1=b1, W2=W2, b2=b2, w=w, Wc=Wc, bc=bc, v=v)
-    wanted = _wanted([ctx.needs_input_grad[_BWD_POS[k]] for k in GRAD2_OUTPUTS], [saved[k] for k in GRAD2_OUTPUTS])
+    wanted = wanted_grads([ctx.needs_input_grad[_BWD_POS[k]] for k in GRAD2_OUTPUTS], [saved[k] for k in GRAD2_OUTPUTS])
     need = dict(zip(GRAD2_OUTPUTS, wanted))
     if len(grads) == 1 and isinstance(grads[0], (list, tuple)):  # list-returning ops get one list
         grads = tuple(grads[0])
-    tangents = [g if (g is not None and g.numel() > 0) else None for g in grads]
+    # per-edge / per-node cotangents as they come; the weights' ones dropped when all zero
+    tangents = [drop_zero(g, limit=(0 if k in ("P", "Q", "R", "w") else 1 << 24)) if g is not None and g.numel()
+                else None for k, g in zip(("P", "Q", "R", "C", "b1", "W2", "b2", "w", "Wc", "bc", "v"), grads)]
     if not any(need.values()) or all(t is None for t in tangents):
         out = {k: None for k in GRAD2_OUTPUTS}
     elif torch.is_grad_enabled():

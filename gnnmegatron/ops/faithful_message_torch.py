@@ -57,6 +57,37 @@ def act_grad_(name: str, z: torch.Tensor, other: torch.Tensor) -> tuple[torch.Te
     return z, other
 
 
+def act_grads2_(name: str, z: torch.Tensor, a: torch.Tensor | None, d: torch.Tensor, dd: torch.Tensor,
+                tmp: torch.Tensor) -> None:
+    """``act(z)``, ``act'(z)``, ``act''(z)`` into the buffers ``a`` (may be None: not wanted), ``d`` and
+    ``dd``; ``tmp`` is scratch. ``z`` is read only."""
+    if name == "silu":
+        torch.sigmoid(z, out=d)                        # s
+        torch.mul(d, d, out=tmp)
+        tmp.neg_().add_(d)                             # s (1 - s)
+        torch.mul(d, -2.0, out=dd)
+        dd.add_(1.0).mul_(z).add_(2.0).mul_(tmp)       # s (1 - s) (2 + z (1 - 2 s))
+        torch.mul(z, d, out=tmp)                       # silu = z s
+        d.addcmul_(tmp, d, value=-1.0).add_(tmp)       # s + silu (1 - s)
+        if a is not None:
+            a.copy_(tmp)
+        return
+    if name == "tanh":
+        t = a if a is not None else tmp
+        torch.tanh(z, out=t)
+        torch.mul(t, t, out=d)
+        d.neg_().add_(1.0)
+        torch.mul(t, d, out=dd)
+        dd.mul_(-2.0)
+        return
+    from gnnmegatron.ops.activations import act_grads2
+    va, vd, vdd = act_grads2(name, z)
+    if a is not None:
+        a.copy_(va)
+    d.copy_(vd)
+    dd.copy_(vdd)
+
+
 def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``(x * y).sum(1)`` without the [c, F] temporary."""
     return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(x.shape[0])

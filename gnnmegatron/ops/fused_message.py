@@ -37,7 +37,7 @@ import torch
 from gnnmegatron.kernels.codes import MAX_K
 from gnnmegatron.ops.activations import act, check_activation
 from gnnmegatron.ops.dispatch import (CSRPlan, autocast_inputs, backend_requested, compute_dtype, csr_plan,
-                                      deterministic, resolve_backend)
+                                      deterministic, drop_zero, resolve_backend, wanted_grads)
 from gnnmegatron.ops.fused_message_grad2 import OUTPUTS as GRAD2_OUTPUTS
 from gnnmegatron.ops.fused_message_grad2 import fused_message_bwd2_op, fused_message_bwd2_torch
 from gnnmegatron.ops.fused_message_torch import fused_message_bwd_torch, fused_message_fwd_torch
@@ -128,7 +128,9 @@ def _source_plan(ctx_backend: str, det: bool, src: Tensor, num_sources: int, nee
 def _fwd_backward(ctx, gm, gs):
     P, Q, dst, src, ptr, perm, R, C, b, w, v = ctx.saved_tensors
     ng = ctx.needs_input_grad
-    needs = [ng[0], ng[1], ng[6], ng[7], ng[8], bool(ng[9] and w is not None), bool(ng[10] and v is not None)]
+    needs = wanted_grads([ng[0], ng[1], ng[6], ng[7], ng[8], ng[9], ng[10]], [P, Q, R, C, b, w, v])
+    if not any(needs):
+        return (None,) * 14
     if gm is None:
         gm = torch.zeros_like(P)
     if v is None:
@@ -155,11 +157,13 @@ def _bwd_backward(ctx, *grads):
     """Double backward: the bwd2 op, or its torch twin under autograd when grad mode is on."""
     gm, gs, P, Q, dst, src, ptr, perm, R, C, b, w, v, src_ptr, src_perm = ctx.saved_tensors
     ng = ctx.needs_input_grad
-    need = dict(gm=ng[0], gs=ng[1] and gs is not None, P=ng[2], Q=ng[3], R=ng[8], C=ng[9], b=ng[10],
-                w=ng[11] and w is not None, v=ng[12] and v is not None)
+    need = dict(zip(("gm", "gs", "P", "Q", "R", "C", "b", "w", "v"), wanted_grads(
+        [ng[0], ng[1], ng[2], ng[3], ng[8], ng[9], ng[10], ng[11], ng[12]], [gm, gs, P, Q, R, C, b, w, v])))
     if len(grads) == 1 and isinstance(grads[0], (list, tuple)):  # list-returning ops get one list
         grads = tuple(grads[0])
-    gg = [g if (g is not None and g.numel() > 0) else None for g in grads]
+    # per-edge / per-node cotangents as they come; the weights' ones dropped when all zero
+    gg = [drop_zero(g, limit=(0 if k in ("P", "Q", "R", "w") else 1 << 24)) if g is not None and g.numel() else None
+          for k, g in zip(("P", "Q", "R", "C", "b", "w", "v"), grads)]
     if not any(need.values()):
         out = {k: None for k in GRAD2_OUTPUTS}
     elif torch.is_grad_enabled():

@@ -48,6 +48,8 @@ def fused_message_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activa
     if not any(need.values()):
         return out
     create = torch.is_grad_enabled()
+    if not create and ggC is None and ggb is None and ggv is None:
+        return _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, (ggP, ggQ, ggR, ggw), need)
     N, F = P.shape
     E, K = R.shape
     cdt = compute_dtype(P.dtype)
@@ -155,6 +157,96 @@ def fused_message_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activa
                 out[name] = vals.new_zeros(vals.shape).index_put((rows,), vals)  # back to the caller's edge order
     like = dict(gm=P, gs=P, P=P, Q=Q, R=R, C=C, b=b, w=w if w is not None else P, v=v if v is not None else P)
     return {k: (t.to(like[k].dtype) if t is not None else None) for k, t in out.items()}
+
+
+def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, tangents, need) -> dict:
+    """The double backward of a force (and stress) loss: cotangents on dP, dQ, dR and dw only, grad
+    mode off. The formulas of ``fused_message_bwd2_torch`` without its ggC, ggb and ggv terms, in
+    preallocated ``[chunk, F]`` buffers (no allocation per chunk)."""
+    from gnnmegatron.ops.faithful_message_torch import _Buffers, act_grads2_, chunks, rowdot
+
+    ggP, ggQ, ggR, ggw = tangents
+    if w is None:
+        ggw = None
+    N, F = P.shape
+    E, K = R.shape
+    cdt = compute_dtype(P.dtype)
+    dev = P.device
+    like = dict(gm=P, gs=P, P=P, Q=Q, R=R, C=C, b=b, w=w if w is not None else P, v=v if v is not None else P)
+    like = {k: t.dtype for k, t in like.items()}
+
+    def cast(t):
+        return t.to(cdt) if t is not None else None
+
+    gm, gs, P, Q, R, C, b, w, v, ggP, ggQ, ggR, ggw = map(cast, (gm, gs, P, Q, R, C, b, w, v, ggP, ggQ, ggR, ggw))
+
+    def zeros(shape, on):
+        return torch.zeros(shape, dtype=cdt, device=dev) if on else None
+
+    acc = dict(gm=zeros((N, F), need["gm"]), P=zeros((N, F), need["P"] or need["b"]), Q=zeros(Q.shape, need["Q"]),
+               C=zeros((K, F), need["C"]), v=zeros(F, need["v"]))
+    dgs = zeros(E, need["gs"])
+    dR = zeros((E, K), need["R"])
+    dw = zeros(E, need["w"])
+    if E > 0:
+        rows = max(1, min(E, settings.edges_per_chunk(F)))
+        buf = _Buffers(rows, dict(Z=F, A=F, D=F, DD=F, G=F, GM=F, H=F, g=F, T=F, tmp=F), cdt, dev)
+        gsc = None
+        with torch.no_grad():
+            for idx in chunks(E, rows, perm):
+                d, j = dst[idx], src[idx]
+                c = d.numel()
+                Rc = R[idx]
+                tmp = buf.get("tmp", c)
+                z = torch.addmm(b, Rc, C, out=buf.get("Z", c))
+                z.add_(torch.index_select(P, 0, d, out=tmp)).add_(torch.index_select(Q, 0, j, out=tmp))
+                a, a1, a2 = buf.get("A", c), buf.get("D", c), buf.get("DD", c)
+                act_grads2_(activation, z, a, a1, a2, tmp)
+                G = buf.get("G", c)  # the direction: ggP_i + ggQ_j + ggR_e C
+                if ggR is not None:
+                    torch.mm(ggR[idx], C, out=G)
+                else:
+                    G.zero_()
+                for t, rows_ in ((ggP, d), (ggQ, j)):
+                    if t is not None:
+                        G.add_(torch.index_select(t, 0, rows_, out=tmp))
+                gmr = torch.index_select(gm, 0, d, out=buf.get("GM", c))
+                H = torch.mul(a1, G, out=buf.get("H", c))
+                g = torch.mul(gmr, w[idx].unsqueeze(1), out=buf.get("g", c)) if w is not None else \
+                    buf.get("g", c).copy_(gmr)
+                if v is not None:
+                    gsc = gs[idx]
+                    g.addr_(gsc, v)
+                T = torch.mul(g, a2, out=buf.get("T", c)).mul_(G)  # g a'' G (+ ggw gm a')
+                if ggw is not None:
+                    ggwc = ggw[idx].unsqueeze(1)
+                    T.addcmul_(torch.mul(gmr, ggwc, out=tmp), a1)
+                    if acc["gm"] is not None:
+                        acc["gm"].index_add_(0, d, torch.mul(a, ggwc, out=tmp))
+                if acc["gm"] is not None:
+                    acc["gm"].index_add_(0, d, torch.mul(H, w[idx].unsqueeze(1), out=tmp) if w is not None else H)
+                if dgs is not None:
+                    dgs[idx] = torch.mv(H, v)
+                if dw is not None:
+                    dw[idx] = rowdot(gmr, H)
+                if acc["v"] is not None:
+                    acc["v"].addmv_(H.t(), gsc)
+                if acc["P"] is not None:
+                    acc["P"].index_add_(0, d, T)
+                if acc["Q"] is not None:
+                    acc["Q"].index_add_(0, j, T)
+                if dR is not None:
+                    if isinstance(idx, slice):
+                        torch.mm(T, C.t(), out=dR[idx])
+                    else:
+                        dR[idx] = T @ C.t()
+                if acc["C"] is not None:
+                    acc["C"].addmm_(Rc.t(), T)
+                    if ggR is not None:
+                        acc["C"].addmm_(ggR[idx].t(), g.mul_(a1))  # dz = g a'
+    out = {k: acc.get(k) if need[k] else None for k in OUTPUTS}
+    out.update(gs=dgs, R=dR, w=dw, b=acc["P"].sum(0) if need["b"] else None)
+    return {k: (t.to(like[k]) if t is not None else None) for k, t in out.items()}
 
 
 # ----------------------------------------------------------------------------- the custom op

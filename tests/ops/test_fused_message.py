@@ -148,3 +148,24 @@ def test_mixed_dtypes_are_refused_with_their_names():
     edge_index = torch.tensor([[0, 1], [1, 2]])
     with pytest.raises(ValueError, match=r"share one dtype, got \['torch.bfloat16', 'torch.float32'\]"):
         fused_message_aggregate(P, P, edge_index, torch.zeros(2, 2), torch.zeros(2, 4, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "tanh", "softplus"])
+@pytest.mark.parametrize("w,v", [(True, True), (False, False), (True, False)])
+def test_force_loss_double_backward(activation, w, v):
+    """The double backward a force loss runs: cotangents on dP, dQ, dR and dw only (the buffered path
+    of the torch twin); the second loss's gradients of every input vs the reference."""
+    ei, n = make_graph("hub", False, hub_edges=40)
+    inputs = fused_inputs(ei.shape[1], n, 6, 3, torch.float64, w=w, v=v)
+    results = []
+    for backend in ("reference", "torch"):
+        P, Q, R, C, b, wt, vec = inputs
+        out = fused_message_aggregate(P, Q, ei, R, C, b, wt, vec, activation=activation, backend=backend)
+        m, s = out if v else (out, None)
+        loss = (m * m.detach().cos()).sum() + ((s * s.detach().sin()).sum() if v else 0)
+        geometry = [t for t in (P, Q, R, wt) if t is not None]
+        grads = torch.autograd.grad(loss, geometry, create_graph=True)
+        loss2 = sum((g * g.detach().sin()).sum() for g in grads)
+        results.append(list(grads) + list(torch.autograd.grad(loss2, [t for t in inputs if t is not None])))
+    for i, (a, e) in enumerate(zip(results[1], results[0])):
+        assert_close(a, e, torch.float64, f"{activation} w={w} v={v} output {i}")
