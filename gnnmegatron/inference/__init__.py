@@ -3,7 +3,7 @@
 * ``load_model(path)``: a checkpoint file or run directory -> (``AtomisticModel``, ``ModelInfo``);
   checkpoint formats are dispatched through a registry (``register_checkpoint_format``).
 * ``GNNMegatronCalculator(path)``: ASE calculator (energy, free_energy, energies, forces, stress)
-  with a Verlet-skin neighbour list.
+  with a Verlet-skin neighbour list; ``source=NAME`` picks the source of a multi-source model.
 * ``predict(model, inputs, "out.npz")``: batched inference over a graph store or an ASE file,
   with per-structure errors against references.
 * ``write_model_card`` / ``read_model_card``: the JSON + Markdown card beside each checkpoint.
@@ -14,6 +14,7 @@ from gnnmegatron.inference.loading import (
     CheckpointFormat,
     ModelInfo,
     ModelLoadError,
+    UnknownSourceError,
     checkpoint_formats,
     load_model,
     register_checkpoint_format,
@@ -22,7 +23,7 @@ from gnnmegatron.training.model_card import read_model_card, write_model_card
 from gnnmegatron.inference.predict import predict
 
 __all__ = [
-    "CheckpointFormat", "GNNMegatronCalculator", "ModelInfo", "ModelLoadError", "UnknownElementError",
+    "CheckpointFormat", "GNNMegatronCalculator", "ModelInfo", "ModelLoadError", "UnknownElementError", "UnknownSourceError",
     "checkpoint_formats", "load_model", "predict", "read_model_card", "register_checkpoint_format",
     "write_model_card",
 ]

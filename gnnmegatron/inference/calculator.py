@@ -24,6 +24,11 @@ envelope ``u(|r_ij|)`` of the input geometry, which is exactly zero (value and g
 head. Extra edges would therefore not change the result; filtering keeps the work (and the
 edge set) equal to the training batches'.
 
+A model trained on several sources (multi-source pretraining) is used through one of them:
+``GNNMegatronCalculator("runs/multi", source="oxides")`` takes that source's energy reference and
+head; without ``source=`` (or with an unknown name) it raises ``UnknownSourceError`` naming the
+sources the model knows.
+
 Stress (Voigt ``[xx, yy, zz, yz, xz, xy]`` in eV/Å^3, ASE's sign: negative under compression)
 exists for ``force_mode="conservative"`` models on cells periodic along all three axes; a
 direct-force model, or a molecule/slab, raises ``PropertyNotImplementedError`` for it.
@@ -77,6 +82,10 @@ class GNNMegatronCalculator(Calculator):
             checkpoint's training data (``stats["elements"]`` / model card); for a model object,
             no check beyond the embedding size.
         trust: see ``load_model`` (only for checkpoints from a trusted source).
+        source: for a model trained on several sources (``ModelConfig.sources``), the name of the
+            source whose energy reference and head to use (required there; an unknown name raises
+            ``UnknownSourceError`` listing the known ones). The element check then uses that
+            source's training elements.
         **kwargs: passed to ``ase.calculators.calculator.Calculator`` (e.g. ``label``).
 
     Attributes:
@@ -88,26 +97,31 @@ class GNNMegatronCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, model, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float64,
-                 skin: float = 1.0, elements: Iterable[int | str] | None = None, trust: bool = False, **kwargs):
+                 skin: float = 1.0, elements: Iterable[int | str] | None = None, trust: bool = False,
+                 source: str | None = None, **kwargs):
         if not (isinstance(skin, (int, float)) and skin >= 0):
             raise ValueError(f"skin must be a number >= 0 Å, got {skin!r}")
         super().__init__(**kwargs)
-        from gnnmegatron.inference.loading import load_model, resolve_dtype
+        from gnnmegatron.inference.loading import load_model, resolve_dtype, resolve_source
         from gnnmegatron.models import AtomisticModel
 
         self.device = torch.device(device)
         if isinstance(model, (str, Path)):
             self.model, self.info = load_model(model, device=self.device, dtype=dtype, trust=trust)
-            known = self.info.elements
-            self._elements_from = f"training data of {self.info.path}"
+            self.source_id = resolve_source(self.model.cfg, source)
+            known = self.info.source_elements(source if self.source_id is not None else None)
+            self._elements_from = (f"training data of source {source!r} of {self.info.path}" if self.source_id is not None
+                                   else f"training data of {self.info.path}")
         elif isinstance(model, AtomisticModel):
             self.model = model.to(device=self.device, dtype=resolve_dtype(dtype or "float64")).eval()
+            self.source_id = resolve_source(self.model.cfg, source)
             self.info = None
             known = None
             self._elements_from = "elements= argument"
         else:
             raise TypeError(f"model must be a checkpoint path, a run directory or an AtomisticModel, "
                             f"got {type(model).__name__}")
+        self.source = source if self.source_id is not None else None
         self.dtype = self.model.embedding.weight.dtype
         if elements is not None:
             known = [_as_z(e) for e in elements]
@@ -178,7 +192,7 @@ class GNNMegatronCalculator(Calculator):
 
         Shapes:
             atomic_numbers [N], positions [N, 3], cell [1, 3, 3], pbc [1, 3], batch [N], ptr [2],
-            num_atoms [1], edge_index [2, E], edge_shift [E, 3] (see ``gnnmegatron.data.batch``).
+            num_atoms [1], edge_index [2, E], edge_shift [E, 3], source [1] (see ``gnnmegatron.data.batch``).
         """
         positions = np.asarray(atoms.positions, dtype=np.float64)
         numbers = np.asarray(atoms.numbers, dtype=np.int64)
@@ -201,6 +215,7 @@ class GNNMegatronCalculator(Calculator):
             "num_atoms": torch.tensor([n], dtype=torch.long, device=dev),
             "edge_index": edge_index,
             "edge_shift": edge_shift.to(self.dtype),
+            "source": torch.tensor([self.source_id or 0], dtype=torch.long, device=dev),
         }
 
     def reset_neighbor_list(self) -> None:

@@ -36,6 +36,8 @@ import torch
 from gnnmegatron.training.checkpoint import FORMAT_VERSION, CheckpointError, load_model_state
 
 __all__ = [
+    "UnknownSourceError",
+    "resolve_source",
     "CheckpointFormat",
     "ModelInfo",
     "ModelLoadError",
@@ -51,6 +53,35 @@ __all__ = [
 
 class ModelLoadError(CheckpointError):
     """A model cannot be loaded: missing path, not a checkpoint, or a checkpoint of another model."""
+
+
+class UnknownSourceError(ValueError):
+    """A source name the model was not trained on, or no source for a multi-source model."""
+
+
+def resolve_source(model_config, source: str | None) -> int | None:
+    """The source id for ``source`` (a name of ``model_config.sources``), None for a single-source model.
+
+    A multi-source model (two or more sources: one reference table, and possibly one head, per
+    source) needs a name; a single-source model takes none (or its own source's name).
+
+    Raises:
+        UnknownSourceError: no name for a multi-source model, or a name the model does not know
+            (the message lists the known sources).
+    """
+    names = list(getattr(model_config, "sources", []) or [])
+    if not model_config.multi_source:
+        if source is not None and source not in names:
+            known = f"its only source is {names[0]!r}" if names else "it was trained on one store and has no named sources"
+            raise UnknownSourceError(f"unknown source {source!r}: {known}; leave source out for this model")
+        return None
+    if source is None:
+        raise UnknownSourceError(f"this model was trained on several sources with their own energy references "
+                                 f"{names}; choose the one whose energies you want with source=NAME "
+                                 f"(gnnmegatron predict --source NAME)")
+    if not isinstance(source, str) or source not in names:
+        raise UnknownSourceError(f"unknown source {source!r}; this model knows the sources {names}")
+    return names.index(source)
 
 
 @dataclass
@@ -85,6 +116,18 @@ class ModelInfo:
     card: dict[str, Any] | None = None
     dtype: torch.dtype = torch.float64
     device: str = "cpu"
+
+    @property
+    def sources(self) -> list[str]:
+        """Names of the model's sources (empty for a model trained on one store)."""
+        return list(self.model_config.sources)
+
+    def source_elements(self, source: str | None) -> list[int] | None:
+        """Atomic numbers a source's training data held (all of the model's when unknown or None)."""
+        per = (self.stats.get("sources") or {}).get(source) if source is not None else None
+        if per is not None and per.get("elements") is not None:
+            return sorted(int(z) for z in per["elements"])
+        return self.elements
 
     @property
     def cutoff(self) -> float:
@@ -320,5 +363,6 @@ def describe(info: ModelInfo) -> str:
     """One line naming the model (for logs and progress bars)."""
     preset = (info.config.get("model") or {}).get("preset", "model")
     cfg = info.model_config
-    return (f"{preset} (H={cfg.hidden}, L={cfg.layers}, cutoff={cfg.cutoff} Å, {cfg.force_mode} forces) "
+    srcs = f", sources {list(cfg.sources)} ({cfg.heads} heads)" if cfg.multi_source else ""
+    return (f"{preset} (H={cfg.hidden}, L={cfg.layers}, cutoff={cfg.cutoff} Å, {cfg.force_mode} forces{srcs}) "
             f"from {info.path} at step {info.step}")

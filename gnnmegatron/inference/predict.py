@@ -112,13 +112,14 @@ def iter_input_structures(inputs, *, indices: Sequence[int] | None = None, index
     raise TypeError(f"inputs must be a store path, a file path or a sequence of structures, got {type(inputs).__name__}")
 
 
-def run_split_indices(config: dict, store_path, split: str) -> np.ndarray:
+def run_split_indices(config: dict, store_path, split: str, source: str | None = None) -> np.ndarray:
     """Graph indices of split ``split`` of a training run, as ``Trainer`` computes them.
 
     Args:
         config: the run's pretraining config as a dict (``ModelInfo.config``).
-        store_path: the graph store the run trained on.
+        store_path: the graph store the run trained on (for a multi-source run: that source's store).
         split: ``"train"`` (after ``data.train_fraction``), ``"val"`` or ``"test"``.
+        source: a multi-source run's source name (each has its own split of its own store).
     """
     from gnnmegatron.data.store import GraphStore, split_indices
     from gnnmegatron.training.trainer import nested_subset
@@ -130,13 +131,27 @@ def run_split_indices(config: dict, store_path, split: str) -> np.ndarray:
         raise ValueError("the checkpoint's config has no data.splits; pass indices= instead of split=")
     if not _is_graph_store(Path(store_path)):
         raise ValueError(f"split= needs the run's graph store as inputs, got {store_path}")
-    trained_on = data.get("store")
+    splits, seed, fraction, trained_on = data["splits"], data.get("split_seed", 0), data.get("train_fraction", 1.0), \
+        data.get("store")
+    if data.get("sources"):
+        names = [e.get("name") for e in data["sources"]]
+        if source is None:
+            raise ValueError(f"the run trained on several sources {names}, each split on its own; give source=NAME "
+                             f"(--source) with split=")
+        if source not in names:
+            from gnnmegatron.inference.loading import UnknownSourceError
+
+            raise UnknownSourceError(f"unknown source {source!r}; the run's sources are {names}")
+        entry = data["sources"][names.index(source)]
+        trained_on = entry.get("store")
+        splits = entry.get("splits") or splits
+        seed = entry.get("split_seed") if entry.get("split_seed") is not None else seed
+        fraction = entry.get("train_fraction", 1.0)
     if trained_on and Path(trained_on).resolve() != Path(store_path).resolve():
         print(f"warning: the model was trained on {trained_on}, splitting {store_path} the same way", file=sys.stderr)
-    seed = data.get("split_seed", 0)
-    parts = split_indices(len(GraphStore(store_path)), data["splits"], seed=seed)
+    parts = split_indices(len(GraphStore(store_path)), splits, seed=seed)
     if split == "train":
-        return nested_subset(parts["train"], data.get("train_fraction", 1.0), seed)
+        return nested_subset(parts["train"], fraction, seed)
     return parts[split]
 
 
@@ -195,7 +210,7 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: str | torch.device | None = None,
             dtype: torch.dtype | str | None = None, indices: Sequence[int] | None = None,
             split: str | None = None, index: str = ":", format: str | None = None, progress: bool = True,
-            trust: bool = False) -> dict[str, Any]:
+            trust: bool = False, source: str | None = None) -> dict[str, Any]:
     """Predicts energies, forces (and stress) for every structure of ``inputs``; writes .npz + .json.
 
     Args:
@@ -212,6 +227,10 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
         index, format: frame selection and format of an ASE file (``ase.io.iread`` syntax).
         progress: show a tqdm bar (atoms and atoms/s) on stderr.
         trust: see ``load_model``.
+        source: for a model trained on several sources, the name of the source whose energy
+            reference and head to use (required there; an unknown name raises
+            ``UnknownSourceError`` listing the known ones); with ``split=`` also the source whose
+            split of its store is meant.
 
     Returns:
         The summary dict (also written as JSON).
@@ -225,7 +244,7 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
 
     from gnnmegatron.data.batch import collate
     from gnnmegatron.inference.calculator import UnknownElementError, _format_elements
-    from gnnmegatron.inference.loading import describe, load_model, resolve_dtype
+    from gnnmegatron.inference.loading import describe, load_model, resolve_dtype, resolve_source
     from gnnmegatron.models import AtomisticModel
 
     out_path = Path(out_path)
@@ -240,6 +259,11 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
     else:
         model, info = load_model(model_path, device=device, dtype=dtype, trust=trust)
         known, model_desc = info.elements, describe(info)
+    source_id = resolve_source(model.cfg, source)
+    if source_id is not None:
+        model_desc += f", source {source!r}"
+        if info is not None:
+            known = info.source_elements(source)
     dtype = model.embedding.weight.dtype
     cutoff = float(model.cfg.cutoff)
     conservative = model.cfg.force_mode == "conservative"
@@ -252,7 +276,7 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
             raise ValueError("give either indices= or split=, not both")
         if info is None:
             raise ValueError("split= needs a checkpoint (its training config defines the split), not a model object")
-        indices = run_split_indices(info.config, inputs, split)
+        indices = run_split_indices(info.config, inputs, split, source=source)
     structures, total_atoms, input_desc = iter_input_structures(inputs, indices=indices, index=index, format=format)
     cols: dict[str, list] = {k: [] for k in ("index", "num_atoms", "atomic_numbers", "energy", "forces", "stress",
                                               "ref_energy", "ref_forces", "ref_stress")}
@@ -269,7 +293,8 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
                     raise UnknownElementError(
                         f"structure {s.get('index')} of {input_desc} contains {_format_elements(bad)}, which the "
                         f"model has never seen (it knows {known_desc})")
-            geometry = [{k: s.get(k) for k in ("atomic_numbers", "positions", "cell", "pbc")} for s in batch_structs]
+            geometry = [dict({k: s.get(k) for k in ("atomic_numbers", "positions", "cell", "pbc")},
+                             source=source_id or 0) for s in batch_structs]
             batch = collate(geometry, cutoff, dtype=dtype, device=device)
             periodic = batch["pbc"].all(dim=1).cpu().numpy()
             with torch.no_grad():
@@ -325,6 +350,7 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
         "model": model_desc,
         "model_path": str(info.path) if info is not None else None,
         "model_step": info.step if info is not None else None,
+        "source": source if source_id is not None else None,
         "inputs": input_desc,
         "out": str(out_path),
         "device": str(device),
