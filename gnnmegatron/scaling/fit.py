@@ -95,6 +95,7 @@ class PowerLawFit:
     level: float = 0.95
     n_boot: int = 0
     n_boot_failed: int = 0
+    ci_undetermined: str | None = None
     samples: dict = field(default_factory=dict, repr=False)
 
     kind = "power_law"
@@ -113,6 +114,11 @@ class PowerLawFit:
     def E_at_zero(self) -> bool:
         return self.params["E"] <= math.exp(E_LOG_FLOOR) * 1.0001
 
+    @property
+    def n_free_params(self) -> int:
+        """Parameters the fit determines (E counts unless it was fixed at 0)."""
+        return len(self.param_names) - (0 if self.options.get("irreducible", True) else 1)
+
     def refit(self, idx: np.ndarray) -> "PowerLawFit":
         return fit_power_law(self.x[idx], self.y[idx], variable=self.variable, **self.options)
 
@@ -126,6 +132,7 @@ class PowerLawFit:
             "params": {k: float(v) for k, v in self.params.items()},
             "ci": {k: [lo, hi] for k, (lo, hi) in self.ci.items()},
             "level": self.level, "n_boot": self.n_boot, "n_boot_failed": self.n_boot_failed,
+            "ci_undetermined": self.ci_undetermined, "n_params": self.n_free_params,
             "n_points": len(self.y), "objective": self.objective, "success": self.success,
             "E_at_zero": self.E_at_zero, "rmse_log": float(np.sqrt(np.mean(r ** 2))),
             "residuals": r.tolist(), "options": dict(self.options), **self._data(),
@@ -146,7 +153,7 @@ class PowerLawFit:
         return cls(params=dict(d["params"]), objective=d["objective"], success=d["success"],
                    options=dict(d.get("options", {})), ci={k: tuple(v) for k, v in d.get("ci", {}).items()},
                    level=d.get("level", 0.95), n_boot=d.get("n_boot", 0), n_boot_failed=d.get("n_boot_failed", 0),
-                   **extra, **cls._data_from(d))
+                   ci_undetermined=d.get("ci_undetermined"), **extra, **cls._data_from(d))
 
 
 @dataclass
@@ -361,6 +368,10 @@ def fit_joint(N: Sequence[float], D: Sequence[float], y: Sequence[float], *, n_s
     return JointFit(params=params, x=N, D=D, y=y, objective=cost, success=ok, options=opts)
 
 
+UNDETERMINED_FAILED_FRACTION = 0.5
+"""A bootstrap interval is reported undetermined when more than this fraction of its resamples fail."""
+
+
 def bootstrap(fit: PowerLawFit, *, n_boot: int = 200, level: float = 0.95, seed: int = 0,
               max_tries: int | None = None) -> PowerLawFit:
     """Percentile bootstrap: resample the runs with replacement, refit, take percentiles.
@@ -369,10 +380,16 @@ def bootstrap(fit: PowerLawFit, *, n_boot: int = 200, level: float = 0.95, seed:
     Resamples that cannot be fitted (too few distinct points) are drawn again, up to
     ``max_tries`` (default ``4 * n_boot``) draws in all; they are counted in ``n_boot_failed``.
 
+    The interval is reported as *undetermined* (``ci`` empty, ``ci_undetermined`` saying why,
+    the failed count kept) when the fit has no more points than parameters (it interpolates
+    them: every resample that fits at all reproduces its own points, so the spread measures
+    nothing), when most resamples failed (more than ``UNDETERMINED_FAILED_FRACTION`` of the
+    draws: the successful ones are a biased few), or when fewer than 2 resamples could be fitted.
+
     Returns:
         A copy of ``fit`` with ``ci`` (name -> (lo, hi)), ``samples`` (name -> (n_boot,)),
-        ``level``, ``n_boot`` (successful refits) and ``n_boot_failed`` set. Deterministic for
-        a given ``seed``.
+        ``level``, ``n_boot`` (successful refits), ``n_boot_failed`` and ``ci_undetermined`` set.
+        Deterministic for a given ``seed``.
     """
     if not 0 < level < 1 or n_boot < 2:
         raise ValueError(f"need 0 < level < 1 and n_boot >= 2, got level={level}, n_boot={n_boot}")
@@ -391,12 +408,43 @@ def bootstrap(fit: PowerLawFit, *, n_boot: int = 200, level: float = 0.95, seed:
                 failed += 1
                 continue
             rows.append([f.params[k] for k in fit.param_names])
-    if len(rows) < 2:
-        raise RuntimeError(f"bootstrap: only {len(rows)} of {tries} resamples could be fitted")
+    reason = None
+    if P <= fit.n_free_params:
+        reason = (f"{P} points for {fit.n_free_params} parameters: the fit passes through every point, so "
+                  f"resampling cannot measure its uncertainty")
+    elif len(rows) < 2:
+        reason = f"only {len(rows)} of {tries} resamples could be fitted"
+    elif failed > UNDETERMINED_FAILED_FRACTION * tries:
+        reason = (f"{failed} of {tries} resamples could not be fitted (too few distinct points); the "
+                  f"{len(rows)} that could are not a fair sample")
+    if reason is not None:
+        return replace(fit, ci={}, samples={}, level=level, n_boot=len(rows), n_boot_failed=failed,
+                       ci_undetermined=reason)
     arr = np.asarray(rows)
     samples = {k: arr[:, i] for i, k in enumerate(fit.param_names)}
     ci = {k: _ci(s, level) for k, s in samples.items()}
-    return replace(fit, ci=ci, samples=samples, level=level, n_boot=len(rows), n_boot_failed=failed)
+    return replace(fit, ci=ci, samples=samples, level=level, n_boot=len(rows), n_boot_failed=failed,
+                   ci_undetermined=None)
+
+
+def describe_fit(label: str, fd: dict | None) -> str:
+    """One line per fit for the command line: exponent(s), interval or why it is undetermined, and
+    how many bootstrap resamples failed."""
+    if not fd:
+        return f"{label}: not fitted"
+    names = [k for k in ("alpha", "beta") if k in fd["params"]]
+    parts = []
+    for k in names:
+        ci = fd.get("ci", {}).get(k)
+        parts.append(f"{k} = {fd['params'][k]:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""))
+    if fd.get("ci_undetermined"):
+        interval = f"interval undetermined ({fd['ci_undetermined']})"
+    elif fd.get("n_boot"):
+        interval = f"{100 * fd.get('level', 0.95):g} % bootstrap interval"
+    else:
+        interval = "no bootstrap"
+    return (f"{label}: {', '.join(parts)}; {fd['n_points']} points; {interval}; {fd.get('n_boot', 0)} resamples "
+            f"fitted, {fd.get('n_boot_failed', 0)} failed")
 
 
 # ------------------------------------------------------------------------------------------
@@ -537,6 +585,38 @@ def _d_of(r: dict, d_key: str):
     return v
 
 
+def record_value(r: dict, key: str):
+    """``r[key]``, where a dotted key reads nested dicts (``val_sources.mptrj.loss``); None if absent."""
+    if key in r:
+        return r[key]
+    node = r
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def record_sources(records: Iterable[dict]) -> list[str]:
+    """Source names of multi-source run records (``val_sources`` keys), in first-seen order."""
+    names: list[str] = []
+    for r in records:
+        for name in (r.get("val_sources") or {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def source_loss_key(loss_key: str, source: str) -> str:
+    """The per-source record key of a loss key: ``val_loss`` -> ``val_sources.<source>.loss``."""
+    metric = {"val_loss": "loss", "val_energy_mae": "energy_mae", "val_force_mae": "force_mae",
+              "best_val_loss": "best_loss"}.get(loss_key)
+    if metric is None:
+        raise ValueError(f"per-source fits read val_loss, val_energy_mae, val_force_mae or best_val_loss of each "
+                         f"source; got loss key {loss_key!r}")
+    return f"val_sources.{source}.{metric}"
+
+
 def load_records(path: Union[str, Path]) -> list:
     """Read run records from a JSON list, a JSON object with a ``"runs"`` list, or JSON lines."""
     text = Path(path).read_text()
@@ -552,7 +632,7 @@ def clean_records(records: Iterable[dict], loss_key: str = "val_loss", n_key: st
     """Keep records with positive finite N, D and loss; return ``(kept, warnings)``."""
     kept, notes = [], []
     for r in records:
-        vals = {"N": r.get(n_key), "D": _d_of(r, d_key), "loss": r.get(loss_key)}
+        vals = {"N": r.get(n_key), "D": _d_of(r, d_key), "loss": record_value(r, loss_key)}
         bad = [k for k, v in vals.items() if v is None or not np.isfinite(float(v)) or float(v) <= 0]
         if bad:
             notes.append(f"run {r.get('name', '?')!r} dropped: missing, non-finite or non-positive {', '.join(bad)}")
@@ -568,10 +648,10 @@ def _fit_with_ci(fn, *args, n_boot, seed, level, notes, label, **kw):
         notes.append(f"{label}: not fitted ({e})")
         return None
     if n_boot >= 2:
-        try:
-            f = bootstrap(f, n_boot=n_boot, seed=seed, level=level)
-        except RuntimeError as e:
-            notes.append(f"{label}: no confidence intervals ({e})")
+        f = bootstrap(f, n_boot=n_boot, seed=seed, level=level)
+        if f.ci_undetermined:
+            notes.append(f"{label}: confidence interval undetermined ({f.ci_undetermined}; {f.n_boot_failed} "
+                         f"resamples failed)")
     return f
 
 
@@ -606,7 +686,7 @@ def fit_records(records: Sequence[dict], loss_key: str = "val_loss", n_key: str 
         return out
     Nv = np.array([float(r[n_key]) for r in recs])
     Dv = np.array([float(_d_of(r, d_key)) for r in recs])
-    yv = np.array([float(r[loss_key]) for r in recs])
+    yv = np.array([float(record_value(r, loss_key)) for r in recs])
     by_frac = all(r.get("data_fraction") is not None for r in recs)
     dgroup = np.array([float(r["data_fraction"]) for r in recs]) if by_frac else Dv
 
@@ -656,3 +736,38 @@ def fit_records(records: Sequence[dict], loss_key: str = "val_loss", n_key: str 
         except ValueError as e:
             notes.append(f"compute-optimal: not computed ({e})")
     return out
+
+
+def fit_records_per_source(records: Sequence[dict], loss_key: str = "val_loss", **kwargs) -> dict:
+    """:func:`fit_records` over all sources together and over each source of multi-source runs.
+
+    Records of multi-source runs carry ``val_sources`` (``{name: {loss, energy_mae, force_mae}}``,
+    written by the sweep); each source's fits use its own validation loss (``source_loss_key``)
+    with the same N and D. Returns the overall fits with ``per_source``: ``{name: fits}`` added
+    (empty when no record names sources).
+    """
+    out = fit_records(records, loss_key=loss_key, **kwargs)
+    out["per_source"] = {}
+    for name in record_sources(records):
+        key = source_loss_key(loss_key, name)
+        out["per_source"][name] = fit_records(records, loss_key=key, **kwargs)
+    return out
+
+
+def summarize_fits(fits: dict) -> list[str]:
+    """Lines for the command line: every fit with its exponents, interval (or why undetermined) and
+    failed bootstrap resamples, overall and per source."""
+    def block(f: dict, prefix: str) -> list[str]:
+        lines = [describe_fit(f"{prefix}L(N) at the largest D", (f.get("L_N") or {}).get("fit")),
+                 describe_fit(f"{prefix}L(D) at the largest N", (f.get("L_D") or {}).get("fit")),
+                 describe_fit(f"{prefix}joint L(N, D)", f.get("joint"))]
+        for g in f.get("L_N_per_data", []):
+            lines.append(describe_fit(f"{prefix}L(N) at D={g['D']:.3g}", g.get("fit")))
+        for g in f.get("L_D_per_model", []):
+            lines.append(describe_fit(f"{prefix}L(D) at N={g['N']:.3g}", g.get("fit")))
+        return lines
+
+    lines = block(fits, "")
+    for name, f in (fits.get("per_source") or {}).items():
+        lines += block(f, f"[{name}] ")
+    return lines

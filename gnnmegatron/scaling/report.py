@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from gnnmegatron.scaling.fit import JointFit, _d_of, clean_records, fit_from_dict, fit_records
+from gnnmegatron.scaling.fit import JointFit, _d_of, clean_records, fit_from_dict, fit_records, record_value
 
 PARAM_ORDER = ("alpha", "beta", "E", "A", "B")
 
@@ -160,8 +160,27 @@ def _param_rows(label: str, fd: dict | None) -> list:
     for k in PARAM_ORDER:
         if k in fd["params"]:
             ci = fd.get("ci", {}).get(k)
-            rows.append([label, k, _g(fd["params"][k], 4), _g(ci[0], 4) if ci else "-", _g(ci[1], 4) if ci else "-"])
+            if fd.get("ci_undetermined"):
+                lo = hi = "undetermined"
+            else:
+                lo, hi = (_g(ci[0], 4), _g(ci[1], 4)) if ci else ("-", "-")
+            rows.append([label, k, _g(fd["params"][k], 4), lo, hi])
     return rows
+
+
+def _boot_lines(fits: dict) -> list:
+    """One line per bootstrapped fit: resamples fitted and failed, or why its interval is undetermined."""
+    out = []
+    for label, fd in (("L(N)", (fits.get("L_N") or {}).get("fit")), ("L(D)", (fits.get("L_D") or {}).get("fit")),
+                      ("joint", fits.get("joint"))):
+        if not fd:
+            continue
+        line = (f"- {label}: {fd['n_points']} runs for {fd.get('n_params', len(fd['params']))} parameters, "
+                f"{fd.get('n_boot', 0)} bootstrap refits ({fd.get('n_boot_failed', 0)} failed)")
+        if fd.get("ci_undetermined"):
+            line += f"; interval undetermined: {fd['ci_undetermined']}"
+        out.append(line)
+    return out
 
 
 def _runs_md(recs: list, cfg: dict) -> list:
@@ -169,7 +188,7 @@ def _runs_md(recs: list, cfg: dict) -> list:
     rows = []
     for r in sorted(recs, key=lambda r: (float(r[nk]), float(_d_of(r, dk)))):
         rows.append([r.get("name", "-"), r.get("preset", "-"), _g(r[nk]), _g(_d_of(r, dk)), _g(r.get("flops")),
-                     _g(r.get("val_energy_mae")), _g(r.get("val_force_mae")), _g(r[lk], 4)])
+                     _g(r.get("val_energy_mae")), _g(r.get("val_force_mae")), _g(record_value(r, lk), 4)])
     return _table(["run", "preset", "N", "D", "FLOPs", "val energy MAE", "val force MAE", lk], rows)
 
 
@@ -201,6 +220,7 @@ def _markdown(title: str, recs: list, fits: dict, plots: list) -> str:
     rows = (_param_rows("L(N)", (fits.get("L_N") or {}).get("fit"))
             + _param_rows("L(D)", (fits.get("L_D") or {}).get("fit")) + _param_rows("joint", fits.get("joint")))
     L += _table(["fit", "parameter", "value", "CI low", "CI high"], rows) + [""]
+    L += _boot_lines(fits) + [""]
     j = fits.get("joint")
     if j:
         L += [f"Joint fit: {j['n_points']} runs, rms log residual {j['rmse_log']:.3g} "
@@ -219,6 +239,19 @@ def _markdown(title: str, recs: list, fits: dict, plots: list) -> str:
     if per:
         L += ["### Per data size and per model size (point estimates)", ""]
         L += _table(["fit", "runs", "alpha", "E", "A"], per) + [""]
+
+    per_src = fits.get("per_source") or {}
+    if per_src:
+        L += ["## Per source", "",
+              "Each source's own validation loss against the same N and D (`gnnmegatron scaling fit --per-source`).", ""]
+        rows = []
+        for name, f in per_src.items():
+            rows += _param_rows(f"[{name}] L(N)", (f.get("L_N") or {}).get("fit"))
+            rows += _param_rows(f"[{name}] joint", f.get("joint"))
+        L += _table(["fit", "parameter", "value", "CI low", "CI high"], rows) + [""]
+        for name, f in per_src.items():
+            L += [line.replace("- ", f"- [{name}] ", 1) for line in _boot_lines(f)]
+        L += [""]
 
     co = fits.get("compute_optimal")
     L += ["## Compute-optimal scaling", ""]
@@ -281,7 +314,7 @@ def write_report(records: Sequence[dict], fits: dict | None, out_dir, title: str
     if recs:
         N = np.array([float(r[nk]) for r in recs])
         D = np.array([float(_d_of(r, dk)) for r in recs])
-        y = np.array([float(r[lk]) for r in recs])
+        y = np.array([float(record_value(r, lk)) for r in recs])
         joint = fit_from_dict(fits["joint"]) if fits.get("joint") else None
         # Runs grouped by data size as fit_records did (by data_fraction when every run has one);
         # each group is drawn at its median D, which is where the joint-fit curve is evaluated.

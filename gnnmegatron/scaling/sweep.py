@@ -71,6 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from gnnmegatron.training.config import ConfigError, PretrainConfig, build_dataclass, config_from_dict
@@ -442,6 +443,8 @@ def _training_subsets(base: PretrainConfig, fractions: list[float], *, make_stor
     from gnnmegatron.data.store import GraphStore, split_indices
     from gnnmegatron.training.trainer import ensure_store, nested_subset
 
+    if base.data.multi_source:
+        return _mixture_subsets(base, fractions, make_store=make_store)
     path = Path(base.data.store)
     if not path.exists():
         if not make_store:
@@ -457,6 +460,40 @@ def _training_subsets(base: PretrainConfig, fractions: list[float], *, make_stor
         sampler = ChunkAwareSampler(counts, store.graph_chunks, idx, seed=base.seed, shuffle=True,
                                     budget_atoms=base.data.budget_atoms, max_graphs=base.data.max_graphs)
         out[f] = (len(idx), int(counts[idx].sum()), len(sampler.global_batches(0)))
+    return out
+
+
+def _mixture_subsets(base: PretrainConfig, fractions: list[float], *, make_store: bool):
+    """``_training_subsets`` of a multi-source base config: ``data.train_fraction = f`` scales every
+    source's training subset; the batches are those of the mixture's epoch 0."""
+    import dataclasses
+
+    from gnnmegatron.data.mixture import MixtureSampler, MixtureStore, mixture_weights
+    from gnnmegatron.data.store import GraphStore, split_indices
+    from gnnmegatron.training.trainer import ensure_source_store, nested_subset
+
+    stores = []
+    for i, src in enumerate(base.data.source_list()):
+        if not Path(src.store).exists() and not make_store:
+            raise SweepError(f"data.sources[{i}] ({src.name!r}): store {src.store} does not exist; the step budgets "
+                             f"depend on it — run the sweep (or a --dry-run) once to create it")
+        stores.append(GraphStore(ensure_source_store(src, 0, i)))
+    out = {}
+    for f in fractions:
+        data = dataclasses.replace(base.data, train_fraction=f)
+        srcs = data.source_list()
+        mix = MixtureStore(stores, [s.name for s in srcs])
+        train = []
+        for k, (src, store) in enumerate(zip(srcs, stores)):
+            sp = split_indices(len(store), src.splits, seed=src.split_seed)
+            train.append(mix.to_global(k, nested_subset(sp["train"], src.train_fraction, src.split_seed)))
+        probs = mixture_weights([len(t) for t in train], data.sampling, temperature=data.temperature,
+                                weights=[s.weight for s in srcs] if data.sampling == "given" else None)
+        sampler = MixtureSampler(mix.atom_counts, mix.graph_chunks, train, probs, seed=base.seed,
+                                 epoch_graphs=data.epoch_graphs or None, budget_atoms=data.budget_atoms,
+                                 max_graphs=data.max_graphs)
+        idx = np.concatenate(train)
+        out[f] = (len(idx), int(mix.atom_counts[idx].sum()), len(sampler.global_batches(0)))
     return out
 
 
@@ -554,9 +591,20 @@ def make_record(plan: PlannedRun, report: dict[str, Any], wall_s: float, segment
         "best_step": int(best["step"]),
         "baseline_energy_mae": float(val.get("baseline_energy_mae_per_atom", float("nan"))),
         "baseline_force_mae": float(val.get("baseline_force_mae", float("nan"))),
+        "val_sources": _source_records(val, best) if val.get("sources") else None,
         "wall_time_s": float(wall_s), "segments": segments, "config_hash": plan.hash,
         "run_dir": str(plan.run_dir), "config": _jsonable(plan.config.to_dict()),
     }
+
+
+def _source_records(val: dict[str, Any], best: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per source of a multi-source run: final validation loss and MAEs, and the loss of the best
+    evaluation (by overall loss), for ``gnnmegatron scaling fit --per-source``."""
+    best_sources = best.get("sources") or {}
+    return {name: {"loss": float(v["loss"]), "energy_mae": float(v["energy_mae_per_atom"]),
+                   "force_mae": float(v["force_mae"]),
+                   "best_loss": float(best_sources.get(name, v)["loss"])}
+            for name, v in val["sources"].items()}
 
 
 def collect_records(plans: list[PlannedRun]) -> list[dict[str, Any]]:
