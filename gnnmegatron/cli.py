@@ -179,6 +179,32 @@ def _cmd_doctor(args) -> int:
     return doctor_main(quick=args.quick, devices=args.device, json_path=args.json)
 
 
+def _cmd_plan(args) -> int:
+    from gnnmegatron.bench.memory import Workload
+    from gnnmegatron.bench.perf import LINKS, Device
+    from gnnmegatron.bench.plan import format_plan, parse_memory, plan, with_tp_default
+    from gnnmegatron.models.presets import get_preset
+
+    cfg = with_tp_default(get_preset(args.preset))
+    device = Device(args.device_name, args.tflops * 1e12, parse_memory(args.gpu_mem), per_node=args.per_node,
+                    intra=LINKS[args.intra], inter=LINKS[args.inter])
+    workload = Workload(args.atoms_per_gpu, args.edges_per_atom, conservative=cfg.force_mode == "conservative")
+    rows = plan(cfg, args.gpus, device, workload, limit=args.limit)
+    print(format_plan(args.preset, rows, args.gpus, device, workload))
+    return 0 if rows else 1
+
+
+def _cmd_bench(args) -> int:
+    from gnnmegatron.bench.harness import run_config
+
+    result = run_config(args.config, args.nproc, overrides=args.set, steps=args.steps, warmup=args.warmup)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
 def _add_fit_keys(parser: argparse.ArgumentParser) -> None:
     """``--n-key`` / ``--d-key`` of ``scaling fit`` and ``scaling report``."""
     parser.add_argument("--n-key", default="params", help="record field used as N (default: non-embedding parameters)")
@@ -294,6 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
                           "(refuse a run_dir holding checkpoints), overwrite (delete them and start over), or a "
                           "checkpoint directory")
     pre.set_defaults(func=_cmd_pretrain)
+
+    pl = sub.add_parser("plan", help="layouts (tp, pp, dp, checkpointing, ZeRO, micro-batches) that fit, best first")
+    pl.add_argument("--preset", required=True)
+    pl.add_argument("--gpus", type=int, required=True)
+    pl.add_argument("--gpu-mem", default="80GB", help="memory per device, e.g. 80GB, 141GB (default 80GB)")
+    pl.add_argument("--atoms-per-gpu", type=int, default=512, help="atoms per micro-batch and replica (default 512)")
+    pl.add_argument("--edges-per-atom", type=float, default=30.0)
+    pl.add_argument("--tflops", type=float, default=200.0,
+                    help="sustained TFLOP/s per device on this model (default 200: ~20%% of an H100's bf16 peak)")
+    pl.add_argument("--per-node", type=int, default=8, help="devices per node (the tensor-parallel domain)")
+    pl.add_argument("--intra", default="nvlink4", choices=["nvlink4", "ib-ndr", "slingshot11"])
+    pl.add_argument("--inter", default="ib-ndr", choices=["nvlink4", "ib-ndr", "slingshot11"])
+    pl.add_argument("--device-name", default="GPU")
+    pl.add_argument("--limit", type=int, default=10)
+    pl.set_defaults(func=_cmd_plan)
+
+    be = sub.add_parser("bench", help="time a pretraining config under a layout in fresh processes")
+    be.add_argument("config")
+    be.add_argument("--nproc", type=int, default=1, help="processes (tp*pp*dp)")
+    be.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    be.add_argument("--steps", type=int, default=5)
+    be.add_argument("--warmup", type=int, default=2)
+    be.add_argument("--out", default=None, help="also write the summary JSON here")
+    be.set_defaults(func=_cmd_bench)
 
     ck = sub.add_parser("checkpoint", help="inspect and export sharded checkpoints").add_subparsers(
         dest="checkpoint_cmd", required=True)

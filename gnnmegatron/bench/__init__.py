@@ -1,0 +1,1 @@
+"""Benchmark harness, memory planner and performance model (``gnnmegatron bench``, ``gnnmegatron plan``)."""

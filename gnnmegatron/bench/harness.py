@@ -1,0 +1,218 @@
+"""The benchmark harness: a config under a layout, timed in fresh processes.
+
+``run_config(spec)`` launches ``world`` processes (``torch.distributed.run``, gloo on CPU, NCCL on
+GPUs) running :func:`worker`, which builds the real ``Trainer`` for the config with the layout's
+overrides, runs ``warmup`` optimizer steps and then ``steps`` measured ones, and writes one JSON
+per rank. Measured per step and rank:
+
+* step time (each step starts after a barrier; the slowest rank's time is the step's), and the
+  time the step waited for its data (``next`` on the trainer's batch iterator: reading, collating,
+  neighbour lists);
+* atoms and graphs processed (over all replicas) and the analytic training FLOPs of those atoms
+  and edges (``flops_per_step``, printed per layer by ``layer_flops``): achieved FLOP/s per rank
+  and its fraction of the device's peak (``device_peak_flops``: measured large-matmul rate on CPU,
+  the datasheet number for known GPUs);
+* peak memory of the rank (CPU: the resident-set high-water mark, reset after warm-up; GPU:
+  ``torch.cuda.max_memory_allocated``);
+* collectives: bytes of the tensor-parallel collectives (``CommCounter``), bytes sent point to
+  point by the pipeline, and seconds in the data-parallel gradient all-reduce (and waiting in
+  pipeline receives).
+
+``scaling(...)`` sweeps world sizes for strong scaling (fixed global batch: ``budget_atoms``
+divided over the replicas) and weak scaling (fixed per-replica batch), with efficiency against
+the smallest world.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["device_peak_flops", "layer_flops", "run_config", "worker"]
+
+GPU_PEAK_FLOPS = {  # dense fp32 / bf16 tensor-core peaks (datasheets)
+    "H100": {"float32": 67e12, "bfloat16": 989e12},
+    "H200": {"float32": 67e12, "bfloat16": 989e12},
+    "A100": {"float32": 19.5e12, "bfloat16": 312e12},
+}
+
+
+def device_peak_flops(device: str = "cpu", dtype: str = "float32", threads: int | None = None) -> float:
+    """FLOP/s a device can reach: on CPU, a measured 1024^3 matmul on ``threads`` threads (the
+    process's own setting by default); on GPU, the datasheet number for its name."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, peaks in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return peaks.get(dtype, peaks["float32"])
+        return float("nan")
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:
+            a @ b
+            reps += 1
+        return reps * 2 * 1024 ** 3 / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def layer_flops(cfg, atoms: int, edges: int) -> list[tuple[str, float]]:
+    """Analytic forward FLOPs per layer (each block, the heads) for ``atoms`` and ``edges``."""
+    from gnnmegatron.models.presets import forward_flops
+
+    f = forward_flops(cfg)
+    H = cfg.hidden
+    head = (2 * H * H + 2 * H) * atoms
+    total = f["per_atom"] * atoms + f["per_edge"] * edges
+    per_block = (total - head) / cfg.layers
+    return [(f"block {i}", per_block) for i in range(cfg.layers)] + [("energy head", head)]
+
+
+def _rss_peak_reset() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _rss_peak() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def worker(spec: dict) -> dict:
+    """One rank of a harness run (called under torchrun); returns its measurements."""
+    import torch.distributed as dist
+
+    from gnnmegatron.models.presets import flops_per_step
+    from gnnmegatron.parallel.comm_stats import CommCounter
+    from gnnmegatron.training import trainer as trainer_mod
+    from gnnmegatron.training.config import load_config
+    from gnnmegatron.training.trainer import Trainer
+
+    cfg = load_config(spec["config"], spec.get("overrides", []))
+    t = Trainer(cfg, resume="overwrite")
+    rank = t.rank
+    dp_time = [0.0]
+    original = trainer_mod.dp_allreduce_grads
+
+    def timed(params, groups):
+        t0 = time.perf_counter()
+        original(params, groups)
+        dp_time[0] += time.perf_counter() - t0
+
+    trainer_mod.dp_allreduce_grads = timed
+    batches = t._batches()
+    rows = []
+    device = t.device.type
+    for k in range(spec["warmup"] + spec["steps"]):
+        measure = k >= spec["warmup"]
+        if measure and k == spec["warmup"]:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                _rss_peak_reset()
+        if dist.is_initialized():
+            dist.barrier()
+        dp_time[0] = 0.0
+        if t.engine is not None:
+            t.engine.profile = True
+            t.engine.trace.clear()
+            sent0 = t.engine.channels.bytes_sent
+        t0 = time.perf_counter()
+        micro = [{key: (v.to(t.device) if torch.is_tensor(v) else v) for key, v in b.items()} for b in next(batches)]
+        t_data = time.perf_counter() - t0
+        with CommCounter() as cc:
+            t.train_step(micro)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        if not measure:
+            continue
+        atoms = sum(int(b["num_atoms"].sum()) for b in micro)
+        edges = sum(int(b["edge_index"].shape[1]) for b in micro)
+        graphs = sum(int(b["num_atoms"].numel()) for b in micro)
+        rows.append({"step_s": wall, "data_s": t_data, "dp_allreduce_s": dp_time[0], "tp_bytes": cc.total_bytes(),
+                     "pp_bytes": (t.engine.channels.bytes_sent - sent0) if t.engine is not None else 0,
+                     "pp_recv_wait_s": sum(w for *_, w, _e in t.engine.trace) if t.engine is not None else 0.0,
+                     "atoms": atoms, "edges": edges, "graphs": graphs,
+                     "flops": flops_per_step(t.model_cfg, atoms, edges)})
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_peak()
+    return {"rank": rank, "world": t.world, "layout": t.describe_layout(), "steps": rows, "peak_bytes": peak,
+            "device": device, "is_logger": t.is_logger, "dp_rank": t.groups.dp_rank,
+            "first_of_replica": t.groups.tp_rank == 0 and t.groups.pp_rank == 0}
+
+
+def run_config(config: str | Path, world: int, *, overrides: list[str] | None = None, steps: int = 5,
+               warmup: int = 2, timeout: float = 3600, env: dict | None = None) -> dict[str, Any]:
+    """Run ``config`` on ``world`` fresh processes and summarise (see the module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="gnnmegatron-bench-") as tmp:
+        spec = {"config": str(config), "overrides": list(overrides or []), "steps": steps, "warmup": warmup,
+                "out": tmp}
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "-m", "gnnmegatron.bench.harness", str(spec_path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                                   **(env or {})})
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark run of {config} on {world} processes failed:\n{proc.stderr[-3000:]}")
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
+    return summarise(ranks)
+
+
+def summarise(ranks: list[dict]) -> dict[str, Any]:
+    """Per-step maxima over ranks, then medians and percentiles over steps."""
+    steps = len(ranks[0]["steps"])
+    walls = [max(r["steps"][k]["step_s"] for r in ranks) for k in range(steps)]
+    firsts = [r for r in ranks if r["first_of_replica"]]
+    atoms = [sum(r["steps"][k]["atoms"] for r in firsts) for k in range(steps)]
+    graphs = [sum(r["steps"][k]["graphs"] for r in firsts) for k in range(steps)]
+    flops = [sum(r["steps"][k]["flops"] for r in firsts) for k in range(steps)]
+    data = [max(r["steps"][k]["data_s"] for r in ranks) for k in range(steps)]
+    dp = [max(r["steps"][k]["dp_allreduce_s"] for r in ranks) for k in range(steps)]
+    world = ranks[0]["world"]
+    med = statistics.median(walls)
+    ordered = sorted(walls)
+    return {
+        "world": world, "layout": ranks[0]["layout"], "steps": steps,
+        "step_s_p50": med, "step_s_p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "step_s_min": ordered[0],
+        "atoms_per_s": statistics.median(a / w for a, w in zip(atoms, walls)),
+        "graphs_per_s": statistics.median(g / w for g, w in zip(graphs, walls)),
+        "flops_per_s_per_rank": statistics.median(f / w / world for f, w in zip(flops, walls)),
+        "data_wait_fraction": statistics.median(d / w for d, w in zip(data, walls)),
+        "dp_allreduce_s": statistics.median(dp),
+        "tp_bytes_per_step": max(r["steps"][0]["tp_bytes"] for r in ranks),
+        "pp_bytes_per_step": max(r["steps"][0]["pp_bytes"] for r in ranks),
+        "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
+        "atoms_per_step": statistics.median(atoms),
+    }
+
+
+if __name__ == "__main__":  # a rank of run_config, under torch.distributed.run
+    _spec = json.loads(Path(sys.argv[1]).read_text())
+    _result = worker(_spec)
+    (Path(_spec["out"]) / f"rank{_result['rank']:05d}.json").write_text(json.dumps(_result))

@@ -1,0 +1,104 @@
+"""The harness, the memory planner and the performance model (``gnnmegatron.bench``)."""
+
+import math
+
+import pytest
+import torch
+
+from gnnmegatron.bench.memory import Layout, Workload, activation_coefficients, estimate_memory, rank_parameters
+from gnnmegatron.bench.perf import LINKS, Device, Link, all_gather_time, allreduce_time, estimate_step, p2p_time, project
+from gnnmegatron.models import count_parameters, get_preset
+
+
+def test_collective_times_follow_the_alpha_beta_formulas():
+    link = Link("x", alpha=1e-5, beta=1e9)
+    s = 8e6
+    ring = 2 * 3 * 1e-5 + 2 * 3 / 4 * s / 1e9
+    tree = 2 * 2 * 1e-5 + 2 * s / 1e9
+    assert allreduce_time(s, 4, link) == pytest.approx(min(ring, tree))
+    assert allreduce_time(8.0, 1024, link) == pytest.approx(2 * 10 * 1e-5 + 16 / 1e9)  # tiny: the tree wins
+    assert allreduce_time(s, 1, link) == 0.0
+    assert all_gather_time(s, 4, link) == pytest.approx(3e-5 + 0.75 * s / 1e9)
+    assert p2p_time(s, link) == pytest.approx(1e-5 + s / 1e9)
+
+
+def test_step_model_parts_and_scaling_projection():
+    cfg = get_preset("tpegnn-large", execution="fused")
+    dev = Device("gpu", 100e12, 80e9)
+    w = Workload(512, 30.0)
+    one = estimate_step(cfg, Layout(), w, dev)
+    assert one["step_s"] == pytest.approx(one["compute_s"]) and one["tp_s"] == one["pp_s"] == one["dp_s"] == 0
+    tp = estimate_step(cfg, Layout(tp=4), w, dev)
+    assert tp["compute_s"] == pytest.approx(one["compute_s"] / 4) and tp["tp_s"] > 0
+    pp = estimate_step(cfg, Layout(pp=4, micro_batches=8), w, dev)
+    assert pp["bubble"] == pytest.approx(3 / 11) and pp["pp_s"] > 0
+    rows = project(cfg, w, dev, [1, 8, 64, 1024])
+    assert rows[0]["weak_efficiency"] == pytest.approx(1.0) and rows[0]["strong_efficiency"] == pytest.approx(1.0)
+    assert all(0 < r["weak_efficiency"] <= 1.0 + 1e-12 for r in rows)
+    # strong scaling shrinks every replica's batch: it falls faster than weak scaling
+    assert rows[-1]["strong_efficiency"] < rows[-1]["weak_efficiency"]
+    # a slower network costs efficiency
+    slow = project(cfg, w, Device("gpu", 100e12, 80e9, inter=LINKS["slingshot11"]), [1, 1024])
+    assert slow[-1]["weak_efficiency"] <= rows[-1]["weak_efficiency"]
+
+
+def test_rank_parameters_split_the_model_exactly():
+    cfg = get_preset("tpegnn-small")
+    total = count_parameters(cfg)["total"]
+    assert rank_parameters(cfg, Layout())[0]["params"] == total
+    stages = rank_parameters(cfg, Layout(pp=2))
+    assert sum(s["params"] for s in stages) == total and [s["blocks"] for s in stages] == [2, 2]
+    tp2 = rank_parameters(cfg, Layout(tp=2))[0]["params"]
+    assert total / 2 < tp2 < total  # blocks halve, embedding and heads are replicated
+
+
+def test_activation_coefficients_are_affine_in_the_hidden_size():
+    from gnnmegatron.bench.memory import _measure
+
+    cfg = get_preset("tpegnn-small", hidden=64, message_groups=4)
+    extrapolated = activation_coefficients(get_preset("tpegnn-small", hidden=64, message_groups=4), 2, True, False)
+    direct = _measure(cfg, 2, False)
+    for value, exact in zip(extrapolated.values(), direct):
+        assert value == pytest.approx(float(exact), rel=1e-6, abs=1.0)
+
+
+def test_memory_estimate_responds_to_layout_options():
+    cfg = get_preset("tpegnn-small", execution="fused")
+    w = Workload(2048, 30.0)
+    base = estimate_memory(cfg, Layout(dp=4), w)
+    zero = estimate_memory(cfg, Layout(dp=4, zero=1), w)
+    assert zero.optimizer == pytest.approx(base.optimizer / 4) and zero.parameters == base.parameters
+    ckpt = estimate_memory(cfg, Layout(checkpointing=True), w)
+    plain = estimate_memory(cfg, Layout(), w)
+    assert ckpt.activations < plain.activations
+    gpipe = estimate_memory(cfg, Layout(pp=2, micro_batches=8, schedule="gpipe"), Workload(2048, 30.0, conservative=False))
+    ofob = estimate_memory(cfg, Layout(pp=2, micro_batches=8, schedule="1f1b"), Workload(2048, 30.0, conservative=False))
+    assert ofob.activations < gpipe.activations
+
+
+def test_plan_command_lists_fitting_layouts(capsys):
+    from gnnmegatron.cli import main
+
+    assert main(["plan", "--preset", "tpegnn-small", "--gpus", "4", "--gpu-mem", "80GB", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "tpegnn-small on 4 x GPU" in out and "total GiB" in out and out.count("tp") >= 3
+    assert main(["plan", "--preset", "tpegnn-1b", "--gpus", "1", "--gpu-mem", "4GB"]) == 1
+    assert "no layout fits" in capsys.readouterr().out
+
+
+def test_harness_runs_a_config_in_fresh_processes(emt_store, tmp_path):
+    import json
+
+    from gnnmegatron.bench.harness import run_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({
+        "run_dir": str(tmp_path / "run"), "seed": 0,
+        "data": {"store": str(emt_store), "cutoff": 4.0, "budget_atoms": 48, "splits": [0.8, 0.2, 0.0]},
+        "model": {"preset": "egnn-tiny", "layers": 2},
+        "train": {"max_steps": 100, "eval_every": 1000, "checkpoint_every": 1000, "progress": False},
+    }))
+    r = run_config(cfg, 2, overrides=["parallel.pp=2", "train.micro_batches=2"], steps=2, warmup=1)
+    assert r["world"] == 2 and r["layout"] == {"tp": 1, "pp": 2, "dp": 1} and r["steps"] == 2
+    assert r["atoms_per_s"] > 0 and r["pp_bytes_per_step"] > 0 and 0 <= r["data_wait_fraction"] < 1
+    assert len(r["peak_bytes_per_rank"]) == 2 and min(r["peak_bytes_per_rank"]) > 2 ** 20
