@@ -7,17 +7,10 @@ from setuptools import setup
 ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "gnnmegatron" / "__init__.py").read_text()).group(1)
 
-PACKAGES = [
-    "gnnmegatron",
-    "gnnmegatron.data",
-    "gnnmegatron.models",
-    "gnnmegatron.training",
-    "gnnmegatron.ops",
-    "gnnmegatron.parallel",
-    "gnnmegatron.scaling",
-    "gnnmegatron.inference",
-    "gnnmegatron.kernels",
-]
+# Every package under gnnmegatron/ (subpackages included), plus the top-level kernels/ folder.
+PACKAGES = sorted(
+    ".".join(p.relative_to(ROOT).parent.parts) for p in (ROOT / "gnnmegatron").rglob("__init__.py")
+) + ["gnnmegatron.kernels"]
 
 setup(
     name="gnnmegatron",
