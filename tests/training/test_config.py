@@ -14,6 +14,16 @@ def test_demo_config_loads_and_builds_model_config():
     assert cfg.train.max_steps > 0
 
 
+@pytest.mark.parametrize("name, second", [("demo_sources.yaml", "oxides"), ("demo_sources_embedded.yaml", "emt-ref")])
+def test_multisource_demo_configs_load(name, second):
+    from gnnmegatron.cli import DEMO_CONFIG
+
+    cfg = load_config(DEMO_CONFIG.parent / name)
+    mcfg = cfg.model_config()
+    assert mcfg.sources == ["emt", second] and mcfg.heads == "per_source" and mcfg.multi_source
+    assert [s.splits for s in cfg.data.source_list()][0] == (0.9, 0.05, 0.05)
+
+
 @pytest.mark.parametrize("values, message", [
     ({"data": {"splits": [0.5, 0.5, 0.5]}}, "summing to 1"),
     ({"data": {"cutoff": -1}}, "data.cutoff must be > 0"),

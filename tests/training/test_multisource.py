@@ -182,3 +182,20 @@ def test_model_sources_come_from_the_data_sources(stores, tmp_path):
     with pytest.raises(ConfigError, match="needs two or more sources"):
         config_from_dict({"data": {"store": "a.zarr"}, "model": {"preset": "egnn-tiny", "heads": "per_source"}}
                          ).model_config()
+
+
+def test_embedded_second_source_is_emt_on_another_reference(tmp_path):
+    from gnnmegatron.data.store import GraphStore
+    from gnnmegatron.training.runtime import generate_emt_source
+
+    emt = {"num_structures": 4, "seed": 3, "max_atoms": 6, "elements": ["Cu", "Ni"]}
+    generate_emt_source(tmp_path / "plain.zarr", emt)
+    generate_emt_source(tmp_path / "ref.zarr", emt, {"Cu": -3.5, "Ni": -5.0}, name="emt-ref")
+    plain, ref = GraphStore(tmp_path / "plain.zarr"), GraphStore(tmp_path / "ref.zarr")
+    assert ref.metadata["sources"] == ["emt-ref"]
+    for a, b in zip(plain.get_many(range(4)), ref.get_many(range(4))):
+        z = a["atomic_numbers"]
+        assert abs(b["energy"] - a["energy"] - (-3.5 * (z == 29).sum() - 5.0 * (z == 28).sum())) < 1e-9
+        assert np.array_equal(a["forces"], b["forces"])
+    with pytest.raises(ValueError, match=r"unknown chemical symbol\(s\) \['Xx'\]"):
+        generate_emt_source(tmp_path / "bad.zarr", emt, {"Xx": 1.0})
