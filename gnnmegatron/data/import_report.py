@@ -28,6 +28,10 @@ class ShardStats:
     flush_s: float = 0.0            # encoding, compressing, checksumming and writing shard files
     open_s: float = 0.0             # creating the shard store (zarr metadata of its arrays)
     cpu_s: float = 0.0              # CPU time of the process over the whole task (wall minus waiting)
+    read_cpu_s: float = 0.0         # the same stages in CPU time of the process (all its threads): what the
+    process_cpu_s: float = 0.0      # stages cost on a shared machine, where wall time also counts waiting
+    flush_cpu_s: float = 0.0        # for a core
+    open_cpu_s: float = 0.0
 
     def add(self, s: dict) -> None:
         n = len(s["atomic_numbers"])
@@ -42,6 +46,23 @@ class ShardStats:
             f = np.asarray(f)
             self.force_max = max(self.force_max, float(np.sqrt(np.einsum("ij,ij->i", f, f).max())))
         self.with_stress += s.get("stress") is not None
+
+    def add_block(self, res) -> None:
+        """Structures appended by one ``GraphStoreWriter.append_block`` call (all with an energy), as ``add`` each."""
+        if not res.counts:
+            return
+        n = np.concatenate(res.counts)
+        if not n.size:
+            return
+        e = np.concatenate(res.energy)
+        epa = e / n
+        self.structures += int(n.size)
+        self.atoms += int(n.sum())
+        self.energy_min, self.energy_max = min(self.energy_min, float(e.min())), max(self.energy_max, float(e.max()))
+        self.energy_per_atom_min = min(self.energy_per_atom_min, float(epa.min()))
+        self.energy_per_atom_max = max(self.energy_per_atom_max, float(epa.max()))
+        self.force_max = max(self.force_max, res.force_max)
+        self.with_stress += res.with_stress
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -129,6 +150,7 @@ def summarize(fmt_name: str, tasks: list[dict], stats: list[dict], shard_attrs: 
     flush_s = sum(s.get("flush_s", 0.0) for s in stats)
     open_s = sum(s.get("open_s", 0.0) for s in stats)
     cpu_s = sum(s.get("cpu_s", 0.0) for s in stats)
+    cpu = {k: sum(s.get(f"{k}_cpu_s", 0.0) for s in stats) for k in ("read", "process", "flush", "open")}
     file_work: dict = {}
     for t in tasks:
         file_work[t["file"]] = file_work.get(t["file"], 0) + int(t["work"])
@@ -164,6 +186,16 @@ def summarize(fmt_name: str, tasks: list[dict], stats: list[dict], shard_attrs: 
         "per_structure_us": {"read_parse": round(read_s * per, 1),
                              "validate_append": round((process_s - flush_s) * per, 1),
                              "compress_write": round(flush_s * per, 1)},
+        # the same split in CPU seconds of the worker processes (all threads): on a shared machine
+        # wall time inside a worker also counts the time it waited for a core
+        "time_split_cpu_s": {"read_parse": round(cpu["read"], 3),
+                             "validate_append": round(cpu["process"] - cpu["flush"], 3),
+                             "compress_write": round(cpu["flush"], 3), "shard_open": round(cpu["open"], 3),
+                             "cpu_total": round(cpu_s, 3)},
+        "per_structure_cpu_us": {"read_parse": round(cpu["read"] * per, 1),
+                                 "validate_append": round((cpu["process"] - cpu["flush"]) * per, 1),
+                                 "compress_write": round(cpu["flush"] * per, 1),
+                                 "total": round(cpu_s * per, 1)},
     }
     if elapsed > 0:
         summary["structures_per_s"] = round(fresh_n / elapsed, 1)

@@ -7,6 +7,7 @@ renamed into place on ``close()``; readers refuse anything not marked complete.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ import zarr
 
 import gnnmegatron
 
+from gnnmegatron.data.blocks import StructureBlock, block_from_structures, screen_block
 from gnnmegatron.data.schema import (ARRAYS, MAX_Z, MIN_DISTANCE, SCHEMA_VERSION, STORE_FORMAT,
                                      UNITS, StoreError, StructureError, chunk_compressors,
                                      validate_structure)
@@ -35,6 +37,38 @@ DEFAULT_GRAPHS_PER_CHUNK = 8192
 # and the writer's buffers (one shard per array) stay at ~30 MB.
 SHARD_ATOMS = 1 << 19
 SHARD_GRAPHS = 1 << 16
+# Structures per validation block of append(): the screen's numpy calls cost ~20 µs each, so
+# blocks of a few hundred structures make them negligible per structure while the block's
+# arrays stay small (a few MB at 100 atoms per structure).
+APPEND_BLOCK = 512
+
+
+class BlockResult:
+    """What :meth:`GraphStoreWriter.append_block` did: errors [(row, StructureError)] and a summary
+    of the appended structures (atoms, energies, largest |force|, structures with stress)."""
+
+    def __init__(self, errors: list):
+        self.errors = errors
+        self.counts: list = []        # int64 arrays: atoms per appended structure
+        self.energy: list = []        # float64 arrays (NaN: no energy)
+        self.force_max = 0.0          # largest |F| of any appended atom with forces (eV/Å)
+        self.with_stress = 0
+
+    def add_rows(self, block: StructureBlock, oa: int, ob: int, a: int, b: int) -> None:
+        self.counts.append(block.counts[a:b])
+        self.energy.append(np.where(block.has_energy[a:b], block.energy[a:b], np.nan))
+        if block.has_forces[a:b].any():
+            f = block.forces[oa:ob]
+            self.force_max = max(self.force_max, float(np.sqrt(np.einsum("ij,ij->i", f, f).max())))
+        self.with_stress += int(block.has_stress[a:b].sum())
+
+    def add_one(self, st: dict) -> None:
+        self.counts.append(np.array([st["atomic_numbers"].shape[0]], dtype=np.int64))
+        self.energy.append(np.array([np.nan if st["energy"] is None else st["energy"]]))
+        f = st["forces"]
+        if f is not None:
+            self.force_max = max(self.force_max, float(np.sqrt(np.einsum("ij,ij->i", f, f).max())))
+        self.with_stress += st["stress"] is not None
 
 
 def _partial_path(path: Path) -> Path:
@@ -74,6 +108,7 @@ class _Column:
         self.buf = np.empty((shard_rows,) + tuple(array.shape[1:]), dtype=dtype)
         self.n = 0
         self.flush_seconds = 0.0  # time spent encoding, compressing and writing shards
+        self.flush_cpu_seconds = 0.0  # CPU time of the process (all threads) meanwhile
 
     def append(self, block: np.ndarray) -> None:
         k = 0
@@ -93,12 +128,13 @@ class _Column:
 
     def _flush(self) -> None:
         if self.n:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             end = self.written + self.n
             self.array.resize((end,) + self.array.shape[1:])
             self.array[self.written:end] = self.buf[:self.n]
             self.written, self.n = end, 0
             self.flush_seconds += time.perf_counter() - t0
+            self.flush_cpu_seconds += time.process_time() - c0
 
     def finish(self) -> None:
         self._flush()
@@ -230,9 +266,80 @@ class GraphStoreWriter:
         """Validate and append structures; returns the number appended by this call.
 
         Each structure is a dict (see :func:`validate_structure`) or an ``ase.Atoms``; a
-        structure's own ``source`` key overrides ``source``. Structures are validated one by
-        one as they stream in; on a StructureError the ones before it in this call are kept.
+        structure's own ``source`` key overrides ``source``. Structures are taken in blocks of
+        up to :data:`APPEND_BLOCK` and validated a block at a time (:meth:`append_block`, same
+        result as one by one); on a StructureError the ones before it are kept (and the stream
+        has been read up to the end of that structure's block).
         """
+        if self._closed:
+            raise StoreError(f"writer for {self.path} is closed")
+        n0 = self.num_graphs
+        it = iter(structures)
+        while True:
+            chunk = list(itertools.islice(it, APPEND_BLOCK))
+            if not chunk:
+                break
+            res = self.append_block(block_from_structures(chunk), source, stop_at_error=True)
+            if res.errors:
+                raise res.errors[0][1]
+        return self.num_graphs - n0
+
+    def append_block(self, block: StructureBlock, source: int = 0, stop_at_error: bool = True) -> "BlockResult":
+        """Validate and append a block of structures (vectorised; same store and errors as one by one).
+
+        Rows that fail validation are not appended; their errors (``StructureError`` naming the
+        index the structure would have had) come back in row order. With ``stop_at_error`` only
+        the rows before the first failing one are appended and only that error is returned.
+
+        Rows that :func:`~gnnmegatron.data.blocks.screen_block` cannot clear go through
+        :func:`validate_structure` one by one, in order.
+        """
+        if self._closed:
+            raise StoreError(f"writer for {self.path} is closed")
+        B = len(block)
+        nsrc = len(self.sources)
+        suspect = screen_block(block, self.known_elements, self.min_distance)
+        if not 0 <= source < nsrc:
+            suspect |= block.source < 0            # the default source is out of range
+        suspect |= block.source >= nsrc
+        i0 = self.num_graphs
+        errors: list = []
+        checked: dict = {}
+        for r in np.flatnonzero(suspect).tolist():
+            i = i0 + r - len(errors)               # rows before r that are appended
+            s = block.structure(r)
+            try:
+                st = validate_structure(i, s, self.known_elements, self.min_distance)
+                src = source if st["source"] is None else st["source"]
+                if not 0 <= src < nsrc:
+                    raise StructureError(i, "source", f"source {src} is out of range; this store has "
+                                         f"{nsrc} sources {self.sources}")
+            except StructureError as e:
+                errors.append((r, e))
+                if stop_at_error:
+                    break
+                continue
+            sid = s.get("id") if isinstance(s, dict) else None
+            checked[r] = (st, src, "" if sid is None else str(sid))
+        end = errors[0][0] if (stop_at_error and errors) else B
+        res = BlockResult(errors)
+        off = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(block.counts, out=off[1:])
+        a = 0
+        for r in np.flatnonzero(suspect[:end]).tolist() + [end]:
+            if r > a:
+                self._add_rows(block, off, a, r, source, res)
+            if r < end and r in checked:
+                st, src, sid = checked[r]
+                self._add(st, src)
+                if self._ids is not None:
+                    self._ids.append_row(sid)
+                res.add_one(st)
+            a = r + 1
+        return res
+
+    def _append_reference(self, structures: Iterable[Any], source: int = 0) -> int:
+        """``append`` one structure at a time with :func:`validate_structure` (the oracle of the block path)."""
         if self._closed:
             raise StoreError(f"writer for {self.path} is closed")
         n0 = self.num_graphs
@@ -273,11 +380,51 @@ class GraphStoreWriter:
         self._counts["with_stress"] += has_s
         self._per_source[src] += 1
 
+    def _add_rows(self, block: StructureBlock, off: np.ndarray, a: int, b: int, source: int,
+                  res: "BlockResult") -> None:
+        """Append rows a..b of a block that passed the screen (the columns are validate_structure's values)."""
+        c = self._cols
+        oa, ob = int(off[a]), int(off[b])
+        counts = block.counts[a:b]
+        z = block.atomic_numbers[oa:ob]
+        c["atomic_numbers"].append(z)
+        c["positions"].append(block.positions[oa:ob])
+        c["forces"].append(block.forces[oa:ob])
+        c["atom_offsets"].append(self.num_atoms + np.cumsum(counts))
+        has_e, has_f, has_s = block.has_energy[a:b], block.has_forces[a:b], block.has_stress[a:b]
+        c["energy"].append(np.where(has_e, block.energy[a:b], 0.0))
+        c["cell"].append(block.cell[a:b])
+        c["pbc"].append(block.pbc[a:b])
+        c["stress"].append(np.where(has_s[:, None, None], block.stress[a:b], 0.0))
+        c["has_energy"].append(has_e)
+        c["has_forces"].append(has_f)
+        c["has_stress"].append(has_s)
+        src = block.source[a:b]
+        src = np.where(src >= 0, src, source)
+        c["source"].append(src)
+        if self._ids is not None:
+            self._ids.append(np.array(block.ids[a:b], dtype=object))
+        self._elements[z] = True
+        self._counts["with_energy"] += int(has_e.sum())
+        self._counts["with_forces"] += int(has_f.sum())
+        self._counts["with_stress"] += int(has_s.sum())
+        for k, v in enumerate(np.bincount(src, minlength=len(self.sources)).tolist()):
+            self._per_source[k] += v
+        self.num_atoms += ob - oa
+        self.num_graphs += b - a
+        res.add_rows(block, oa, ob, a, b)
+
     @property
     def flush_seconds(self) -> float:
         """Seconds spent so far encoding, compressing and writing shard files."""
         cols = list(self._cols.values()) + ([self._ids] if self._ids is not None else [])
         return sum(c.flush_seconds for c in cols)
+
+    @property
+    def flush_cpu_seconds(self) -> float:
+        """CPU seconds of the process (zarr's codec threads included) while shard files were written."""
+        cols = list(self._cols.values()) + ([self._ids] if self._ids is not None else [])
+        return sum(c.flush_cpu_seconds for c in cols)
 
     def flush(self) -> None:
         """Write all buffered rows now (the shard files of a store are final only after ``close``)."""

@@ -109,13 +109,13 @@ def _kill_midway(files, out, kill_at):
     script = textwrap.dedent(f"""
         import os
         from gnnmegatron.data import writer
-        orig, count = writer.GraphStoreWriter.append, [0]
-        def append(self, structures, source=0):
-            count[0] += 1
-            if count[0] == {kill_at}:
-                os._exit(137)  # like a kill -9: no cleanup runs
-            return orig(self, structures, source)
-        writer.GraphStoreWriter.append = append
+        orig, count = writer.GraphStoreWriter.append_block, [0]
+        def append_block(self, block, source=0, stop_at_error=True):
+            count[0] += len(block)
+            if count[0] >= {kill_at}:
+                os._exit(137)  # like a kill -9 while structure {kill_at} is being written: no cleanup runs
+            return orig(self, block, source, stop_at_error)
+        writer.GraphStoreWriter.append_block = append_block
         from gnnmegatron.data.import_driver import import_dataset
         import_dataset({files!r}, {str(out)!r}, format="ase", workers=1, progress=False)
     """)

@@ -13,6 +13,12 @@ and frame for messages, ``structure`` is a dict in the store's units (keys ``ato
 itself found the record unusable, and ``done`` is the task's progress so far in the format's
 ``progress_unit`` ("B": input bytes, "structures": records).
 
+A reader that decodes many records at once (ANI-1x conformer arrays, extxyz text) may instead
+yield a :class:`ReaderBlock`: the same information for a run of records, in columns (a
+:class:`~gnnmegatron.data.blocks.StructureBlock`). Its ``read_frames`` then yields the same records
+one item at a time (the per-frame reference, ``GNNMEGATRON_IMPORT_PER_FRAME=1``); both give the
+same store, rejections and errors.
+
 Malformed input raises :class:`InputError` naming the file and frame; a missing optional
 package raises :class:`MissingDependencyError` naming the ``importers`` extra.
 """
@@ -58,6 +64,21 @@ class Rejected(NamedTuple):
 
     reason: str  # one of gnnmegatron.data.schema.REJECTION_REASONS
     message: str
+
+
+class ReaderBlock(NamedTuple):
+    """A run of records decoded together (yielded by a reader in place of single items).
+
+    ``block`` holds every record of the run in columns (rows listed in ``rejected`` are ignored);
+    ``ids`` are their identifiers, ``where(row)`` names a row's file and frame for messages, and
+    ``done`` is the task's progress after the run.
+    """
+
+    block: object            # gnnmegatron.data.blocks.StructureBlock
+    ids: list
+    where: object            # callable: row -> str
+    rejected: dict           # row -> Rejected
+    done: int
 
 
 def optional_import(module: str, purpose: str, pip_name: str | None = None):
@@ -204,8 +225,16 @@ class SourceFormat:
     def plan(self, files: list[Path], opts: ImportOptions) -> list[dict]:
         raise NotImplementedError
 
-    def read(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
+    def read(self, task: dict, opts: ImportOptions) -> Iterator:
+        """Items ``(id, where, structure, done)`` and/or :class:`ReaderBlock` runs of them."""
         raise NotImplementedError
+
+    def read_frames(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
+        """The records of ``read`` one item at a time (the per-frame reference path)."""
+        for item in self.read(task, opts):
+            if isinstance(item, ReaderBlock):
+                raise TypeError(f"{type(self).__name__}.read yields blocks; it must define read_frames")
+            yield item
 
     def source_info(self, opts: ImportOptions, files) -> dict:
         """What the source is and how it was converted (stored in the dataset's ``source_info``)."""
