@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gnnmegatron.data.blocks import columns_block
 from gnnmegatron.data.formats import extxyz
-from gnnmegatron.data.formats.base import EnergyChoice, ImportOptions, InputError, SourceFormat
+from gnnmegatron.data.formats.base import EnergyChoice, ImportOptions, InputError, ReaderBlock, SourceFormat
 from gnnmegatron.data.formats.oc20 import open_lmdb
 
 _ID_KEYS = ("sid", "id", "mat_id", "material_id", "structure_id")
@@ -110,11 +111,21 @@ class OMat24Format(SourceFormat):
             env.close()
         return nextid, deleted
 
-    def read(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
+    def read(self, task: dict, opts: ImportOptions) -> Iterator:
         path = Path(task["file"])
         if task["kind"] == "extxyz":
-            yield from self._read_extxyz(task, path)
+            yield from self._read_extxyz(task, path, blocks=True)
             return
+        yield from self._read_rows(task, path)
+
+    def read_frames(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
+        path = Path(task["file"])
+        if task["kind"] == "extxyz":
+            yield from self._read_extxyz(task, path, blocks=False)
+            return
+        yield from self._read_rows(task, path)
+
+    def _read_rows(self, task: dict, path: Path) -> Iterator[tuple]:
         env = open_lmdb(path)
         n = 0
         try:
@@ -150,18 +161,58 @@ class OMat24Format(SourceFormat):
              "forces": None if forces is None else _arr(forces), "stress": None if stress is None else _arr(stress)}
         return str(ident), where, s
 
-    def _read_extxyz(self, task: dict, path: Path) -> Iterator[tuple]:
+    @staticmethod
+    def _extxyz_labels(info: dict, where: str, path: Path, k: int):
+        e = extxyz.info_numbers(info, "energy", (1,), where, path)
+        st = extxyz.info_numbers(info, "stress", (6, 9), where, path)
+        ident = next((info[key] for key in _ID_KEYS if info.get(key)), f"{path.name}:frame{k}")
+        stress = None if st is None else (st if st.size == 6 else st.reshape(3, 3))
+        return (None if e is None else float(e[0])), stress, str(ident)
+
+    def _read_extxyz(self, task: dict, path: Path, blocks: bool) -> Iterator:
         start = task["start"]
-        for k, fr, pos in extxyz.iter_frames(path, start, task["stop"], task["frame"], task["line"]):
-            info, where = fr["info"], fr["where"]
-            e = extxyz.info_numbers(info, "energy", (1,), where, path)
-            st = extxyz.info_numbers(info, "stress", (6, 9), where, path)
-            ident = next((info[k] for k in _ID_KEYS if info.get(k)), f"{path.name}:frame{k}")
+        args = (path, start, task["stop"], task["frame"], task["line"])
+        for item in (extxyz.iter_blocks(*args) if blocks else extxyz.iter_frames(*args)):
+            if isinstance(item, extxyz.FrameBlock):
+                yield from self._frame_block(item, path, start)
+                continue
+            k, fr, pos = item
+            energy, stress, ident = self._extxyz_labels(fr["info"], fr["where"], path, k)
             s = {"atomic_numbers": fr["numbers"], "positions": fr["positions"], "cell": fr["cell"],
-                 "pbc": fr["pbc"], "energy": None if e is None else float(e[0]),
-                 "forces": fr["arrays"].get("forces", fr["arrays"].get("force")),
-                 "stress": None if st is None else (st if st.size == 6 else st.reshape(3, 3))}
-            yield str(ident), f"{path}: {where}", s, pos - start
+                 "pbc": fr["pbc"], "energy": energy,
+                 "forces": fr["arrays"].get("forces", fr["arrays"].get("force")), "stress": stress}
+            yield ident, f"{path}: {fr['where']}", s, pos - start
+
+    def _frame_block(self, fb, path: Path, start: int) -> Iterator[ReaderBlock]:
+        """A ReaderBlock of a FrameBlock; an error in frame j comes after a block of the frames before it."""
+        ids, energy, stress, error = [], [], [], None
+        for j, k in enumerate(fb.frames):
+            try:
+                e, st, ident = self._extxyz_labels(fb.infos[j], fb.wheres[j], path, k)
+            except InputError as err:
+                error = err
+                break
+            ids.append(ident)
+            energy.append(e)
+            stress.append(st)
+        n = len(ids)
+        if n:
+            forces = fb.arrays.get("forces", fb.arrays.get("force"))
+            off = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(fb.counts[:n], out=off[1:])
+            a = int(off[-1])
+
+            def row_dict(r):
+                lo, hi = int(off[r]), int(off[r + 1])
+                return {"atomic_numbers": fb.numbers[lo:hi], "positions": fb.positions[lo:hi], "cell": fb.cells[r],
+                        "pbc": fb.pbcs[r], "energy": energy[r],
+                        "forces": None if forces is None else forces[lo:hi], "stress": stress[r]}
+
+            blk = columns_block(fb.counts[:n], fb.numbers[:a], fb.positions[:a], None if forces is None else forces[:a],
+                                energy, fb.cells[:n], fb.pbcs[:n], stress, ids, row_dict)
+            yield ReaderBlock(blk, ids, lambda r: f"{path}: {fb.wheres[r]}", {}, fb.pos - start)
+        if error is not None:
+            raise error
 
 
 class AlexandriaFormat(OMat24Format):

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gnnmegatron.data.blocks import columns_block
 from gnnmegatron.data.formats import extxyz
-from gnnmegatron.data.formats.base import (EnergyChoice, ImportOptions, InputError, Rejected, SourceFormat,
-                                           optional_import)
+from gnnmegatron.data.formats.base import (EnergyChoice, ImportOptions, InputError, ReaderBlock, Rejected,
+                                           SourceFormat, optional_import)
 
 _OC20_DFT = "RPBE, VASP PAW (OC20)"
 _OC22_DFT = "PBE+U, VASP PAW (OC22)"
@@ -176,14 +177,20 @@ class OC20Format(SourceFormat):
                                 "needs the reference energies of the extxyz release's txt files; import "
                                 "the extxyz/txt release instead")
 
-    def read(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
+    def read(self, task: dict, opts: ImportOptions) -> Iterator:
         if task["kind"] == "lmdb":
             yield from self._read_lmdb(task, opts)
         else:
-            yield from self._read_extxyz(task, opts)
+            yield from self._read_extxyz(task, opts, blocks=True)
+
+    def read_frames(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
+        if task["kind"] == "lmdb":
+            yield from self._read_lmdb(task, opts)
+        else:
+            yield from self._read_extxyz(task, opts, blocks=False)
 
     # ------------------------------------------------------------------ extxyz + txt
-    def _read_extxyz(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
+    def _read_extxyz(self, task: dict, opts: ImportOptions, blocks: bool) -> Iterator:
         path = Path(task["file"])
         txt = None
         if task["txt"]:
@@ -192,33 +199,82 @@ class OC20Format(SourceFormat):
                 txt.f.readline()
         start = task["start"]
         try:
-            for k, fr, pos in extxyz.iter_frames(path, start, task["stop"], task["frame"], task["line"]):
-                where = f"{path}: {fr['where']}"
-                sys_id, ref = None, None
-                if txt is not None:
-                    line = txt.f.readline().decode("utf-8", errors="replace").strip()
-                    parts = line.split(",")
-                    if len(parts) < 3:
-                        raise InputError(task["txt"], f"line {k + 1} is {line!r}; expected "
-                                                      "system_id,frame_number,reference_energy for frame "
-                                                      f"{k} of {path.name}", f"frame {k}")
-                    try:
-                        ref = float(parts[2])
-                    except ValueError:
-                        raise InputError(task["txt"], f"line {k + 1}: reference energy {parts[2]!r} is not a "
-                                                      "number", f"frame {k}") from None
-                    sys_id = f"{parts[0]},{parts[1]}"
-                e = extxyz.info_numbers(fr["info"], "energy", (1,), fr["where"], path)
-                energy = None if e is None else float(e[0])
-                if energy is not None and opts.energy == "adsorption":
-                    energy -= ref
-                s = {"atomic_numbers": fr["numbers"], "positions": fr["positions"], "cell": fr["cell"],
-                     "pbc": fr["pbc"], "energy": energy,
-                     "forces": fr["arrays"].get("forces", fr["arrays"].get("force")), "stress": None}
-                yield sys_id or f"{path.name}:frame{k}", where, s, pos - start
+            if not blocks:
+                for k, fr, pos in extxyz.iter_frames(path, start, task["stop"], task["frame"], task["line"]):
+                    yield self._frame_item(k, fr, pos - start, path, txt.f.readline() if txt else None, task, opts)
+                return
+            for item in extxyz.iter_blocks(path, start, task["stop"], task["frame"], task["line"]):
+                if isinstance(item, extxyz.FrameBlock):
+                    yield from self._frame_block(item, path, txt, task, opts)
+                else:
+                    k, fr, pos = item
+                    yield self._frame_item(k, fr, pos - start, path, txt.f.readline() if txt else None, task, opts)
         finally:
             if txt is not None:
                 txt.close()
+
+    def _txt(self, raw: bytes | None, k: int, path: Path, task: dict) -> tuple:
+        """(system id, reference energy) of frame k from its line of the txt file (None, None without one)."""
+        if raw is None:
+            return None, None
+        line = raw.decode("utf-8", errors="replace").strip()
+        parts = line.split(",")
+        if len(parts) < 3:
+            raise InputError(task["txt"], f"line {k + 1} is {line!r}; expected "
+                                          "system_id,frame_number,reference_energy for frame "
+                                          f"{k} of {path.name}", f"frame {k}")
+        try:
+            ref = float(parts[2])
+        except ValueError:
+            raise InputError(task["txt"], f"line {k + 1}: reference energy {parts[2]!r} is not a "
+                                          "number", f"frame {k}") from None
+        return f"{parts[0]},{parts[1]}", ref
+
+    def _energy(self, info: dict, where: str, path: Path, ref, opts: ImportOptions):
+        e = extxyz.info_numbers(info, "energy", (1,), where, path)
+        energy = None if e is None else float(e[0])
+        if energy is not None and opts.energy == "adsorption":
+            energy -= ref
+        return energy
+
+    def _frame_item(self, k: int, fr: dict, done: int, path: Path, txt_line, task: dict, opts: ImportOptions):
+        sys_id, ref = self._txt(txt_line, k, path, task)
+        energy = self._energy(fr["info"], fr["where"], path, ref, opts)
+        s = {"atomic_numbers": fr["numbers"], "positions": fr["positions"], "cell": fr["cell"],
+             "pbc": fr["pbc"], "energy": energy,
+             "forces": fr["arrays"].get("forces", fr["arrays"].get("force")), "stress": None}
+        return sys_id or f"{path.name}:frame{k}", f"{path}: {fr['where']}", s, done
+
+    def _frame_block(self, fb, path: Path, txt, task: dict, opts: ImportOptions) -> Iterator[ReaderBlock]:
+        """A ReaderBlock of a FrameBlock; an error in frame j comes after a block of the frames before it."""
+        lines = [txt.f.readline() for _ in range(len(fb))] if txt is not None else None
+        ids, energy, error = [], [], None
+        for j, k in enumerate(fb.frames):
+            try:
+                sys_id, ref = self._txt(lines[j] if lines is not None else None, k, path, task)
+                energy.append(self._energy(fb.infos[j], fb.wheres[j], path, ref, opts))
+            except InputError as e:
+                error = e
+                break
+            ids.append(sys_id or f"{path.name}:frame{k}")
+        n = len(ids)
+        if n:
+            forces = fb.arrays.get("forces", fb.arrays.get("force"))
+            off = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(fb.counts[:n], out=off[1:])
+            a = int(off[-1])
+
+            def row_dict(r):
+                lo, hi = int(off[r]), int(off[r + 1])
+                return {"atomic_numbers": fb.numbers[lo:hi], "positions": fb.positions[lo:hi], "cell": fb.cells[r],
+                        "pbc": fb.pbcs[r], "energy": energy[r],
+                        "forces": None if forces is None else forces[lo:hi], "stress": None}
+
+            blk = columns_block(fb.counts[:n], fb.numbers[:a], fb.positions[:a], None if forces is None else forces[:a],
+                                energy, fb.cells[:n], fb.pbcs[:n], None, ids, row_dict)
+            yield ReaderBlock(blk, ids, lambda r: f"{path}: {fb.wheres[r]}", {}, fb.pos - task["start"])
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ LMDB
     def _read_lmdb(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
