@@ -209,6 +209,8 @@ def summarise(ranks: list[dict]) -> dict[str, Any]:
         "pp_bytes_per_step": max(r["steps"][0]["pp_bytes"] for r in ranks),
         "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
         "atoms_per_step": statistics.median(atoms),
+        "edges_per_atom": statistics.median(sum(r["steps"][k]["edges"] for r in firsts) / max(a, 1)
+                                            for k, a in zip(range(steps), atoms)),
     }
 
 
@@ -216,3 +218,41 @@ if __name__ == "__main__":  # a rank of run_config, under torch.distributed.run
     _spec = json.loads(Path(sys.argv[1]).read_text())
     _result = worker(_spec)
     (Path(_spec["out"]) / f"rank{_result['rank']:05d}.json").write_text(json.dumps(_result))
+
+
+def _link_worker(sizes: list[int], reps: int) -> list[tuple[int, float]]:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    out = []
+    for n in sizes:
+        buf = torch.zeros(max(1, n // 4), dtype=torch.float32)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            elif rank == 1:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+        out.append((n, (time.perf_counter() - t0) / (2 * reps)))
+    return out
+
+
+def measure_link(sizes=(1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22), reps: int = 20):
+    """Alpha (s) and beta (bytes/s) of point-to-point messages between two gloo processes on this
+    machine, fitted by least squares to one-way times of a ping-pong over message ``sizes``."""
+    import numpy as np
+
+    from gnnmegatron.parallel.testing import run_distributed
+
+    from .perf import Link
+
+    rows = run_distributed(_link_worker, 2, list(sizes), reps, timeout=600, preload_megatron=False)[0]
+    n = np.array([r[0] for r in rows], dtype=np.float64)
+    t = np.array([r[1] for r in rows], dtype=np.float64)
+    A = np.stack([np.ones_like(n), n], axis=1)
+    (alpha, inv_beta), *_ = np.linalg.lstsq(A, t, rcond=None)
+    return Link("gloo-loopback", max(float(alpha), 1e-7), 1.0 / max(float(inv_beta), 1e-15)), rows
