@@ -412,3 +412,44 @@ def test_rejection_log_of_the_block_path_names_ids_in_order(monkeypatch, tmp_pat
                                                      ("a.extxyz:frame17", "overlapping_atoms")]
     assert log[1]["where"].endswith("a.extxyz: frame 7 (line " + str(1 + sum(f.count("\n") for f in frames[:7])) + ")")
     assert "duplicate atoms 0 and 1 are 0.0500 Å apart" in log[3]["message"]
+
+
+@pytest.mark.parametrize("odd", ["none", "disordered", "abc-only", "near-one-occupancy", "unknown-element"])
+def test_mptrj_site_fast_path_equals_site_loop(monkeypatch, tmp_path, odd):
+    import gnnmegatron.data.formats.mptrj as mptrj
+
+    rng = np.random.default_rng(8)
+    data = {}
+    for k in range(12):
+        n = int(rng.integers(1, 5))
+        fr = mptrj_frame(np.eye(3) * 5 + rng.normal(0, 0.2, (3, 3)), rng.choice([3, 8, 26], n).tolist(),
+                         rng.uniform(0, 1, (n, 3)), -float(k), rng.normal(size=(n, 3)), rng.normal(size=(3, 3)))
+        data.setdefault(f"mp-{k // 3}", {})[f"mp-{k // 3}-0-{k % 3}"] = fr
+    site = data["mp-2"]["mp-2-0-1"]["structure"]["sites"][0]
+    if odd == "disordered":
+        site["species"] = [{"element": "Li", "occu": 0.5}, {"element": "Fe", "occu": 0.5}]
+    elif odd == "abc-only":
+        del site["xyz"]
+    elif odd == "near-one-occupancy":
+        site["species"][0]["occu"] = 1.0 - 1e-9
+    elif odd == "unknown-element":
+        site["species"][0]["element"] = "Xx"
+    src = write_mptrj(tmp_path / "MPtrj_2022.9_full.json", data)
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(mptrj, "_ordered_sites", lambda sites, table: None)
+        out = tmp_path / f"o{fast}.zarr"
+        try:
+            s = import_dataset([src], out, format="mptrj", on_bad="skip", progress=False)
+            results.append(({k: v for k, v in s.items() if k not in _TIMING}, _dataset(out),
+                            (out / "rejections.jsonl").read_text()))
+        except DataImportError as e:
+            results.append(str(e).replace(str(out), "OUT"))
+    if isinstance(results[0], str):
+        assert results[0] == results[1] and "unknown element 'Xx'" in results[0]
+        return
+    assert results[0][0] == results[1][0] and results[0][2] == results[1][2]
+    for k in results[0][1]:
+        _assert_same_arrays(results[0][1][k], results[1][1][k])
+    assert ("disordered" in results[0][2]) == (odd == "disordered")

@@ -119,20 +119,14 @@ class MPtrjFormat(SourceFormat):
             raise InputError(path, f"structure is not a pymatgen Structure dict ({type(e).__name__}: {e})",
                              where) from None
         table = _symbols()
-        z, xyz = [], []
-        for k, site in enumerate(sites):
-            species = site.get("species") or []
-            if len(species) != 1 or abs(float(species[0].get("occu", 1.0)) - 1.0) > 1e-6:
-                return Rejected("bad_value", f"site {k} is disordered (species {species}); MPtrj frames "
-                                             "are ordered structures")
-            sym = str(species[0].get("element", ""))
-            if sym not in table:
-                raise InputError(path, f"site {k}: unknown element {sym!r}", where)
-            z.append(table[sym])
-            if "xyz" in site:
-                xyz.append(site["xyz"])
-            else:
-                xyz.append(np.asarray(site["abc"], dtype=np.float64) @ cell)
+        fast = _ordered_sites(sites, table)
+        if fast is not None:
+            z, xyz = fast
+        else:
+            res = self._sites(sites, cell, table, path, where)
+            if isinstance(res, Rejected):
+                return res
+            z, xyz = res
         choice = self.energies[opts.energy]
         energy = fr.get(choice.field)
         forces = fr.get(choice.forces_field)
@@ -147,6 +141,44 @@ class MPtrjFormat(SourceFormat):
         return {"atomic_numbers": np.asarray(z, dtype=np.int64), "positions": np.asarray(xyz, dtype=np.float64),
                 "cell": cell, "pbc": pbc, "energy": None if energy is None else float(energy),
                 "forces": None if forces is None else np.asarray(forces, dtype=np.float64), "stress": stress}
+
+    @staticmethod
+    def _sites(sites, cell, table, path: Path, where: str):
+        """(atomic numbers, xyz) site by site with every check, or Rejected (the reference of _ordered_sites)."""
+        z, xyz = [], []
+        for k, site in enumerate(sites):
+            species = site.get("species") or []
+            if len(species) != 1 or abs(float(species[0].get("occu", 1.0)) - 1.0) > 1e-6:
+                return Rejected("bad_value", f"site {k} is disordered (species {species}); MPtrj frames "
+                                             "are ordered structures")
+            sym = str(species[0].get("element", ""))
+            if sym not in table:
+                raise InputError(path, f"site {k}: unknown element {sym!r}", where)
+            z.append(table[sym])
+            if "xyz" in site:
+                xyz.append(site["xyz"])
+            else:
+                xyz.append(np.asarray(site["abc"], dtype=np.float64) @ cell)
+        return z, xyz
+
+
+def _ordered_sites(sites, table) -> tuple | None:
+    """(atomic numbers, xyz) of a list of ordered sites that all carry ``xyz``, by list comprehensions
+    (~2x faster than the site loop of ``MPtrjFormat._sites``); None for anything else (disorder, a
+    site without ``xyz``, an unknown element, a malformed site), which the site loop then handles."""
+    try:
+        species = [site["species"] for site in sites]
+        if list(map(len, species)).count(1) != len(species):
+            return None
+        first = [sp[0] for sp in species]
+        occu = [d.get("occu", 1.0) for d in first]
+        if occu.count(1) != len(occu):
+            return None
+        z = [table[d["element"]] for d in first]
+        xyz = [site["xyz"] for site in sites]
+    except (KeyError, TypeError, AttributeError, IndexError):
+        return None
+    return z, xyz
 
 
 __all__ = ["KBAR_TO_EV_A3", "MPtrjFormat"]
