@@ -352,8 +352,9 @@ def _close_pair_rows(pos: np.ndarray, off: np.ndarray, pbc: np.ndarray, wrap, ro
                      min_distance: float) -> np.ndarray:
     """Rows among ``rows`` that may hold two atoms closer than ``min_distance`` (minimum image).
 
-    Measured on 256 structures of 72 atoms in triclinic cells (2 cores): ~5 µs per structure,
-    against ~50 µs for the reference's all-pairs matrix.
+    Measured (one core of the shared 2-core machine, blocks of 256): 72 atoms in triclinic cells with
+    half the atoms on or outside a face (many ghosts) 12-19 µs per structure against 50-70 µs for the
+    reference's all-pairs matrix; 30 atoms 6 µs against 48; 15-atom molecules 0.6 µs against 17.
     """
     B = off.shape[0] - 1
     counts = np.diff(off)

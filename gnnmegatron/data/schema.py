@@ -48,6 +48,11 @@ positions [n, 3], forces [n, 3], cell [3, 3], stress [3, 3] or Voigt [6], energy
 finite; periodic directions of the cell at least 0.2 Å high; no two atoms closer than 0.1 Å,
 periodic images included (minimum image, exact for that threshold).
 
+The writer validates a block of structures at a time (:mod:`gnnmegatron.data.blocks`): a
+vectorised screen clears the structures it can prove valid, with a margin, and sends every other
+one through :func:`validate_structure`, so a store, its errors and rejections are the same as
+with structures validated one by one.
+
 Writing is atomic: the writer fills ``<path>.partial`` (``complete=False``) and renames it to
 ``<path>`` on close (replacing an older store only with ``overwrite=True``). An exception
 inside the writer's ``with`` block deletes the partial directory; a killed process leaves it

@@ -453,3 +453,38 @@ def test_mptrj_site_fast_path_equals_site_loop(monkeypatch, tmp_path, odd):
     for k in results[0][1]:
         _assert_same_arrays(results[0][1][k], results[1][1][k])
     assert ("disordered" in results[0][2]) == (odd == "disordered")
+
+
+def test_comment_parser_equals_pair_by_pair_parsing_with_the_original_pattern():
+    import random
+    import re
+
+    old = re.compile(r'\s*([^\s=]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|\{[^}]*\}|\[[^\]]*\]|[^\s"]*))?')
+
+    def reference(line):  # the parser before the fast path, with the regex before it was unrolled
+        out, pos = {}, 0
+        while pos < len(line):
+            m = old.match(line, pos)
+            if m is None or m.end() == pos:
+                if line[pos:].strip():
+                    raise ValueError(f"cannot parse the comment line near {line[pos:pos + 30]!r}")
+                break
+            key, val = m.group(1), m.group(2)
+            if val is not None and len(val) >= 2 and val[0] in '"{[' and val[-1] in '"}]':
+                val = val[1:-1]
+            out[key] = val
+            pos = m.end()
+        return out
+
+    def outcome(fn, line):
+        try:
+            return fn(line)
+        except ValueError as e:
+            return str(e)
+
+    rng = random.Random(0)
+    lines = ['Lattice="1 0 0 0 1 0 0 0 1" Properties=species:S:1:pos:R:3 energy=-1.5 pbc="T T F"',
+             'a="x \\" y" b={1 2} c=[3, 4] flag d= e =f', 'x="unterminated y=2', '=5 a=1', 'a=1 "b"', '']
+    lines += ["".join(rng.choice('ab= "\\{}[]\t,x1') for _ in range(rng.randint(0, 16))) for _ in range(20000)]
+    for line in lines:
+        assert outcome(extxyz.parse_comment, line) == outcome(reference, line), line
