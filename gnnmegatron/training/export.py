@@ -56,7 +56,8 @@ def checkpoint_summary(path: str | Path, tensors: bool = False) -> str:
         f"{src}",
         f"  format {info['format']} v{info.get('version')}, step {info.get('step')}, written {info.get('created')}",
         f"  model: preset {info.get('preset')}, hidden {mc.get('hidden')}, layers {mc.get('layers')}, "
-        f"message {mc.get('message')}, {mc.get('force_mode')} forces",
+        f"message {mc.get('message')}, {mc.get('force_mode')} forces"
+        + (f", sources {mc['sources']} ({mc.get('heads', 'shared')} heads)" if len(mc.get("sources") or []) > 1 else ""),
         f"  written under tp={lay.get('tp')} pp={lay.get('pp')} dp={lay.get('dp')} (world size "
         f"{info.get('world_size')}), ZeRO stage {info.get('zero_stage')}; loads under any layout",
         f"  tensors: {info['tensor_counts']} (model = weights and buffers, optim = AdamW state)",
