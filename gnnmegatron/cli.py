@@ -114,12 +114,15 @@ def _cmd_model_info(args) -> int:
 
 
 def _cmd_scaling_fit(args) -> int:
-    from gnnmegatron.scaling.fit import fit_records, load_records
+    from gnnmegatron.scaling.fit import fit_records, fit_records_per_source, load_records, summarize_fits
 
-    fits = fit_records(load_records(args.runs), loss_key=args.loss_key, n_key=args.n_key, d_key=args.d_key,
-                       n_boot=args.n_boot, seed=args.seed)
+    fit = fit_records_per_source if args.per_source else fit_records
+    fits = fit(load_records(args.runs), loss_key=args.loss_key, n_key=args.n_key, d_key=args.d_key,
+               n_boot=args.n_boot, seed=args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(fits, indent=1))
+    for line in summarize_fits(fits):
+        print(line)
     print(f"wrote {args.out}")
     return 0
 
@@ -141,7 +144,7 @@ def _cmd_predict(args) -> int:
 
     summary = predict(args.model, args.inputs, args.out, batch_atoms=args.batch_atoms, split=args.split,
                       index=args.index, device=None if args.device == "auto" else args.device, dtype=args.dtype,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, source=args.source)
     print(format_summary(summary))
     return 0
 
@@ -289,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_keys(sfit)
     sfit.add_argument("--n-boot", type=int, default=200)
     sfit.add_argument("--seed", type=int, default=0)
+    sfit.add_argument("--per-source", action="store_true",
+                      help="also fit each source of multi-source runs on its own validation loss (records' val_sources)")
     sfit.set_defaults(func=_cmd_scaling_fit)
     srep = scaling.add_parser("report", help="Markdown table and PNG plots of runs and fits")
     srep.add_argument("runs")
@@ -309,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--batch-atoms", type=int, default=4096)
     pred.add_argument("--device", default="auto")
     pred.add_argument("--dtype", choices=("float32", "float64"), default=None)
+    pred.add_argument("--source", default=None, help="source name of a multi-source model: its energy reference and "
+                                                     "head (and, with --split, its split); required for such models")
     pred.add_argument("--no-progress", action="store_true")
     pred.set_defaults(func=_cmd_predict)
 
