@@ -327,7 +327,8 @@ def run_task(fmt_name: str, task: dict, k: int, work: Path, opts: ImportOptions,
             ok &= blk.has_forces
         blk.ids = rb.ids
         blk.source = np.full(B, src, dtype=np.int64)
-        finish_block(pre, np.flatnonzero(ok).tolist(), blk.take, rb.ids.__getitem__, rb.where)
+        rows = np.flatnonzero(ok).tolist()
+        finish_block(pre, rows, lambda r: blk if len(r) == B else blk.take(r), rb.ids.__getitem__, rb.where)
 
     last_where, last_done, reported, n_last = None, 0, time.monotonic(), 0
     # Objects alive before the task (modules, torch, zarr: ~10^5) are moved out of the cyclic

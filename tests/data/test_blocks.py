@@ -377,7 +377,7 @@ def test_omat24_and_mptrj_imports_equal_per_frame(monkeypatch, tmp_path):
         a = ase.Atoms(numbers=rng.choice([1, 8, 26], n), positions=rng.uniform(0, 6, (n, 3)),
                       cell=np.eye(3) * 6 + k * 0.01, pbc=True)
         a.calc = SinglePointCalculator(a, energy=None if k == 5 else -float(k), forces=rng.normal(size=(n, 3)),
-                                       stress=rng.normal(size=6) if k % 2 else rng.normal(size=(3, 3)))
+                                       stress=rng.normal(size=6) if k % 7 else rng.normal(size=(3, 3)))
         a.info["sid"] = f"m{k}"
         atoms.append(a)
     ase.io.write(tmp_path / "alex.extxyz", atoms)
@@ -385,6 +385,14 @@ def test_omat24_and_mptrj_imports_equal_per_frame(monkeypatch, tmp_path):
     write_aselmdb(tmp_path / "rows.aselmdb", atoms, [{"sid": f"r{k}"} for k in range(30)], delete=(3,))
     _import_both(monkeypatch, tmp_path / "l", [tmp_path / "rows.aselmdb"], format="omat24", on_bad="skip",
                  shard_structures=7)
+    for a in atoms[1:]:  # blocks of regular rows (Voigt stress only), with one row without stress
+        a.calc.results["stress"] = rng.normal(size=6)
+    atoms[9].calc.results.pop("stress")
+    atoms[12].positions[1:2] = atoms[12].positions[0] + 0.01 if len(atoms[12]) > 1 else atoms[12].positions[:1]
+    write_aselmdb(tmp_path / "voigt.aselmdb", atoms, [{} if k == 4 else {"sid": f"v{k}"} for k in range(30)])
+    ref = _import_both(monkeypatch, tmp_path / "v", [tmp_path / "voigt.aselmdb"], format="omat24", on_bad="skip",
+                       shard_structures=40)
+    assert ref[0]["num_graphs"] >= 27 and ref[0]["with_stress"] >= 26
     data = {}
     for k in range(40):
         n = int(rng.integers(1, 6))
@@ -394,7 +402,7 @@ def test_omat24_and_mptrj_imports_equal_per_frame(monkeypatch, tmp_path):
             frac[1] = frac[0] + 0.001
         data.setdefault(f"mp-{k // 4}", {})[f"mp-{k // 4}-0-{k % 4}"] = mptrj_frame(
             cell, rng.choice([3, 8, 26], n).tolist(), frac, -float(k), rng.normal(size=(n, 3)),
-            None if k % 3 == 0 else rng.normal(size=(3, 3)), with_xyz=bool(k % 2))
+            None if k % 3 == 0 else rng.normal(size=(3, 3)), with_xyz=bool(k % 5))
     src = write_mptrj(tmp_path / "MPtrj_2022.9_full.json", data)
     for on_bad in ("skip", "refuse"):
         _import_both(monkeypatch, tmp_path / f"mp-{on_bad}", [src], format="mptrj", on_bad=on_bad, shard_bytes=5000)
