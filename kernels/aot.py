@@ -43,7 +43,8 @@ from pathlib import Path
 
 TARGETS = {"sm_80": ("cuda", 80, 32), "sm_90": ("cuda", 90, 32), "gfx942": ("hip", "gfx942", 64)}
 SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448, "gfx942": 65536}  # bytes of shared memory (LDS) per block
-KERNEL_MODULES = ("fused_message", "fused_message_bwd", "fused_message_bwd2", "segment_reduce", "edge_vector")
+KERNEL_MODULES = ("fused_message", "fused_message_bwd", "fused_message_bwd2", "segment_reduce", "edge_vector",
+                  "faithful_message", "faithful_message_bwd", "faithful_message_bwd2")
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "kernel_resources.json"
 
 
@@ -68,6 +69,7 @@ def drive_launchers(kind: str = "cuda") -> list[tuple]:
     from ._common import TunedKernel
     from .codes import ACTIVATIONS, REDUCE_CODE
     from .edge_vector import edge_vector_aggregate_fwd
+    from .faithful_message import faithful_message_bwd, faithful_message_bwd2, faithful_message_fwd
     from .fused_message import fused_message_bwd, fused_message_bwd2, fused_message_fwd
     from .segment_reduce import segment_reduce_fwd
 
@@ -101,6 +103,8 @@ def drive_launchers(kind: str = "cuda") -> list[tuple]:
                                     need = dict.fromkeys(("gm", "gs", "P", "Q", "R", "C", "b", "w", "v"), True)
                                     fused_message_bwd2(gm, gs if wv[1] is not None else None, P, Q, dst, src, ptr, p,
                                                        R, C, b, *wv, act, gg, need, deterministic=det)
+            drive_faithful(dtype, rnd, dst, src, ptr, perm, N, E, ACTIVATIONS, faithful_message_fwd,
+                           faithful_message_bwd, faithful_message_bwd2)
             for width in (3, 100):  # narrow and wide rows
                 x = rnd(E, width)
                 for p in (None, perm):
@@ -111,6 +115,29 @@ def drive_launchers(kind: str = "cuda") -> list[tuple]:
         TunedKernel.recorder = None
         _common.AOT_TARGET_KIND = "cuda"
     return calls
+
+
+def drive_faithful(dtype, rnd, dst, src, ptr, perm, N, E, activations, fwd, bwd, bwd2) -> None:
+    """The fused faithful launchers over their options (half inputs run in the fp32 class)."""
+    F1, F2, F3 = 20, 24, 12
+    for K in (8, 64):
+        P, Q, R, C, b1 = rnd(N, F1), rnd(N, F1), rnd(E, K), rnd(K, F1), rnd(F1)
+        W2, b2, w, Wc, bc, v = rnd(F2, F1), rnd(F2), rnd(E), rnd(F3, F2), rnd(F3), rnd(F3)
+        gm, gs = rnd(N, F2), rnd(E)
+        geometry = (rnd(N, F1), rnd(N, F1), rnd(E, K), None, None, None, None, rnd(E), None, None, None)
+        for p in (None, perm):
+            for coord in ((Wc, bc, v), (None, None, None)):
+                for wt in (w, None):
+                    for act in activations:
+                        for det in (False, True):
+                            fwd(P, Q, src, ptr, p, R, C, b1, W2, b2, wt, *coord, act, det, dst=dst)
+                            for needs in ([True] * 11, [False, False, True] + [False] * 8):
+                                bwd(gm, gs if coord[2] is not None else None, P, Q, dst, src, ptr, p, R, C, b1, W2,
+                                    b2, wt, *coord, act, needs, deterministic=det)
+                            need = dict.fromkeys(("gm", "gs", "P", "Q", "R", "C", "b1", "W2", "b2", "w", "Wc", "bc",
+                                                  "v"), True)
+                            bwd2(gm, gs if coord[2] is not None else None, P, Q, dst, src, ptr, p, R, C, b1, W2, b2,
+                                 wt, *coord, act, geometry, need, deterministic=det)
 
 
 def _key(value):
@@ -226,8 +253,9 @@ def audit(jobs: int | None = None, targets=tuple(TARGETS), progress=None) -> dic
     jobs = jobs or os.cpu_count() or 1
     rows = []
     # longest first: the pool finishes together
-    order = sorted(todo, key=lambda j: {"_fused_message_bwd2_kernel": 0, "_fused_message_bwd_kernel": 1}.get(
-        j["kernel"], 2))
+    order = sorted(todo, key=lambda j: {"_faithful_message_bwd2_kernel": 0, "_faithful_message_bwd_kernel": 1,
+                                        "_fused_message_bwd2_kernel": 2, "_fused_message_bwd_kernel": 3}.get(
+        j["kernel"], 4))
     with cf.ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker) as pool:
         for i, rec in enumerate(pool.map(compile_one, order, chunksize=1)):
             rows.append(rec)

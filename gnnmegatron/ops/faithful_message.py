@@ -83,7 +83,7 @@ def faithful_message_fwd(P: Tensor, Q: Tensor, dst: Tensor, src: Tensor, ptr: Te
     """``(m [N, F2], s [E] or [0])``; ``dst`` in caller order, ``ptr``/``perm`` its CSR plan."""
     if backend == "triton":
         from gnnmegatron.kernels.faithful_message import faithful_message_fwd as launch
-        return launch(P, Q, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, deterministic)
+        return launch(P, Q, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, deterministic, dst=dst)
     m, s = faithful_fwd_torch(P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation)
     return m.to(P.dtype), s.to(P.dtype)
 

@@ -404,7 +404,8 @@ def faithful_message_bwd2_op(gm: Tensor, gs: Optional[Tensor], P: Tensor, Q: Ten
     """``[dgm, dgs, dP, dQ, dR, dC, db1, dW2, db2, dw, dWc, dbc, dv]``, empty where not in ``need``."""
     tangents = (tP, tQ, tR, tC, tb1, tW2, tb2, tw, tWc, tbc, tv)
     want = dict(zip(OUTPUTS, [bool(n) for n in need]))
-    if backend == "triton":
+    if backend == "triton" and all(t is None for t in tangents[3:7] + tangents[8:]):
+        # the kernel takes a force loss's tangents (P, Q, R, w); weight tangents go to the torch twin
         from gnnmegatron.kernels.faithful_message import faithful_message_bwd2 as launch
         res = launch(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, tangents, want,
                      deterministic=deterministic)

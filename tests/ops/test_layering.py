@@ -10,6 +10,8 @@ import sys
 import gnnmegatron.kernels.aot, gnnmegatron.kernels.codes, gnnmegatron.kernels.edge_vector
 import gnnmegatron.kernels.fused_message, gnnmegatron.kernels.fused_message_bwd
 import gnnmegatron.kernels.fused_message_bwd2, gnnmegatron.kernels.segment_reduce
+import gnnmegatron.kernels.faithful_message, gnnmegatron.kernels.faithful_message_bwd
+import gnnmegatron.kernels.faithful_message_bwd2
 others = sorted(m for m in sys.modules if m.startswith("gnnmegatron.") and not m.startswith("gnnmegatron.kernels"))
 print(others)
 assert not others, others
