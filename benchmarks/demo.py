@@ -7,8 +7,9 @@ Clones this repository (its committed HEAD) into a temporary folder, runs `make 
 ``../shared/data/oxides.db`` exists beside this repository, two-source pretraining, report) and
 writes results/demo-<machine>.json/.csv/.png with the wall time of each phase read from the log,
 the validation errors overall and per source and their ratios to the baselines (composition-only
-linear fit of that source, zero forces; issue target for the demo: <= 0.5 each overall, under 15
-minutes in all on a 2-core CPU).
+linear fit of that source, zero forces). ``meets_targets`` is the demo's original target (overall
+ratios <= 0.5, under 15 minutes in all on a 2-core CPU); ``meets_ratio_0.5_per_source`` says the
+same of each source's own ratios.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--machine", default="cpu2")
     parser.add_argument("--keep", action="store_true", help="keep the clone")
+    parser.add_argument("--compare", action="store_true",
+                        help="after make demo, also train on the oxides source alone (configs/oxides.yaml, same "
+                             "validation split) in the clone, for the per-source comparison")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="gnnmegatron-demo-"))
@@ -92,6 +96,12 @@ def main(argv=None) -> dict:
         "load_average_1min_at_start": load_before,
         "meets_targets": bool(total < 900 and report["energy_mae_ratio_vs_composition"] <= 0.5
                               and report["force_mae_ratio_vs_zero"] <= 0.5),
+        "meets_ratio_0.5_per_source": {
+            s["name"]: {"energy": bool(s.get("energy_mae_ratio_vs_composition") is not None
+                                       and s["energy_mae_ratio_vs_composition"] <= 0.5),
+                        "forces": bool(s.get("force_mae_ratio_vs_zero") is not None
+                                       and s["force_mae_ratio_vs_zero"] <= 0.5)}
+            for s in report.get("sources") or []},
     }
     metrics = [json.loads(line) for line in (clone / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in metrics if r.get("split") == "val"]
@@ -116,6 +126,22 @@ def main(argv=None) -> dict:
         ax.legend()
         return fig
 
+    if args.compare and "oxides" in summary["sources"]:
+        t1 = time.perf_counter()
+        cmd = [str(clone / ".venv" / "bin" / "python"), "-m", "gnnmegatron.cli", "pretrain", "--config",
+               "gnnmegatron/configs/oxides.yaml", "--set", "train.progress=false"]
+        with open(workdir / "oxides.log", "w") as fh:
+            subprocess.run(cmd, cwd=clone, stdout=fh, stderr=subprocess.STDOUT, check=True)
+        alone = json.loads((clone / "runs" / "oxides" / "report.json").read_text())
+        v = alone["val"]
+        summary["oxides_alone"] = {
+            "command": " ".join(cmd[1:]), "seconds": round(time.perf_counter() - t1, 1), "steps": alone["step"],
+            "val_graphs": int(v["graphs"]), "energy_mae_mev_per_atom": 1000 * v["energy_mae_per_atom"],
+            "baseline_energy_mae_mev_per_atom": 1000 * v["baseline_energy_mae_per_atom"],
+            "force_mae_mev_per_a": 1000 * v["force_mae"], "baseline_force_mae_mev_per_a": 1000 * v["baseline_force_mae"],
+            "energy_mae_ratio_vs_composition": alone["energy_mae_ratio_vs_composition"],
+            "force_mae_ratio_vs_zero": alone["force_mae_ratio_vs_zero"],
+        }
     out = write_results("demo", args.machine, rows, summary, plot)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")

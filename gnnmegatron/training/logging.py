@@ -78,7 +78,8 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
                 xs = [r["step"] for r in rows]
                 ax.plot(xs, [scale * r["sources"][name][key] for r in rows], "s-", ms=3, lw=1, color=color,
                         label=name)
-                ax.plot(xs, [scale * r["sources"][name][base] for r in rows], ":", lw=1, color=color)
+                ax.plot(xs, [scale * r["sources"][name][base] for r in rows], ":", lw=1, color=color,
+                        label="dotted: each source's own baseline" if k == 0 else None)
             ax.legend(fontsize=8)
         ax.set(xlabel="step", ylabel=f"validation {unit}", yscale="log", title=key.replace("_", " "))
     if title:
