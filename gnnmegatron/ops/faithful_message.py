@@ -43,7 +43,7 @@ from gnnmegatron.ops.dispatch import (CSRPlan, autocast_inputs, backend_requeste
                                       deterministic, drop_zero, resolve_backend, wanted_grads)
 from gnnmegatron.ops.faithful_message_grad2 import OUTPUTS as GRAD2_OUTPUTS
 from gnnmegatron.ops.faithful_message_grad2 import faithful_bwd2_torch, faithful_message_bwd2_op
-from gnnmegatron.ops.faithful_message_torch import NEEDS, faithful_bwd_torch, faithful_fwd_torch
+from gnnmegatron.ops.faithful_message_torch import NEEDS, faithful_bwd_torch, faithful_fwd_torch, tp_group_id, tp_reducer
 
 Tensor = torch.Tensor
 # positions of the differentiable tensors in the fwd op's inputs, in NEEDS order
@@ -54,7 +54,7 @@ _FWD_POS = dict(P=0, Q=1, R=6, C=7, b1=8, W2=9, b2=10, w=11, Wc=12, bc=13, v=14)
 def faithful_message_reference(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tensor, C: Tensor, b1: Tensor | None,
                                W2: Tensor, b2: Tensor | None = None, w: Tensor | None = None,
                                Wc: Tensor | None = None, bc: Tensor | None = None, v: Tensor | None = None,
-                               activation: str = "silu"):
+                               activation: str = "silu", tp: int = -1):
     """Plain torch oracle that materialises every [E, H] tensor (fp32 math for half inputs)."""
     dst, src = edge_index[0], edge_index[1]
     cdt = compute_dtype(P.dtype)
@@ -65,7 +65,12 @@ def faithful_message_reference(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tens
     z1 = P.index_select(0, dst).to(cdt) + Q.index_select(0, src).to(cdt) + R.to(cdt) @ C.to(cdt)
     if b1 is not None:
         z1 = z1 + b1.to(cdt)
-    a = act(activation, Fn.linear(act(activation, z1), c(W2), c(b2)))
+    reduce = tp_reducer(tp)
+    if reduce is None:
+        a = act(activation, Fn.linear(act(activation, z1), c(W2), c(b2)))
+    else:  # tensor parallelism: partial products of this rank's first-layer units, summed over the ranks
+        z2 = reduce(act(activation, z1) @ c(W2).t())
+        a = act(activation, z2 + c(b2) if b2 is not None else z2)
     msg = a * w.to(cdt).unsqueeze(1) if w is not None else a
     m = msg.new_zeros((P.shape[0], W2.shape[0])).index_add(0, dst, msg).to(P.dtype)
     if v is None:
@@ -79,17 +84,18 @@ def faithful_message_reference(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tens
 def faithful_message_fwd(P: Tensor, Q: Tensor, dst: Tensor, src: Tensor, ptr: Tensor, perm: Optional[Tensor],
                          R: Tensor, C: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, w: Optional[Tensor],
                          Wc: Optional[Tensor], bc: Optional[Tensor], v: Optional[Tensor], activation: str,
-                         backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
-    """``(m [N, F2], s [E] or [0])``; ``dst`` in caller order, ``ptr``/``perm`` its CSR plan."""
+                         backend: str, deterministic: bool, tp: int) -> tuple[Tensor, Tensor]:
+    """``(m [N, F2], s [E] or [0])``; ``dst`` in caller order, ``ptr``/``perm`` its CSR plan; ``tp``: the
+    tensor-parallel group id (``tp_group_id``; -1 none)."""
     if backend == "triton":
         from gnnmegatron.kernels.faithful_message import faithful_message_fwd as launch
         return launch(P, Q, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, deterministic, dst=dst)
-    m, s = faithful_fwd_torch(P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation)
+    m, s = faithful_fwd_torch(P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, tp)
     return m.to(P.dtype), s.to(P.dtype)
 
 
 @faithful_message_fwd.register_fake
-def _(P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, backend, deterministic):
+def _(P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, backend, deterministic, tp):
     return P.new_empty((P.shape[0], W2.shape[0])), P.new_empty((R.shape[0],) if v is not None else (0,))
 
 
@@ -99,7 +105,7 @@ def faithful_message_bwd(gm: Tensor, gs: Optional[Tensor], P: Tensor, Q: Tensor,
                          ptr: Tensor, perm: Optional[Tensor], R: Tensor, C: Tensor, b1: Tensor, W2: Tensor,
                          b2: Tensor, w: Optional[Tensor], Wc: Optional[Tensor], bc: Optional[Tensor],
                          v: Optional[Tensor], activation: str, backend: str, needs: Sequence[bool],
-                         deterministic: bool) -> list[Tensor]:
+                         deterministic: bool, tp: int) -> list[Tensor]:
     """``[dP, dQ, dR, dC, db1, dW2, db2, dw, dWc, dbc, dv]``; an entry not in ``needs`` (or of an
     absent input) is empty."""
     needs = [bool(n) for n in needs]
@@ -107,19 +113,20 @@ def faithful_message_bwd(gm: Tensor, gs: Optional[Tensor], P: Tensor, Q: Tensor,
         from gnnmegatron.kernels.faithful_message import faithful_message_bwd as launch
         return list(launch(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, needs,
                            deterministic=deterministic))
-    return faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, needs)
+    return faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, needs, tp)
 
 
 @faithful_message_bwd.register_fake
-def _(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, backend, needs, deterministic):
+def _(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, backend, needs, deterministic,
+      tp):
     full = [P, Q, R, C, b1, W2, b2, w, Wc, bc, v]
     return [t.new_empty(t.shape) if (n and t is not None) else P.new_empty(0) for t, n in zip(full, needs)]
 
 
 # ----------------------------------------------------------------------------- autograd
 def _fwd_setup(ctx, inputs, output):
-    P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, backend, det = inputs
-    ctx.activation, ctx.backend, ctx.deterministic = activation, backend, det
+    P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, backend, det, tp = inputs
+    ctx.activation, ctx.backend, ctx.deterministic, ctx.tp = activation, backend, det, tp
     ctx.save_for_backward(P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v)
 
 
@@ -133,10 +140,10 @@ def _fwd_backward(ctx, gm, gs):
         gs = None
     elif gs is None:
         gs = P.new_zeros(R.shape[0])
-    grads = [None] * 18
+    grads = [None] * 19
     if any(needs):
         outs = faithful_message_bwd(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v,
-                                    ctx.activation, ctx.backend, needs, ctx.deterministic)
+                                    ctx.activation, ctx.backend, needs, ctx.deterministic, ctx.tp)
         for k, o, n in zip(NEEDS, outs, needs):
             grads[_FWD_POS[k]] = o if n else None
     return tuple(grads)
@@ -149,8 +156,8 @@ _BWD_POS = dict(gm=0, gs=1, P=2, Q=3, R=8, C=9, b1=10, W2=11, b2=12, w=13, Wc=14
 
 
 def _bwd_setup(ctx, inputs, output):
-    gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, backend, needs, det = inputs
-    ctx.activation, ctx.backend, ctx.deterministic = activation, backend, det
+    gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, backend, needs, det, tp = inputs
+    ctx.activation, ctx.backend, ctx.deterministic, ctx.tp = activation, backend, det, tp
     ctx.save_for_backward(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v)
 
 
@@ -162,20 +169,22 @@ def _bwd_backward(ctx, *grads):
     need = dict(zip(GRAD2_OUTPUTS, wanted))
     if len(grads) == 1 and isinstance(grads[0], (list, tuple)):  # list-returning ops get one list
         grads = tuple(grads[0])
-    # per-edge / per-node cotangents as they come; the weights' ones dropped when all zero
-    tangents = [drop_zero(g, limit=(0 if k in ("P", "Q", "R", "w") else 1 << 24)) if g is not None and g.numel()
+    # per-edge / per-node cotangents as they come; the weights' ones dropped when all zero (not under
+    # tensor parallelism: every rank must take the same path, the same collectives)
+    limit = 0 if ctx.tp >= 0 else 1 << 24
+    tangents = [drop_zero(g, limit=(0 if k in ("P", "Q", "R", "w") else limit)) if g is not None and g.numel()
                 else None for k, g in zip(("P", "Q", "R", "C", "b1", "W2", "b2", "w", "Wc", "bc", "v"), grads)]
     if not any(need.values()) or all(t is None for t in tangents):
         out = {k: None for k in GRAD2_OUTPUTS}
     elif torch.is_grad_enabled():
         out = faithful_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, ctx.activation,
-                                  tangents, need)
+                                  tangents, need, ctx.tp)
     else:
         res = faithful_message_bwd2_op(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v,
                                        *tangents, ctx.activation, ctx.backend, [need[k] for k in GRAD2_OUTPUTS],
-                                       ctx.deterministic)
+                                       ctx.deterministic, ctx.tp)
         out = {k: (t if need[k] else None) for k, t in zip(GRAD2_OUTPUTS, res)}
-    result = [None] * 21
+    result = [None] * 22
     for k in GRAD2_OUTPUTS:
         result[_BWD_POS[k]] = out[k]
     return tuple(result)
@@ -189,7 +198,7 @@ def faithful_message_aggregate(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tens
                                W2: Tensor, b2: Tensor | None = None, w: Tensor | None = None,
                                Wc: Tensor | None = None, bc: Tensor | None = None, v: Tensor | None = None, *,
                                activation: str = "silu", sorted: bool | None = None, plan: CSRPlan | None = None,
-                               backend: str | None = None):
+                               backend: str | None = None, tp_group=None):
     """``m_i = sum_j w_ij act(act(P_i + Q_j + R_ij C + b1) W2^T + b2)`` and optionally the coordinate
     scalars ``s_ij = act(a_ij Wc^T + bc) . v``, without an [E, H] tensor.
 
@@ -206,6 +215,12 @@ def faithful_message_aggregate(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tens
         sorted: dst known sorted / unsorted / ``None`` to check.
         plan: shared ``CSRPlan`` of ``edge_index[0]`` (then ``sorted`` is ignored).
         backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``None``/``"auto"``.
+        tp_group: tensor parallelism (the faithful block's Megatron layout, ``TPEGCLFaithful``): P, Q,
+            C and b1 hold this rank's slice of the first layer's units and W2 [F2, F1/tp] the matching
+            input columns of the second linear (row-parallel). Each tile's partial ``a1 W2^T`` is then
+            summed over the group (an all-reduce of ``chunk x F2`` per chunk, again in the backward's
+            recompute and, stacked with its tangent, in the double backward); everything after it,
+            ``m`` and ``s`` included, is replicated. Torch backend only (on any device).
 
     Returns:
         ``m`` [N, F2], or ``(m, s)`` with ``s`` [E] when ``v`` is given; dtype of P.
@@ -217,10 +232,11 @@ def faithful_message_aggregate(P: Tensor, Q: Tensor, edge_index: Tensor, R: Tens
     (P, Q, R, C, b1, W2, b2, w, Wc, bc, v), autocast_off = autocast_inputs(P.device, P, Q, R, C, b1, W2, b2, w, Wc,
                                                                           bc, v)
     with autocast_off:
-        return _faithful(P, Q, edge_index, R, C, b1, W2, b2, w, Wc, bc, v, activation, sorted, plan, backend)
+        return _faithful(P, Q, edge_index, R, C, b1, W2, b2, w, Wc, bc, v, activation, sorted, plan, backend,
+                         tp_group_id(tp_group))
 
 
-def _faithful(P, Q, edge_index, R, C, b1, W2, b2, w, Wc, bc, v, activation, sorted, plan, backend):
+def _faithful(P, Q, edge_index, R, C, b1, W2, b2, w, Wc, bc, v, activation, sorted, plan, backend, tp):
     N, F1 = P.shape
     E = edge_index.shape[1]
     problems = []
@@ -256,8 +272,13 @@ def _faithful(P, Q, edge_index, R, C, b1, W2, b2, w, Wc, bc, v, activation, sort
             raise ValueError(f"faithful_message_aggregate: the triton backend takes K <= {MAX_K} radial functions, "
                              f"got K={K}; use backend='torch'")
         name = "torch"  # chosen by device: the chunked torch path runs on CUDA too
+    if name == "triton" and tp >= 0:
+        if backend_requested(backend):
+            raise ValueError("faithful_message_aggregate: tensor parallelism (tp_group) runs on the torch backend "
+                             "(its chunks all-reduce between layers); use backend='torch'")
+        name = "torch"
     if name == "reference":
-        return faithful_message_reference(P, Q, edge_index, R, C, b1, W2, b2, w, Wc, bc, v, activation)
+        return faithful_message_reference(P, Q, edge_index, R, C, b1, W2, b2, w, Wc, bc, v, activation, tp)
     if plan is None:
         plan = csr_plan(edge_index[0], N, sorted)
     b1 = b1 if b1 is not None else P.new_zeros(F1)
@@ -265,5 +286,5 @@ def _faithful(P, Q, edge_index, R, C, b1, W2, b2, w, Wc, bc, v, activation, sort
     if v is not None and bc is None:
         bc = P.new_zeros(F3)
     m, s = faithful_message_fwd(P, Q, plan.index, edge_index[1], plan.ptr, plan.perm, R, C, b1, W2, b2, w, Wc, bc, v,
-                                activation, name, deterministic())
+                                activation, name, deterministic(), tp)
     return m if v is None else (m, s)

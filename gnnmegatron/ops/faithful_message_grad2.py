@@ -50,7 +50,8 @@ import torch
 
 from gnnmegatron.ops.activations import act_grads2
 from gnnmegatron.ops.dispatch import compute_dtype
-from gnnmegatron.ops.faithful_message_torch import _Buffers, _first_layer, act_grads2_, chunk_rows, chunks, rowdot
+from gnnmegatron.ops.faithful_message_torch import (_Buffers, _first_layer, act_grads2_, chunk_rows, chunks, rowdot,
+                                                    tp_reducer)
 
 Tensor = torch.Tensor
 OUTPUTS = ("gm", "gs", "P", "Q", "R", "C", "b1", "W2", "b2", "w", "Wc", "bc", "v")
@@ -68,13 +69,15 @@ def _mul(x, y):
 
 
 def faithful_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, tangents,
-                        need) -> dict:
+                        need, tp: int = -1) -> dict:
     """``{name: gradient or None}`` for ``OUTPUTS`` (formulas in the module docstring).
 
     ``tangents``: the 11 cotangents (``TANGENTS`` order), ``None`` where absent; ``need``: name ->
     whether that gradient is wanted. In-place accumulation when grad mode is off, out-of-place
-    (differentiable) when it is on.
+    (differentiable) when it is on. ``tp``: tensor-parallel group id (``tp_group_id``): the second
+    layer's partial products (primal and tangent) are summed over its ranks.
     """
+    reduce = tp_reducer(tp)
     tP, tQ, tR, tC, tb1, tW2, tb2, tw, tWc, tbc, tv = tangents
     coord = v is not None
     if not coord:
@@ -92,7 +95,7 @@ def faithful_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, b
     create = torch.is_grad_enabled()
     if not create and all(t is None for t in (tC, tb1, tW2, tb2, tWc, tbc, tv)):
         return _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation,
-                              (tP, tQ, tR, tw), need)
+                              (tP, tQ, tR, tw), need, reduce)
     N, F1 = P.shape
     F2 = W2.shape[0]
     E, K = R.shape
@@ -144,11 +147,16 @@ def faithful_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, b
                      Rc @ tC if tC is not None else None, tb1):
             dz1 = _add(dz1, term)
         da1 = _mul(s1, dz1)
-        z2 = torch.addmm(b2, a1, W2.t())
+        if reduce is None:
+            z2 = torch.addmm(b2, a1, W2.t())
+        else:  # tensor parallelism: the partial products of this rank's units, summed over the ranks
+            z2 = reduce(a1 @ W2.t()) + b2
         a, s2, ss2 = act_grads2(activation, z2)
         dz2 = da1 @ W2.t() if da1 is not None else None
         if tW2 is not None:
             dz2 = _add(dz2, a1 @ tW2.t())
+        if reduce is not None:  # every rank takes part (a rank with a None tangent sends zeros)
+            dz2 = reduce(dz2 if dz2 is not None else torch.zeros_like(z2))
         dz2 = _add(dz2, tb2)
         da = _mul(s2, dz2)
         gmr = take(gm, d)
@@ -239,13 +247,15 @@ def faithful_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, b
     return {k: (t.to(like[k]) if t is not None else None) for k, t in out.items()}
 
 
-def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, tangents, need):
+def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, tangents, need,
+                   reduce=None):
     """The double backward of a force (and stress) loss: tangents on P, Q, R and w only, grad mode off.
 
     The same formulas as ``faithful_bwd2_torch``, in preallocated buffers, with each layer's primal and
     tangent rows stacked (``[a1; a1']`` one ``[2 chunk, F1]`` operand) so that a layer's six products
     are three GEMMs of twice the rows: ``[a1; a1'] W2^T``, ``[z2~; z2'~] W2`` and
-    ``dW2 += [z2~; z2'~]^T [a1; a1']`` (and the same for Wc).
+    ``dW2 += [z2~; z2'~]^T [a1; a1']`` (and the same for Wc). ``reduce``: tensor parallelism (one
+    all-reduce of the stacked ``[z2; z2']`` partial products per chunk).
     """
     tP, tQ, tR, tw = tangents
     if w is None:
@@ -310,6 +320,8 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v,
                 da1.mul_(S1)                                   # a1'
                 # ---- layer 2
                 ZZ2 = torch.mm(AA1, W2.t(), out=stk.get("ZZ2", 2 * c))
+                if reduce is not None:
+                    reduce(ZZ2)
                 z2, dz2 = ZZ2[:c], ZZ2[c:]
                 z2.add_(b2)
                 AA2 = stk.get("AA2", 2 * c)
@@ -400,11 +412,11 @@ def faithful_message_bwd2_op(gm: Tensor, gs: Optional[Tensor], P: Tensor, Q: Ten
                              tC: Optional[Tensor], tb1: Optional[Tensor], tW2: Optional[Tensor],
                              tb2: Optional[Tensor], tw: Optional[Tensor], tWc: Optional[Tensor],
                              tbc: Optional[Tensor], tv: Optional[Tensor], activation: str, backend: str,
-                             need: Sequence[bool], deterministic: bool) -> list[Tensor]:
+                             need: Sequence[bool], deterministic: bool, tp: int) -> list[Tensor]:
     """``[dgm, dgs, dP, dQ, dR, dC, db1, dW2, db2, dw, dWc, dbc, dv]``, empty where not in ``need``."""
     tangents = (tP, tQ, tR, tC, tb1, tW2, tb2, tw, tWc, tbc, tv)
     want = dict(zip(OUTPUTS, [bool(n) for n in need]))
-    if backend == "triton" and all(t is None for t in tangents[3:7] + tangents[8:]):
+    if backend == "triton" and tp < 0 and all(t is None for t in tangents[3:7] + tangents[8:]):
         # the kernel takes a force loss's tangents (P, Q, R, w); weight tangents go to the torch twin
         from gnnmegatron.kernels.faithful_message import faithful_message_bwd2 as launch
         res = launch(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, tangents, want,
@@ -412,12 +424,12 @@ def faithful_message_bwd2_op(gm: Tensor, gs: Optional[Tensor], P: Tensor, Q: Ten
     else:
         with torch.no_grad():
             res = faithful_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation,
-                                      tangents, want)
+                                      tangents, want, tp)
     return [res[k] if res[k] is not None else P.new_empty(0) for k in OUTPUTS]
 
 
 @faithful_message_bwd2_op.register_fake
 def _(gm, gs, P, Q, dst, src, ptr, perm, R, C, b1, W2, b2, w, Wc, bc, v, tP, tQ, tR, tC, tb1, tW2, tb2, tw, tWc, tbc,
-      tv, activation, backend, need, deterministic):
+      tv, activation, backend, need, deterministic, tp):
     like = [gm, gs, P, Q, R, C, b1, W2, b2, w, Wc, bc, v]
     return [t.new_empty(t.shape) if (n and t is not None) else P.new_empty(0) for t, n in zip(like, need)]

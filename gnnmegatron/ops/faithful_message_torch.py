@@ -129,9 +129,83 @@ def _cast(cdt, *tensors):
     return [t.to(cdt) if t is not None else None for t in tensors]
 
 
+# ----------------------------------------------------------------------------- tensor parallelism
+_TP_GROUPS: list = []
+
+
+def tp_group_id(group) -> int:
+    """An integer the custom ops can carry for a tensor-parallel process group (-1: none, or one rank)."""
+    if group is None:
+        return -1
+    import torch.distributed as dist
+    if dist.get_world_size(group) == 1:
+        return -1
+    for i, g in enumerate(_TP_GROUPS):
+        if g is group:
+            return i
+    _TP_GROUPS.append(group)
+    return len(_TP_GROUPS) - 1
+
+
+class _PartialSum(torch.autograd.Function):
+    """fwd: all-reduce (sum of the ranks' partial products), bwd: identity whose own backward
+    all-reduces (Megatron's pairing, so that a derivative of the backward stays exact)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        import torch.distributed as dist
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return _Replicated.apply(g, ctx.group), None
+
+
+class _Replicated(torch.autograd.Function):
+    """fwd: identity, bwd: all-reduce (the adjoint of ``_PartialSum``'s identity backward)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _PartialSum.apply(g, ctx.group), None
+
+
+def tp_reducer(tp: int):
+    """``reduce(x)`` summing a tensor over the ranks of group ``tp`` (in place when grad mode is off,
+    differentiable when it is on), or ``None`` for ``tp == -1``."""
+    if tp < 0:
+        return None
+    group = _TP_GROUPS[tp]
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return _PartialSum.apply(x, group)
+        import torch.distributed as dist
+        dist.all_reduce(x, group=group)
+        return x
+
+    return reduce
+
+
+def second_layer(Z2, a1, W2t, b2, reduce):
+    """``Z2 = a1 W2^T + b2``; with ``reduce`` (tensor parallelism: ``a1`` and ``W2`` hold this rank's
+    slice of the first layer's units) the partial product is summed over the ranks first."""
+    if reduce is None:
+        return torch.addmm(b2, a1, W2t, out=Z2)
+    return reduce(torch.mm(a1, W2t, out=Z2)).add_(b2)
+
+
 # ----------------------------------------------------------------------------- forward
-def faithful_fwd_torch(P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation):
+def faithful_fwd_torch(P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, tp: int = -1):
     """``(m [N, F2], s [E] or [0])``: inputs as in the ``gnnmegatron::faithful_message_fwd`` op."""
+    reduce = tp_reducer(tp)
     N, F1 = P.shape
     F2 = W2.shape[0]
     E = dst.numel()
@@ -153,7 +227,7 @@ def faithful_fwd_torch(P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, act
             d, j = dst[idx], src[idx]
             c = d.numel()
             a1 = act_(activation, _first_layer(buf.get("Z1", c), buf.get("T", c), P, Q, d, j, R[idx], C, b1))
-            a = act_(activation, torch.addmm(b2, a1, W2t, out=buf.get("Z2", c)))
+            a = act_(activation, second_layer(buf.get("Z2", c), a1, W2t, b2, reduce))
             if coord:
                 a3 = act_(activation, torch.addmm(bc, a, Wct, out=buf.get("Z3", c)))
                 s[idx] = torch.mv(a3, v)
@@ -167,9 +241,10 @@ def faithful_fwd_torch(P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, act
 NEEDS = ("P", "Q", "R", "C", "b1", "W2", "b2", "w", "Wc", "bc", "v")
 
 
-def faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, needs):
+def faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, activation, needs, tp: int = -1):
     """Gradients ``[dP, dQ, dR, dC, db1, dW2, db2, dw, dWc, dbc, dv]`` (``NEEDS`` order) of
     ``sum(gm * m) + sum(gs * s)``; an entry not in ``needs`` (or of an absent input) is empty."""
+    reduce = tp_reducer(tp)
     N, F1 = P.shape
     F2 = W2.shape[0]
     E, K = R.shape
@@ -208,7 +283,7 @@ def faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc
                 Rc = R[idx]
                 z1 = _first_layer(buf.get("Z1", c), buf.get("T", c), P, Q, d, j, Rc, C, b1)
                 a1, d1 = act_grad_(activation, z1, buf.get("A1", c))
-                a, d2 = act_grad_(activation, torch.addmm(b2, a1, W2t, out=buf.get("Z2", c)), buf.get("A", c))
+                a, d2 = act_grad_(activation, second_layer(buf.get("Z2", c), a1, W2t, b2, reduce), buf.get("A", c))
                 g = torch.index_select(gm, 0, d, out=buf.get("G", c))
                 if need["w"]:
                     dw[idx] = rowdot(g, a)

@@ -1,4 +1,5 @@
-"""Tensor-parallel EGNN blocks: ``TPEGCL`` (node_split, node-granularity comm) and ``TPEGCLFaithful``.
+"""Tensor-parallel EGNN blocks: ``TPEGCL`` (node_split, node-granularity comm), ``TPEGCLFaithful`` and
+``TPEGCLFaithfulFused`` (the faithful E_GCL, unfused and fused).
 
 ``TPEGCL`` is the tensor-parallel twin of the node_split ``EGCL`` (docs/architecture.md, "Message passing
 at node granularity"); ``TPEGCLFaithful`` is the faithful E_GCL's twin, kept to measure what
@@ -77,6 +78,7 @@ from gnnmegatron.ops import (
     CSRPlan,
     csr_plan,
     edge_vector_aggregate,
+    faithful_message_aggregate,
     fused_message_aggregate,
 )
 
@@ -91,7 +93,7 @@ from .layout import ParallelLayout
 from .linear import ColumnParallelLinear, RowParallelLinear, shard
 from .sharding import Piece, sharded_piece, whole_piece
 
-__all__ = ["TPEGCL", "TPEGCLFaithful", "deinterleave_node_weight", "interleave_node_weight"]
+__all__ = ["TPEGCL", "TPEGCLFaithful", "TPEGCLFaithfulFused", "deinterleave_node_weight", "interleave_node_weight"]
 
 
 def interleave_node_weight(w0: torch.Tensor, tp: int) -> torch.Tensor:
@@ -391,9 +393,13 @@ class TPEGCLFaithful(_TPBlock):
     all-reduce of ``N x H``, all-gathers of ``N x H/tp`` shards (``m`` and ``act(y)``) and an
     all-reduce of ``E`` scalars (``|r_ij|``).
 
+    Its fused variant is :class:`TPEGCLFaithfulFused`.
+
     Shapes:
         as :class:`TPEGCL`, but ``edge_feat`` is the replicated [E, H] ``a_ij``.
     """
+
+    fused_edges = False
 
     def __init__(self, egcl: EGCL, layout: ParallelLayout):
         if egcl.message != "faithful":
@@ -402,6 +408,7 @@ class TPEGCLFaithful(_TPBlock):
         super().__init__(egcl, layout)
         self.edge_mlp2 = RowParallelLinear.from_linear(egcl.edge_mlp[2], layout, name="edge_mlp2")
         self.coord_mlp = copy.deepcopy(egcl.coord_mlp)  # replicated: acts on replicated a_ij
+        self.returns_edge_feat = bool(getattr(egcl, "returns_edge_feat", False))
 
     @property
     def update_coords(self) -> bool:
@@ -434,6 +441,8 @@ class TPEGCLFaithful(_TPBlock):
         h_tp = copy_to_tp_region(h, g, "block_input_h")
         rbf = self.radial(copy_to_tp_region(dist, g, "edge_inputs"))
         W1 = self.edge_mlp0.weight  # [H/tp, 2H + K]
+        if self.fused_edges and scalar_vector is None and not self.returns_edge_feat:
+            return self._fused_forward(h, h_tp, x, edge_index, vec, dist, rbf, edge_weight, plan)
         z = F.linear(h_tp, W1[:, :H]).index_select(0, dst) + F.linear(h_tp, W1[:, H:2 * H]).index_select(0, src) \
             + F.linear(rbf, W1[:, 2 * H:], self.edge_mlp0.bias)  # [E, H/tp]
         a = self.act(self.edge_mlp2(self.act(z)))  # all-reduce of [E, H]: the cost of the faithful layout
@@ -445,3 +454,47 @@ class TPEGCLFaithful(_TPBlock):
         m_loc = scatter_to_tp_region(m, g, "message_slice")
         out = self._node_update(h, h_tp, m_loc)
         return EGCLOutput(out, x, a, vec, None)
+
+    def _fused_forward(self, h, h_tp, x, edge_index, vec, dist, rbf, edge_weight, plan) -> EGCLOutput:
+        """The fused twin: P, Q column-parallel per node, the edge MLP chunk by chunk with the partial
+        second-layer products all-reduced inside ``faithful_message_aggregate``; m, s replicated."""
+        H = self.hidden
+        W1 = self.edge_mlp0.weight  # [H/tp, 2H + K]
+        dst = edge_index[0]
+        if plan is None:
+            plan = csr_plan(dst, h.shape[0])
+        coord = () if self.coord_mlp is None else (self.coord_mlp[0].weight, self.coord_mlp[0].bias,
+                                                   self.coord_mlp[2].weight[0])
+        out = faithful_message_aggregate(
+            F.linear(h_tp, W1[:, :H]), F.linear(h_tp, W1[:, H:2 * H]), edge_index, rbf, W1[:, 2 * H:].t(),
+            self.edge_mlp0.bias, self.edge_mlp2.weight, self.edge_mlp2.bias, edge_weight, *coord,
+            activation=self.activation, plan=plan, backend="reference" if self.ops_backend == "reference" else "torch",
+            tp_group=self.tp_group)
+        m, s = out if coord else (out, None)
+        if self.message_normalizer != 1.0:
+            m = m / self.message_normalizer
+        if self.coord_mlp is not None:
+            x = self._coord_update(x, vec, dist, s, edge_weight, dst, plan)
+        m_loc = scatter_to_tp_region(m, self.tp_group, "message_slice")
+        return EGCLOutput(self._node_update(h, h_tp, m_loc), x, None, vec, None)
+
+
+class TPEGCLFaithfulFused(TPEGCLFaithful):
+    """Tensor-parallel twin of the *fused* faithful E_GCL (``faithful_message_aggregate``): the layout of
+    :class:`TPEGCLFaithful` (first edge linear column-parallel and split per node, second row-parallel,
+    coordinate MLP and messages replicated) with the edge MLP run chunk by chunk inside the op, which
+    all-reduces each chunk's ``[chunk, H]`` partial second-layer product (``tp_group``). No ``[E, H]``
+    tensor is kept for backward (``edge_feat`` is ``None``), as on one device.
+
+    What it costs under TP: recomputing instead of keeping repeats the edge-sized all-reduce. Per block,
+    first order: ``E x H`` forward (as the unfused twin) and ``E x H`` more in the backward's recompute
+    (the unfused twin's backward moves no ``E x H``); a force loss (double backward) adds the force
+    backward's recompute (``E x H``) and the double backward's stacked primal and tangent products
+    (``2 E x H``). So it trades activation memory (``O(E H)`` -> ``O(chunk H)``) for two to three times
+    the faithful twin's ``E x H`` traffic -- which ``TPEGCL`` (node_split) does not pay at all. Torch
+    backend only (the collectives sit between a chunk's GEMMs); a direct-force last block
+    (``returns_edge_feat``) or a ``scalar_vector`` takes the unfused path. ``parallelize`` keeps
+    :class:`TPEGCLFaithful` for faithful models; build this one with :meth:`from_egcl`.
+    """
+
+    fused_edges = True

@@ -57,15 +57,15 @@ def test_opcheck_faithful_ops():
     w = torch.rand(E, generator=g, dtype=torch.float64, requires_grad=True)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
     prim = (P, Q, plan.index, ei[1], plan.ptr, plan.perm, R, C, b1, W2, b2, w, Wc, bc, v)
-    torch.library.opcheck(torch.ops.gnnmegatron.faithful_message_fwd.default, prim + ("silu", "torch", False),
+    torch.library.opcheck(torch.ops.gnnmegatron.faithful_message_fwd.default, prim + ("silu", "torch", False, -1),
                           test_utils=tests)
     gm, gs = rnd(n, 5), rnd(E)
     torch.library.opcheck(torch.ops.gnnmegatron.faithful_message_bwd.default,
-                          (gm, gs) + prim + ("silu", "torch", [True] * 11, False), test_utils=tests)
+                          (gm, gs) + prim + ("silu", "torch", [True] * 11, False, -1), test_utils=tests)
     tangents = (rnd(n, 4), rnd(n, 4), rnd(E, 3), rnd(3, 4), rnd(4), rnd(5, 4), rnd(5), rnd(E), rnd(3, 5), rnd(3),
                 rnd(3))
     torch.library.opcheck(torch.ops.gnnmegatron.faithful_message_bwd2.default,
-                          (gm, gs) + prim + tangents + ("silu", "torch", [True] * 13, False),
+                          (gm, gs) + prim + tangents + ("silu", "torch", [True] * 13, False, -1),
                           test_utils=("test_schema", "test_faketensor"))
 
 
