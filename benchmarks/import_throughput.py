@@ -40,7 +40,7 @@ only the CPU of the shard tasks (without planning, worker start-up and the manif
 ``raw_read_MB_per_s`` is a plain sequential read of the input (page cache warm).
 
 Shards hold 8000 structures by default (32000 per format, 4 shards); each shard store also has a
-fixed cost (creating it, writing and committing its 15 arrays: ``shard_fixed_cpu_ms``, ~0.1 s),
+fixed cost (creating it, writing and committing its 13 arrays: ``shard_fixed_cpu_ms``, ~40 ms),
 which the import's default shards (512 MB of text or 100k records) spread over 10x more structures.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/import_throughput.py`` (~10 min on 2 cores). Writes
@@ -358,7 +358,7 @@ SHARDS = 4
 
 
 def shard_fixed_ms(work: Path) -> dict:
-    """Fixed cost of one shard store, whatever it holds: creating it, and writing + committing its 15 arrays
+    """Fixed cost of one shard store, whatever it holds: creating it, and writing + committing its 13 arrays
     (measured with one structure; best of 5). Per structure it is this / (structures per shard)."""
     from gnnmegatron.data.writer import GraphStoreWriter
     s = {"atomic_numbers": np.array([8, 1]), "positions": np.array([[0.0, 0, 0], [1.0, 0, 0]]), "energy": -1.0,
