@@ -309,6 +309,7 @@ def run_task(fmt_name: str, task: dict, k: int, work: Path, opts: ImportOptions,
                 s["id"], s["source"] = rid, src
                 rows.append(p)
                 structs.append(s)
+        # finish_block may keep only a prefix of rows (refuse mode): structs are in the same order
         finish_block(pre, rows, lambda r: block_from_structures(structs[:len(r)]),
                      lambda p: items[p][0], lambda p: items[p][1])
 
@@ -359,9 +360,8 @@ def run_task(fmt_name: str, task: dict, k: int, work: Path, opts: ImportOptions,
             if item is not None and not isinstance(item, ReaderBlock):
                 pending.append(item)
                 last_where, done = item[1], item[3]
-                s = item[2]
-                if not isinstance(s, Rejected):
-                    pending_atoms += len(s["atomic_numbers"])
+                z = item[2].get("atomic_numbers") if isinstance(item[2], dict) else None
+                pending_atoms += len(z) if hasattr(z, "__len__") else 0
                 if len(pending) < BLOCK_STRUCTURES and pending_atoms < BLOCK_ATOMS:
                     continue
             w1, c1 = perf(), cpu()
