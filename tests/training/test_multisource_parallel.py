@@ -141,5 +141,6 @@ def test_multisource_layouts_equal_one_process(runs, name):
         assert diff <= 1e-12 + RTOL * float(value.abs().max()), f"{name}: {key} differs by {diff:.2e}"
     val = ref.evaluate()
     for src in ("metals", "shifted"):
-        a, b = vals[0]["sources"][src]["force_mae"], val["sources"][src]["force_mae"]
-        assert abs(a - b) <= RTOL * abs(b), (src, a, b)
+        for key in ("energy_mae_per_atom", "force_mae"):
+            a, b = vals[0]["sources"][src][key], val["sources"][src][key]
+            assert abs(a - b) <= RTOL * abs(b), (src, key, a, b)
