@@ -32,7 +32,8 @@ import yaml
 
 from gnnmegatron.training import checkpoint as ckpt
 from gnnmegatron.training import sharded_checkpoint as sc
-from gnnmegatron.training.baselines import composition_energy, fit_reference_energies, fit_source_references
+from gnnmegatron.training.baselines import composition_energy
+from gnnmegatron.training.data_setup import TrainData, build_train_data, fit_references, source_report
 from gnnmegatron.training.build import build_local_model, set_energy_buffers
 from gnnmegatron.training.config import ConfigError, PretrainConfig
 from gnnmegatron.training.distributed import TrainGroups, clip_grad_norm, dp_allreduce_grads, split_params
@@ -134,86 +135,18 @@ class Trainer:
     # ----------------------------------------------------------------------------------- setup
     def _build_data(self) -> None:
         """Stores, splits, samplers and loaders: one store, or several mixed by weight (``data.sources``)."""
-        from gnnmegatron.data.mixture import MixtureSampler, MixtureStore, mixture_weights
-        from gnnmegatron.data.sampler import ChunkAwareSampler, GraphLoader
-        from gnnmegatron.data.store import GraphStore, split_indices
-
-        cfg = self.cfg
-        self.sources = cfg.data.source_list()
-        self.source_weights = cfg.loss_weights() if cfg.data.multi_source else None
-        self.mixture = None
-        if not cfg.data.multi_source:
-            store_path = ensure_store(cfg, self.rank)
-            self.store = GraphStore(store_path)
-            self.source_stores = [self.store]
-            splits = split_indices(len(self.store), cfg.data.splits, seed=cfg.data.split_seed)
-            splits["train"] = nested_subset(splits["train"], cfg.data.train_fraction, cfg.data.split_seed)
-            self.source_splits = [splits]
-            val_idx = splits["val"]
-            if cfg.data.max_val_graphs:
-                val_idx = val_idx[: cfg.data.max_val_graphs]
-            self.train_sampler = ChunkAwareSampler(
-                self.store.atom_counts, self.store.graph_chunks, splits["train"], seed=cfg.seed, shuffle=True,
-                budget_atoms=cfg.data.budget_atoms, max_graphs=cfg.data.max_graphs,
-                dp_rank=self.groups.dp_rank, dp_size=self.dp)
-        else:
-            self.source_stores, self.source_splits = [], []
-            for i, src in enumerate(self.sources):
-                store = GraphStore(ensure_source_store(src, self.rank, i))
-                sp = split_indices(len(store), src.splits, seed=src.split_seed)
-                sp["train"] = nested_subset(sp["train"], src.train_fraction, src.split_seed)
-                if len(sp["train"]) == 0 or len(sp["val"]) == 0:
-                    raise ConfigError(f"data.sources[{i}] ({src.name!r}): {len(store)} graphs give {len(sp['train'])} "
-                                      f"training and {len(sp['val'])} validation graphs (splits {src.splits}, "
-                                      f"train_fraction {src.train_fraction}); every source needs both")
-                self.source_stores.append(store)
-                self.source_splits.append(sp)
-            names = [s.name for s in self.sources]
-            self.store = MixtureStore(self.source_stores, names)
-            sizes = [len(sp["train"]) for sp in self.source_splits]
-            probs = mixture_weights(sizes, cfg.data.sampling, temperature=cfg.data.temperature,
-                                    weights=[s.weight for s in self.sources] if cfg.data.sampling == "given" else None)
-            self.mixture = {"names": names, "probabilities": probs.tolist(), "train_graphs": sizes,
-                            "sampling": cfg.data.sampling, "temperature": cfg.data.temperature,
-                            "epoch_graphs": cfg.data.epoch_graphs or int(sum(sizes))}
-            glob = [{k: self.store.to_global(i, v) for k, v in sp.items()} for i, sp in enumerate(self.source_splits)]
-            splits = {k: np.concatenate([g[k] for g in glob]) for k in ("train", "val", "test")}
-            val_idx = np.concatenate([g["val"][: src.max_val_graphs] if src.max_val_graphs else g["val"]
-                                      for g, src in zip(glob, self.sources)])
-            self.train_sampler = MixtureSampler(
-                self.store.atom_counts, self.store.graph_chunks, [g["train"] for g in glob], probs, seed=cfg.seed,
-                epoch_graphs=cfg.data.epoch_graphs or None, budget_atoms=cfg.data.budget_atoms,
-                max_graphs=cfg.data.max_graphs, dp_rank=self.groups.dp_rank, dp_size=self.dp)
-        self.splits = splits
+        data = build_train_data(self.cfg, self.rank, self.groups.dp_rank, self.dp, self.dtype)
+        for name in TrainData.__dataclass_fields__:
+            setattr(self, name, getattr(data, name))
         if len(self.train_sampler) < self.micro_batches:
             raise ConfigError(f"the training split gives {len(self.train_sampler)} batches per rank and epoch but a step "
-                              f"needs train.micro_batches={self.micro_batches} (train graphs={len(splits['train'])}, "
-                              f"dp={self.dp}, budget_atoms={cfg.data.budget_atoms}); use more data or fewer ranks")
-        self.val_sampler = ChunkAwareSampler(
-            self.store.atom_counts, self.store.graph_chunks, val_idx, seed=cfg.seed, shuffle=False,
-            budget_atoms=cfg.data.val_budget_atoms, max_graphs=cfg.data.max_graphs)
-        self.train_loader = GraphLoader(self.store, self.train_sampler, cutoff=cfg.data.cutoff, dtype=self.dtype,
-                                        prefetch=cfg.data.prefetch)
-        self.val_loader = GraphLoader(self.store, self.val_sampler, cutoff=cfg.data.cutoff, dtype=self.dtype,
-                                      prefetch=cfg.data.prefetch)
+                              f"needs train.micro_batches={self.micro_batches} (train graphs="
+                              f"{len(self.splits['train'])}, dp={self.dp}, budget_atoms={self.cfg.data.budget_atoms}); "
+                              f"use more data or fewer ranks")
 
     def _fit_references(self) -> torch.Tensor:
         """Per-element reference energies on the training split(s): one table, or one per source."""
-        cfg = self.cfg
-        if self.mixture is None:
-            reference, self.stats = fit_reference_energies(self.store, self.splits["train"], self.model_cfg.max_z,
-                                                           max_graphs=cfg.data.stats_graphs)
-        else:
-            reference, self.stats = fit_source_references(
-                self.source_stores, [sp["train"] for sp in self.source_splits], self.mixture["names"],
-                self.model_cfg.max_z, max_graphs=cfg.data.stats_graphs)
-            if not self.model_cfg.multi_source:  # one source entry: a single-source model
-                reference = reference[0]
-        for src, store in zip(self.sources, self.source_stores):
-            seen = (self.stats.get("sources") or {}).get(src.name, self.stats)["elements"]
-            unknown = sorted(set(store.metadata.get("elements", [])) - set(seen))
-            if unknown and self.groups.is_logger:
-                print(f"warning: elements {unknown} occur in the store {src.store} but not in the sampled training graphs")
+        reference, self.stats = fit_references(self, self.cfg, self.model_cfg, warn=self.groups.is_logger)
         return reference
 
     def _print_mixture(self) -> None:
@@ -621,24 +554,7 @@ class Trainer:
         return report
 
     def _source_report(self, val: dict[str, Any]) -> list[dict[str, Any]] | None:
-        """Per source: store, split sizes, sampling probability and validation errors with their ratios."""
-        if self.mixture is None:
-            return None
-        out = []
-        per = val.get("sources") or {}
-        for k, src in enumerate(self.sources):
-            v = per.get(src.name)
-            row = {"name": src.name, "store": src.store, "train_fraction": src.train_fraction,
-                   "probability": self.mixture["probabilities"][k],
-                   "graphs": {s: int(len(ix)) for s, ix in self.source_splits[k].items()},
-                   "elements": (self.stats.get("sources") or {}).get(src.name, {}).get("elements"), "val": v}
-            if v is not None:
-                row["energy_mae_ratio_vs_composition"] = v["energy_mae_per_atom"] / max(
-                    v["baseline_energy_mae_per_atom"], 1e-12)
-                row["force_mae_ratio_vs_zero"] = (v["force_mae"] / max(v["baseline_force_mae"], 1e-12)
-                                                  if v["force_components"] else None)
-            out.append(row)
-        return out
+        return source_report(self, self.stats, val)
 
 
 def _staged(value: Any) -> Any:
