@@ -15,8 +15,8 @@ per rank. Measured per step and rank:
 * peak memory of the rank (CPU: the resident-set high-water mark, reset after warm-up; GPU:
   ``torch.cuda.max_memory_allocated``);
 * collectives: bytes of the tensor-parallel collectives (``CommCounter``), bytes sent point to
-  point by the pipeline, and seconds in the data-parallel gradient all-reduce (and waiting in
-  pipeline receives).
+  point by the pipeline, and the exposed seconds of the data-parallel gradient all-reduce (waiting
+  in ``GradReducer.finish``; the rest overlaps the backward) and waiting in pipeline receives.
 
 ``scaling(...)`` sweeps world sizes for strong scaling (fixed global batch: ``budget_atoms``
 divided over the replicas) and weak scaling (fixed per-replica batch), with efficiency against
@@ -107,7 +107,6 @@ def worker(spec: dict) -> dict:
 
     from gnnmegatron.models.presets import flops_per_step
     from gnnmegatron.parallel.comm_stats import CommCounter
-    from gnnmegatron.training import trainer as trainer_mod
     from gnnmegatron.training.config import load_config
     from gnnmegatron.training.trainer import Trainer
 
@@ -115,14 +114,15 @@ def worker(spec: dict) -> dict:
     t = Trainer(cfg, resume="overwrite")
     rank = t.rank
     dp_time = [0.0]
-    original = trainer_mod.dp_allreduce_grads
+    if t.grad_reducer is not None:  # the exposed part of the gradient all-reduce (the rest overlaps the backward)
+        original = t.grad_reducer.finish
 
-    def timed(params, groups):
-        t0 = time.perf_counter()
-        original(params, groups)
-        dp_time[0] += time.perf_counter() - t0
+        def timed():
+            t0 = time.perf_counter()
+            original()
+            dp_time[0] += time.perf_counter() - t0
 
-    trainer_mod.dp_allreduce_grads = timed
+        t.grad_reducer.finish = timed
     batches = t._batches()
     rows = []
     device = t.device.type

@@ -290,6 +290,15 @@ class ChunkAwareSampler:
 _END = object()
 
 
+class _CudaBatch:
+    """A batch collated on a loader stream and the event that marks its copies done."""
+
+    __slots__ = ("batch", "event")
+
+    def __init__(self, batch, event):
+        self.batch, self.event = batch, event
+
+
 class GraphLoader:
     """Iterable of collated batch dicts, in the sampler's order.
 
@@ -315,6 +324,8 @@ class GraphLoader:
             raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
         self.store, self.sampler = store, sampler
         self.cutoff, self.dtype, self.device, self.prefetch = float(cutoff), dtype, device, prefetch
+        self._cuda = torch.device(device).type == "cuda"
+        self._streams: dict[int, object] = {}
 
     def __len__(self):
         return len(self.sampler)
@@ -329,21 +340,54 @@ class GraphLoader:
         self.sampler.load_state_dict(state)
 
     def _load(self, indices):
+        """Read and collate one batch. On a CUDA device the host-to-device copies and the neighbour
+        search run on a stream of the calling (prefetch) thread, and the batch comes with an event
+        the consumer's stream waits for: the training stream never waits for data it does not use."""
         idx = indices.tolist()
         structures = self.store.get_many(idx)
         if len(structures) != len(idx):
             raise RuntimeError(f"store.get_many returned {len(structures)} structures for {len(idx)} indices")
-        return collate([dict(s, index=i) for s, i in zip(structures, idx)], self.cutoff,
-                       dtype=self.dtype, device=self.device)
+        items = [dict(s, index=i) for s, i in zip(structures, idx)]
+        if not self._cuda:
+            return collate(items, self.cutoff, dtype=self.dtype, device=self.device)
+        key = threading.get_ident()
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device=self.device)
+        stream = self._streams[key]
+        with torch.cuda.stream(stream):
+            out = collate(items, self.cutoff, dtype=self.dtype, device=self.device)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return _CudaBatch(out, event)
+
+    @staticmethod
+    def _ready(out):
+        """The batch dict, once the consumer's CUDA stream has waited for its copies (no-op on CPU)."""
+        if not isinstance(out, _CudaBatch):
+            return out
+        current = torch.cuda.current_stream()
+        current.wait_event(out.event)
+        for v in out.batch.values():
+            if torch.is_tensor(v) and v.is_cuda:
+                v.record_stream(current)  # the loader's stream allocated it; keep it alive for this stream
+        return out.batch
 
     def __iter__(self):
+        return self.iterate()
+
+    def iterate(self, keep=None):
+        """The epoch's batches in order; with ``keep(k)`` only the batches it accepts are read at all
+        (validation: each data-parallel rank reads only the batches it evaluates)."""
         batches = self.sampler.epoch_batches()
         start = self.sampler._begin()
+        wanted = [k for k in range(start, len(batches)) if keep is None or keep(k)]
         if self.prefetch == 0:
-            for k in range(start, len(batches)):
-                out = self._load(batches[k])
+            for k in wanted:
+                out = self._ready(self._load(batches[k]))
                 self.sampler.batches_done = k + 1
                 yield out
+            if keep is not None:
+                self.sampler.batches_done = len(batches)
             return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
@@ -359,7 +403,7 @@ class GraphLoader:
 
         def worker():
             try:
-                for k in range(start, len(batches)):
+                for k in wanted:
                     if stop.is_set() or not put((k, self._load(batches[k]))):
                         return
                 put(_END)
@@ -372,12 +416,14 @@ class GraphLoader:
             while True:
                 item = q.get()
                 if item is _END:
+                    if keep is not None:
+                        self.sampler.batches_done = len(batches)
                     return
                 if isinstance(item, BaseException):
                     raise item
                 k, out = item
                 self.sampler.batches_done = k + 1
-                yield out
+                yield self._ready(out)
         finally:
             stop.set()
             thread.join()

@@ -103,8 +103,12 @@ def build_train_data(cfg: PretrainConfig, rank: int, dp_rank: int, dp: int, dtyp
             max_graphs=cfg.data.max_graphs, dp_rank=dp_rank, dp_size=dp)
     val_sampler = ChunkAwareSampler(store.atom_counts, store.graph_chunks, val_idx, seed=cfg.seed, shuffle=False,
                                     budget_atoms=cfg.data.val_budget_atoms, max_graphs=cfg.data.max_graphs)
-    train_loader = GraphLoader(store, train_sampler, cutoff=cfg.data.cutoff, dtype=dtype, prefetch=cfg.data.prefetch)
-    val_loader = GraphLoader(store, val_sampler, cutoff=cfg.data.cutoff, dtype=dtype, prefetch=cfg.data.prefetch)
+    # on a GPU the loaders copy and build neighbour lists on the device, on their own stream, a batch ahead
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    train_loader = GraphLoader(store, train_sampler, cutoff=cfg.data.cutoff, dtype=dtype, prefetch=cfg.data.prefetch,
+                               device=device)
+    val_loader = GraphLoader(store, val_sampler, cutoff=cfg.data.cutoff, dtype=dtype, prefetch=cfg.data.prefetch,
+                             device=device)
     return TrainData(sources=sources, source_weights=cfg.loss_weights() if cfg.data.multi_source else None,
                      mixture=mixture, store=store, source_stores=source_stores, source_splits=source_splits,
                      splits=splits, train_sampler=train_sampler, val_sampler=val_sampler, train_loader=train_loader,

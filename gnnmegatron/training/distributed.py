@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["TrainGroups", "clip_grad_norm", "dp_allreduce_grads", "is_tp_sharded", "split_params"]
+__all__ = ["GradReducer", "TrainGroups", "clip_grad_norm", "dp_allreduce_grads", "is_tp_sharded", "split_params"]
 
 
 @dataclass
@@ -153,6 +153,116 @@ def dp_allreduce_grads(params, groups: TrainGroups) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad, group=groups.dp_group)
             p.grad.div_(groups.dp)
+
+
+class GradReducer:
+    """Data-parallel gradient averaging in flat buckets, overlapped with the backward pass.
+
+    Parameters are grouped, in reverse registration order (roughly the order the backward pass
+    finishes them), into buckets of about ``bucket_bytes`` of one dtype and device, each with one
+    persistent flat buffer. While :meth:`arm`-ed, a hook on every parameter
+    (``register_post_accumulate_grad_hook``) notes when its gradient is final; when all of a
+    bucket's gradients are, the bucket is copied into its buffer and its all-reduce starts
+    asynchronously, so communication runs while the backward pass computes the earlier layers.
+    :meth:`finish` launches whatever is left (buckets with unused parameters: those count as
+    zeros, as a per-tensor all-reduce would skip them on every rank alike), waits, divides by dp
+    and copies the averages back into ``.grad``.
+
+    Arm only for the backward that completes the step's gradients: the last micro-batch's
+    backward at pp = 1. With gradient accumulation over earlier micro-batches, or a pipeline
+    whose sweeps accumulate into the same parameters several times, leave it unarmed and call
+    :meth:`finish`, which then reduces every bucket at the end (still one collective per bucket,
+    not per tensor).
+    """
+
+    def __init__(self, params, groups: TrainGroups, bucket_bytes: int = 25 * 2 ** 20):
+        self.groups = groups
+        params = [p for p in params if p.requires_grad]
+        self.buckets: list[list[nn.Parameter]] = []
+        current: list[nn.Parameter] = []
+        size = 0
+        for p in reversed(params):
+            if current and (size + p.numel() * p.element_size() > bucket_bytes or p.dtype != current[0].dtype
+                            or p.device != current[0].device):
+                self.buckets.append(current)
+                current, size = [], 0
+            current.append(p)
+            size += p.numel() * p.element_size()
+        if current:
+            self.buckets.append(current)
+        # each buffer ends with one flag per parameter: 1 where this rank has a gradient, so that a
+        # parameter no rank has a gradient for keeps grad None (as the optimizer expects)
+        self.flat = [torch.zeros(sum(p.numel() for p in b) + len(b), dtype=b[0].dtype, device=b[0].device)
+                     for b in self.buckets]
+        self.where = {}
+        for k, b in enumerate(self.buckets):
+            off = 0
+            for p in b:
+                self.where[id(p)] = (k, off)
+                off += p.numel()
+        self.armed = False
+        self.ready = [0] * len(self.buckets)
+        self.works: list = [None] * len(self.buckets)
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+        self.bytes_per_step = sum(f.numel() * f.element_size() for f in self.flat)
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def _hook(self, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        k, _ = self.where[id(p)]
+        self.ready[k] += 1
+        if self.ready[k] == len(self.buckets[k]) and self.works[k] is None:
+            self._launch(k)
+
+    @torch.no_grad()
+    def _launch(self, k: int) -> None:
+        flat = self.flat[k]
+        bucket = self.buckets[k]
+        flags = flat[flat.numel() - len(bucket):]
+        off = 0
+        for j, p in enumerate(bucket):
+            n = p.numel()
+            if p.grad is None:
+                flat[off:off + n].zero_()
+                flags[j] = 0
+            else:
+                flat[off:off + n].copy_(p.grad.reshape(-1))
+                flags[j] = 1
+            off += n
+        self.works[k] = dist.all_reduce(flat, group=self.groups.dp_group, async_op=True)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Complete every bucket's all-reduce and write the averaged gradients (collective over dp)."""
+        for k in range(len(self.buckets)):
+            if self.works[k] is None:
+                self._launch(k)
+        for k, work in enumerate(self.works):
+            work.wait()
+            bucket = self.buckets[k]
+            flat = self.flat[k]
+            flags = flat[flat.numel() - len(bucket):].clone()
+            flat.div_(self.groups.dp)
+            off = 0
+            for j, p in enumerate(bucket):
+                n = p.numel()
+                if flags[j] == 0:
+                    p.grad = None
+                elif p.grad is None:
+                    p.grad = flat[off:off + n].view_as(p).clone()
+                else:
+                    p.grad.copy_(flat[off:off + n].view_as(p))
+                off += n
+        self.armed = False
+        self.ready = [0] * len(self.buckets)
+        self.works = [None] * len(self.buckets)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 @torch.no_grad()

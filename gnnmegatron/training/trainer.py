@@ -12,7 +12,10 @@ The model is built on the meta device and each rank materialises only its part, 
 global initial weights under every layout (``gnnmegatron.training.build``). Checkpoints are
 sharded DCP directories that any layout can resume (``gnnmegatron.training.sharded_checkpoint``).
 Progress, metrics, validation and the run's files come from the last pipeline stage's first
-rank (``TrainGroups.is_logger``).
+rank (``TrainGroups.is_logger``). With ``train.ema_decay`` every rank keeps the moving average of
+its own parameters (``gnnmegatron.training.ema``), which validation and the best checkpoint use;
+``gnnmegatron.training.monitor`` turns validations into the best checkpoint, early stopping and
+the plateau schedule.
 """
 
 from __future__ import annotations
@@ -36,10 +39,13 @@ from gnnmegatron.training.baselines import composition_energy
 from gnnmegatron.training.data_setup import TrainData, build_train_data, fit_references, source_report
 from gnnmegatron.training.build import build_local_model, set_energy_buffers
 from gnnmegatron.training.config import ConfigError, PretrainConfig
-from gnnmegatron.training.distributed import TrainGroups, clip_grad_norm, dp_allreduce_grads, split_params
+from gnnmegatron.training.distributed import GradReducer, TrainGroups, clip_grad_norm, split_params
 from gnnmegatron.training.faults import Heartbeat, NonFiniteStep, RankLost, describe_failure
-from gnnmegatron.training.logging import MetricsWriter, Progress, plot_loss_curve
-from gnnmegatron.training.losses import ErrorAccumulator, active_terms, compute_loss, label_masks, loss_denominators
+from gnnmegatron.training.ema import EMA_PREFIX, WeightEMA
+from gnnmegatron.training.logging import MetricsWriter, Progress, TensorBoardWriter, memory_mb, plot_loss_curve
+from gnnmegatron.training.losses import (ErrorAccumulator, active_terms, compute_loss, label_masks, loss_at,
+                                         loss_denominators)
+from gnnmegatron.training.monitor import ValidationMonitor
 from gnnmegatron.training.optim import build_optimizer, lr_at, set_lr
 from gnnmegatron.training.runtime import (  # noqa: F401 - re-exported for callers of the first releases
     checkpoint_blocks,
@@ -112,7 +118,14 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             checkpoint_blocks(self.model)
         self.sharded_params, self.replicated_params = split_params(self.model)
+        self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.monitor = ValidationMonitor(
+            cfg.train.best_metric, cfg.train.early_stopping_min_delta, cfg.train.early_stopping_patience,
+            cfg.optim.plateau_patience if cfg.optim.schedule == "plateau" else 0, cfg.optim.plateau_factor,
+            cfg.optim.min_lr_ratio)
         self.optimizer = build_optimizer(self.model, cfg.optim, dp_group=self.groups.dp_group if self.dp > 1 else None)
+        # data-parallel gradient averaging in flat buckets, overlapped with the backward (training.distributed)
+        self.grad_reducer = GradReducer(self.model.parameters(), self.groups) if self.dp > 1 else None
         self.engine = None
         if self.pp > 1:
             from gnnmegatron.parallel.pipeline.engine import PipelineEngine
@@ -127,6 +140,9 @@ class Trainer:
             if self.is_logger else None
         if self.is_logger and self.mixture is not None:
             self._print_mixture()
+        self.tensorboard = TensorBoardWriter(self.run_dir / "tensorboard",
+                                             resume_step=self.step if resume_path is not None else None) \
+            if self.is_logger and cfg.train.tensorboard else None
         if self.is_logger:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.heartbeat = Heartbeat()
@@ -251,6 +267,9 @@ class Trainer:
         self.seen = dict(meta["seen"])
         self.best_val = meta.get("best_val")
         self.skipped_steps = meta.get("skipped_steps", 0)
+        self.monitor.load(meta.get("monitor"))
+        if self.ema is not None:
+            self._load_ema(path, meta)
         rng = loaded.get(f"rng/rank{self.rank}")
         if rng is not None:
             sc.set_rng_states(rng)
@@ -261,6 +280,26 @@ class Trainer:
             how = "" if layout == here else f" (written under {layout}, resharded to {here})"
             print(f"resumed from {path} at step {self.step}{how}", flush=True)
 
+    def _load_ema(self, path: Path, meta: dict[str, Any]) -> None:
+        """The moving average of a checkpoint; one without (EMA newly switched on) starts it from the weights."""
+        state = self.ema.state(self.model)
+        expected = len(state)
+        sc.load_sharded(path, state, missing_ok=(EMA_PREFIX,))
+        if len(state) < expected or not meta.get("ema"):
+            self.ema.reset(self.model)
+            if self.rank == 0:
+                print(f"note: {path} holds no moving average of the weights; train.ema_decay="
+                      f"{self.cfg.train.ema_decay} starts one from its weights", flush=True)
+            return
+        self.ema.load_meta(meta["ema"])
+        if meta["ema"].get("decay") != self.ema.decay and self.rank == 0:
+            print(f"note: the checkpoint's average used decay {meta['ema'].get('decay')}; it continues with "
+                  f"train.ema_decay={self.ema.decay}", flush=True)
+
+    def _validation_weights(self):
+        """The moving average in the model while validating (``train.ema_decay``), the weights otherwise."""
+        return self.ema.swapped(self.model) if self.ema is not None else contextlib.nullcontext()
+
     def describe_layout(self) -> dict[str, int]:
         return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
 
@@ -270,19 +309,23 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "seen": dict(self.seen), "best_val": self.best_val,
                 "stats": self.stats, "config": self.cfg.to_dict(), "model_config": self.model_cfg.to_dict(),
                 "layout": self.describe_layout(), "world_size": self.world, "sampler": sampler,
-                "skipped_steps": self.skipped_steps, "mixture": self.mixture}
+                "skipped_steps": self.skipped_steps, "mixture": self.mixture,
+                "ema": self.ema.meta() if self.ema is not None else None, "monitor": self.monitor.state()}
 
-    def save(self) -> Path:
+    def save(self, best: bool = False) -> Path:
         """Writes a sharded checkpoint (collective: every rank writes its own shards) and its model card.
 
         With ``train.async_checkpoint`` the tensors are copied to host memory here and written by
         a background thread while training continues; the previous asynchronous save is waited
-        for first. Returns the checkpoint's path (committed, or being committed).
+        for first. ``best``: also point ``checkpoints/best`` at it. Returns the checkpoint's path
+        (committed, or being committed).
         """
         from gnnmegatron.training.model_card import write_model_card
 
         meta = self._meta()
         state: dict[str, Any] = {**model_state(self.model), **optimizer_state(self.optimizer, self.model)}
+        if self.ema is not None:
+            state.update(self.ema.state(self.model))
         state["meta"] = meta
         state[f"rng/rank{self.rank}"] = sc.rng_states()
         info = {"format": sc.SHARDED_FORMAT, "version": sc.SHARDED_VERSION, "step": self.step,
@@ -296,9 +339,10 @@ class Trainer:
         keep = self.cfg.train.keep_checkpoints
         if self.async_saver is not None:
             staged = {k: _staged(v) for k, v in state.items()}
-            self.async_saver.submit(sc.save_sharded, self.run_dir, self.step, staged, info, keep=keep, on_commit=card)
+            self.async_saver.submit(sc.save_sharded, self.run_dir, self.step, staged, info, keep=keep, on_commit=card,
+                                    best=best)
             return sc.step_dir(self.run_dir, self.step)
-        return sc.save_sharded(self.run_dir, self.step, state, info, keep=keep, on_commit=card)
+        return sc.save_sharded(self.run_dir, self.step, state, info, keep=keep, on_commit=card, best=best)
 
     def wait_for_checkpoint(self) -> None:
         """Block until an asynchronous save has been committed (no-op otherwise)."""
@@ -334,23 +378,35 @@ class Trainer:
         terms = active_terms(self.cfg.loss, self.source_weights)
         return "forces" in terms, "stress" in terms and self.model_cfg.force_mode == "conservative"
 
+    def _loss_now(self):
+        """(loss config, per-source weights) in force at this step (``loss.stages``)."""
+        cfg = loss_at(self.cfg.loss, self.step, self.cfg.train.max_steps)
+        if cfg is self.cfg.loss or self.source_weights is None:
+            return cfg, self.source_weights
+        return cfg, self.cfg.loss_weights(cfg)
+
     def train_step(self, micro: list[dict]) -> tuple[float, dict[str, float]]:
         """One optimizer step over ``micro`` (this replica's micro-batches); returns the global loss and parts."""
         self.model.train()
-        set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps))
+        set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps, self.monitor.lr_scale))
         self.optimizer.zero_grad(set_to_none=True)
-        forces, stress = self._forces_needed()
+        loss_cfg, source_weights = self._loss_now()
+        terms = active_terms(loss_cfg, source_weights)
+        forces = "forces" in terms
+        stress = "stress" in terms and self.model_cfg.force_mode == "conservative"
         denominators = loss_denominators(micro)
 
         def loss_fn(out, batch):
-            return compute_loss(self._to_float(out), batch, self.cfg.loss, denominators, self.source_weights)
+            return compute_loss(self._to_float(out), batch, loss_cfg, denominators, source_weights)
 
         if self.engine is None:
             loss, parts = None, {}
-            for batch in micro:
+            for i, batch in enumerate(micro):
                 with self._autocast():
                     out = self.model(batch, compute_forces=forces, compute_stress=stress)
                 part_loss, part = loss_fn(out, batch)
+                if self.grad_reducer is not None and i == len(micro) - 1:
+                    self.grad_reducer.arm()  # the last backward: all-reduce buckets as they complete
                 part_loss.backward()
                 loss = part_loss.detach() if loss is None else loss + part_loss.detach()
                 parts = {k: parts.get(k, 0.0) + v for k, v in part.items()}
@@ -358,13 +414,14 @@ class Trainer:
             res = self.engine.train_step(micro, loss_fn, compute_forces=forces, compute_stress=stress)
             loss, parts = res.loss, res.parts
             if loss is None:  # not the last stage: receive the values below
-                keys = [k for k in active_terms(self.cfg.loss, self.source_weights) if k != "stress" or stress]
+                keys = [k for k in terms if k != "stress" or stress]
                 loss, parts = torch.zeros((), dtype=torch.float64), {k: torch.zeros((), dtype=torch.float64) for k in keys}
         values = torch.stack([torch.as_tensor(loss)] + [torch.as_tensor(v) for v in parts.values()]).to(torch.float64)
         self.groups.from_last_stage(values)
         if self.dp > 1:
             self.groups.dp_all_reduce(values).div_(self.dp)
-        dp_allreduce_grads(self.model.parameters(), self.groups)
+        if self.grad_reducer is not None:
+            self.grad_reducer.finish()  # averaged over dp (overlapped with the last backward at pp = 1)
         max_norm = self.cfg.optim.clip_grad_norm
         if self.tp == 1 and self.pp == 1:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -376,6 +433,8 @@ class Trainer:
             self._nonfinite(micro, values[0], grad_norm)
         else:
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
         self.step += 1
         self._count(micro)
         return values[0], dict(zip(parts.keys(), values[1:])) | {"grad_norm": grad_norm}
@@ -428,9 +487,8 @@ class Trainer:
         names = self.mixture["names"] if self.model_cfg.multi_source else None
         acc = ErrorAccumulator(len(names) if names else 1)
         conservative = self.model_cfg.force_mode == "conservative"
-        for k, batch in enumerate(self.val_loader):
-            if k % self.dp != self.groups.dp_rank:  # the tp x pp ranks of a replica run the same batches
-                continue
+        # batch k is evaluated (and read at all) only by replica k % dp; its tp x pp ranks share it
+        for batch in self.val_loader.iterate(keep=lambda k: k % self.dp == self.groups.dp_rank):
             batch = {key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
             if self.engine is not None:
                 with self._autocast():
@@ -479,7 +537,10 @@ class Trainer:
         t_start = time.perf_counter()
         window = {"loss": 0.0, "atoms": 0, "steps": 0, "t": time.perf_counter()}
         last_val = None
-        while self.step < cfg.max_steps:
+        if self.monitor.stopped_at is not None and self.rank == 0:
+            print(f"note: this run stopped early at step {self.monitor.stopped_at} ({cfg.best_metric} last improved at "
+                  f"step {self.monitor.best_step}); nothing left to train", flush=True)
+        while self.step < cfg.max_steps and self.monitor.stopped_at is None:
             self.heartbeat.beat(self.step)
             micro = [{key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in b.items()}
                      for b in next(batches)]
@@ -490,20 +551,26 @@ class Trainer:
             window["steps"] += 1
             if self.is_logger and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                 now = time.perf_counter()
-                self.metrics.write({
+                self._log({
                     "step": self.step, "split": "train", "epoch": self.epoch, "loss": loss,
                     "loss_mean": window["loss"] / window["steps"], **{f"loss_{k}": v for k, v in parts.items()},
                     "lr": self.optimizer.param_groups[0]["lr"], "atoms_per_s": rate,
                     "window_atoms_per_s": window["atoms"] / max(now - window["t"], 1e-9),
+                    "memory_mb": memory_mb(self.device),
                     "skipped_steps": self.skipped_steps, "labelled": dict(self._last_labels),
                 })
                 window = {"loss": 0.0, "atoms": 0, "steps": 0, "t": now}
+            new_best = False
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
-                last_val = self.evaluate()
-                if self.best_val is None or last_val["energy_mae_per_atom"] < self.best_val["energy_mae_per_atom"]:
+                with self._validation_weights():
+                    last_val = self.evaluate()
+                new_best = self.monitor.observe(last_val, self.step) and cfg.keep_best
+                if self.best_val is None or self.monitor.best_step == self.step:
                     self.best_val = dict(last_val, step=self.step)
+                if self.monitor.should_stop:
+                    self.monitor.stopped_at = self.step
                 if self.is_logger:
-                    self.metrics.write({"step": self.step, "split": "val", **last_val})
+                    self._log({"step": self.step, "split": "val", "weights": "ema" if self.ema else "raw", **last_val})
                     progress.write(
                         f"step {self.step}: val energy MAE {1000 * last_val['energy_mae_per_atom']:.2f} meV/atom "
                         f"(composition fit {1000 * last_val['baseline_energy_mae_per_atom']:.2f}), force MAE "
@@ -513,20 +580,34 @@ class Trainer:
                                   f"{1000 * v['baseline_force_mae']:.1f})" if v["force_components"] else "no force labels")
                         progress.write(f"    {name}: energy MAE {1000 * v['energy_mae_per_atom']:.2f} meV/atom (its "
                                        f"composition fit {1000 * v['baseline_energy_mae_per_atom']:.2f}), {forces}")
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or self.step == stop_at:
-                self.save()
+            stopping = self.monitor.stopped_at is not None
+            if stopping and self.is_logger:
+                progress.write(f"step {self.step}: early stopping: {cfg.best_metric} has not improved by more than "
+                               f"{cfg.early_stopping_min_delta} for {self.monitor.since_best} validations (best "
+                               f"{self.monitor.best:.6g} at step {self.monitor.best_step})")
+            if new_best or stopping or self.step % cfg.checkpoint_every == 0 or self.step in (cfg.max_steps, stop_at):
+                self.save(best=new_best)
             if self.step == stop_at:
                 progress.close()
                 self.wait_for_checkpoint()
                 return None
         progress.close()
         if last_val is None:
-            last_val = self.evaluate()
+            with self._validation_weights():
+                last_val = self.evaluate()
         self.wait_for_checkpoint()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         report = self._report(last_val, time.perf_counter() - t_start)
         if dist.is_initialized():
             dist.barrier()
         return report
+
+    def _log(self, record: dict[str, Any]) -> None:
+        """One record into metrics.jsonl and, with ``train.tensorboard``, TensorBoard (logger rank)."""
+        self.metrics.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
     def _report(self, val: dict[str, float], seconds: float) -> dict[str, Any]:
         report = {
@@ -545,6 +626,8 @@ class Trainer:
             "sources": self._source_report(val),
             "layout": self.describe_layout(),
             "skipped_steps": self.skipped_steps,
+            "weights": "ema" if self.ema is not None else "raw",
+            "monitor": self.monitor.state(),
         }
         if self.is_logger:
             (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
