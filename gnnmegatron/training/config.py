@@ -239,7 +239,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr``.
+    """AdamW with linear warm-up, then cosine decay to ``min_lr_ratio * lr`` (``schedule: cosine``) or a
+    constant rate cut by ``plateau_factor`` after ``plateau_patience`` validations without improvement of
+    ``train.best_metric``, down to ``min_lr_ratio * lr`` (``schedule: plateau``; gnnmegatron/training/monitor.py).
 
     ``zero_stage``: 0 keeps the full AdamW state on every data-parallel replica; 1 shards it over
     the data-parallel group (ZeRO-1: each replica holds the moments of about 1/dp of the
@@ -255,8 +257,16 @@ class OptimConfig:
     min_lr_ratio: float = 0.05
     clip_grad_norm: float | None = 10.0
     zero_stage: int = 0
+    schedule: str = "cosine"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
 
     def __post_init__(self):
+        if self.schedule not in ("cosine", "plateau"):
+            raise ConfigError(f"optim.schedule must be cosine or plateau, got {self.schedule!r}")
+        if not 0 < self.plateau_factor < 1 or self.plateau_patience < 1:
+            raise ConfigError(f"optim.plateau_factor must be in (0, 1) and optim.plateau_patience >= 1, got "
+                              f"{self.plateau_factor} and {self.plateau_patience}")
         self.betas = tuple(float(b) for b in self.betas)
         if self.zero_stage not in (0, 1):
             raise ConfigError(f"optim.zero_stage must be 0 (replicated optimizer state) or 1 (sharded over the "
@@ -276,6 +286,10 @@ class LossConfig:
     """Loss = energy_weight * L(energy per atom) + force_weight * L(forces) [+ stress_weight * L(stress)].
 
     ``kind`` picks L: ``mae``, ``mse`` or ``huber`` (with ``huber_delta`` in the target's unit).
+    ``stages``: a loss-weight schedule, ``[{start: 0.8, energy_weight: 10.0}, ...]``: from step
+    ``start * train.max_steps`` on, the weights a stage names replace these (as MACE's second stage
+    raises the energy weight); sources with weights of their own keep them. Validation's ``loss``
+    metric always uses the weights above, so it stays comparable through the run.
     """
 
     energy_weight: float = 1.0
@@ -283,8 +297,21 @@ class LossConfig:
     stress_weight: float = 0.0
     kind: str = "mae"
     huber_delta: float = 0.01
+    stages: list[dict[str, float]] | None = None
 
     def __post_init__(self):
+        starts = []
+        for k, stage in enumerate(self.stages or []):
+            bad = sorted(set(stage) - {"start", "energy_weight", "force_weight", "stress_weight"}) \
+                if isinstance(stage, dict) else None
+            if bad is None or bad or "start" not in stage or not 0 <= float(stage["start"]) < 1 \
+                    or any(float(v) < 0 for v in stage.values()):
+                raise ConfigError(f"loss.stages[{k}] = {stage!r}: each stage needs start in [0, 1) (fraction of "
+                                  f"train.max_steps) and non-negative energy_weight / force_weight / stress_weight "
+                                  f"(unknown keys: {bad})")
+            starts.append(float(stage["start"]))
+        if starts != sorted(starts):
+            raise ConfigError(f"loss.stages must be in order of start, got starts {starts}")
         if self.kind not in ("mae", "mse", "huber"):
             raise ConfigError(f"loss.kind must be one of mae, mse, huber; got {self.kind!r}")
         for name in ("energy_weight", "force_weight", "stress_weight"):
@@ -313,6 +340,13 @@ class TrainConfig:
     naming the ranks that stopped responding. ``on_nonfinite``: a non-finite loss or gradient
     ``stop``s the run (before the update, naming the batch's structures) or ``skip``s the step.
     ``async_checkpoint``: write checkpoints from a background thread while training continues.
+    ``ema_decay``: keep an exponential moving average of the weights with this decay (e.g. 0.99;
+    null: none), used for validation, the best checkpoint and, by default, inference
+    (gnnmegatron/training/ema.py). ``tensorboard``: also log to ``<run_dir>/tensorboard``.
+    ``best_metric``: the validation metric (lower is better) that picks the best checkpoint
+    (``checkpoints/best``, never pruned; ``keep_best: false`` saves none), drives early stopping (``early_stopping_patience``
+    validations without an improvement larger than ``early_stopping_min_delta``; 0: off) and the
+    plateau schedule (gnnmegatron/training/monitor.py).
     """
 
     max_steps: int = 1000
@@ -329,8 +363,23 @@ class TrainConfig:
     collective_timeout_s: float = 600.0
     on_nonfinite: str = "stop"
     async_checkpoint: bool = False
+    ema_decay: float | None = None
+    tensorboard: bool = False
+    best_metric: str = "loss"
+    keep_best: bool = True
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
 
     def __post_init__(self):
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in (0, 1) (e.g. 0.99) or null, got {self.ema_decay}")
+        if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:
+            raise ConfigError(f"train.early_stopping_patience and early_stopping_min_delta must be >= 0, got "
+                              f"{self.early_stopping_patience} and {self.early_stopping_min_delta}")
+        if not isinstance(self.best_metric, str) or self.best_metric.rpartition("/")[2] not in (
+                "loss", "energy_mae_per_atom", "force_mae", "stress_mae"):
+            raise ConfigError(f"train.best_metric must be loss, energy_mae_per_atom, force_mae or stress_mae, "
+                              f"optionally as SOURCE/NAME, got {self.best_metric!r}")
         if self.micro_batches < 1:
             raise ConfigError(f"train.micro_batches must be >= 1, got {self.micro_batches}")
         if self.collective_timeout_s <= 0:
@@ -445,11 +494,13 @@ class PretrainConfig:
         except ModelConfigError as exc:
             raise ConfigError(f"model: {exc}") from exc
 
-    def loss_weights(self):
-        """[S, 3] loss weights (energy, force, stress) per source, float64 (``compute_loss``)."""
+    def loss_weights(self, loss: LossConfig | None = None):
+        """[S, 3] loss weights (energy, force, stress) per source, float64 (``compute_loss``); ``loss``
+        replaces the ``loss`` section's weights (a stage of ``loss.stages``)."""
         import torch
 
-        base = (self.loss.energy_weight, self.loss.force_weight, self.loss.stress_weight)
+        loss = loss or self.loss
+        base = (loss.energy_weight, loss.force_weight, loss.stress_weight)
         rows = []
         for s in self.data.source_list():
             own = (s.energy_weight, s.force_weight, s.stress_weight)

@@ -4,7 +4,9 @@
 layout into one process (each tensor assembled from the regions its files hold) and writes the
 single-file, single-device checkpoint that ``gnnmegatron.inference`` loads anywhere (format 1 of
 ``gnnmegatron.training.checkpoint``: model state dict, model config, data statistics, step,
-counters; no optimizer state). ``checkpoint_summary`` says what a checkpoint holds.
+counters and, for a run with ``train.ema_decay``, the moving average of the parameters as ``ema``,
+which inference loads by default; no optimizer state). ``checkpoint_summary`` says what a
+checkpoint holds.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def resolve_sharded(path: str | Path) -> Path:
 def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     """Write the single-device checkpoint of ``path`` (a run or checkpoint directory) to ``out``."""
     src = resolve_sharded(path)
-    state = sc.load_full_state(src)
+    state = sc.load_full_state(src, weights="both")
     state["format_version"] = FORMAT_VERSION
     state["exported_from"] = str(src)
     state.pop("sampler", None)
@@ -60,7 +62,8 @@ def checkpoint_summary(path: str | Path, tensors: bool = False) -> str:
         + (f", sources {mc['sources']} ({mc.get('heads', 'shared')} heads)" if len(mc.get("sources") or []) > 1 else ""),
         f"  written under tp={lay.get('tp')} pp={lay.get('pp')} dp={lay.get('dp')} (world size "
         f"{info.get('world_size')}), ZeRO stage {info.get('zero_stage')}; loads under any layout",
-        f"  tensors: {info['tensor_counts']} (model = weights and buffers, optim = AdamW state)",
+        f"  tensors: {info['tensor_counts']} (model = weights and buffers, optim = AdamW state"
+        + (", ema = moving average of the weights)" if "ema" in info["tensor_counts"] else ")"),
         f"  files: {len(info['files'])} shard files, {info['bytes'] / 2**20:.2f} MiB: "
         + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in info["files"].items()),
     ]

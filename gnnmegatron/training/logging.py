@@ -33,6 +33,49 @@ class MetricsWriter:
             fh.write(json.dumps(record) + "\n")
 
 
+class TensorBoardWriter:
+    """The trainer's scalars as TensorBoard events in ``<run_dir>/tensorboard`` (``train.tensorboard``).
+
+    Training records go under ``train/`` (loss and its parts, learning rate, gradient norm, atoms/s,
+    memory), validation under ``val/`` and ``val/<source>/`` (multi-source runs): every numeric field
+    of the record ``metrics.jsonl`` gets, so the two never disagree. On resume, events after the
+    resumed step are dropped (``purge_step``), as ``MetricsWriter`` drops their lines.
+    """
+
+    SKIP = ("step", "split", "epoch", "labelled")
+
+    def __init__(self, log_dir: Path, resume_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        step, split = int(record["step"]), record.get("split", "train")
+        for key, value in record.items():
+            if key == "sources" and isinstance(value, dict):
+                for name, sub in value.items():
+                    for k, v in sub.items():
+                        if isinstance(v, (int, float)) and not isinstance(v, bool):
+                            self.writer.add_scalar(f"{split}/{name}/{k}", v, step)
+            elif key not in self.SKIP and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def memory_mb(device) -> float:
+    """Peak memory of this process so far in MiB: device memory on CUDA, resident set size on CPU."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

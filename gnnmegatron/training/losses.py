@@ -76,6 +76,18 @@ def _pointwise(pred: torch.Tensor, target: torch.Tensor, kind: str, delta: float
     raise ValueError(f"unknown loss kind {kind!r}; use mae, mse or huber")
 
 
+def loss_at(cfg: LossConfig, step: int, max_steps: int) -> LossConfig:
+    """The loss weights in force at optimizer step ``step`` (0-based) under ``cfg.stages``: the last
+    stage whose ``start * max_steps <= step`` replaces the weights it names (``cfg`` itself before any)."""
+    import dataclasses
+
+    active = [st for st in (cfg.stages or []) if float(st["start"]) * max_steps <= step]
+    if not active:
+        return cfg
+    weights = {k: float(v) for k, v in active[-1].items() if k != "start"}
+    return dataclasses.replace(cfg, stages=None, **weights)
+
+
 def active_terms(cfg: LossConfig, source_weights: torch.Tensor | None = None) -> list[str]:
     """The loss terms with a positive weight for some source (the keys of ``compute_loss``'s parts)."""
     W = _term_weights(cfg, source_weights)
@@ -179,8 +191,9 @@ def compute_loss(out: dict, batch: dict, cfg: LossConfig, denominators: dict[str
 
 
 class ErrorAccumulator:
-    """Sums absolute errors over batches: energy MAE per atom (eV/atom) and force MAE (eV/Å), overall
-    and per source.
+    """Sums errors over batches: energy MAE and RMSE per atom (eV/atom), force MAE and RMSE (eV/Å) and,
+    when the outputs hold stress, stress MAE (eV/Å^3), overall and per source. The trainer's validation,
+    ``gnnmegatron evaluate`` and ``predict``'s summary all use it, so their numbers mean the same.
 
     Also accumulates the two baselines the demo reports: a composition-only linear energy
     model (``baseline_energy`` in the batch, eV) and zero forces. Only labelled structures count:
@@ -193,7 +206,7 @@ class ErrorAccumulator:
     """
 
     KEYS = ("energy_abs", "graphs", "force_abs", "force_components", "baseline_energy_abs", "zero_force_abs",
-            "atoms", "energy_graphs")
+            "atoms", "energy_graphs", "energy_sq", "force_sq", "stress_abs", "stress_components")
 
     def __init__(self, num_sources: int = 1):
         self.num_sources = int(num_sources)
@@ -211,17 +224,26 @@ class ErrorAccumulator:
         if "energy" in batch:
             e_true = batch["energy"].detach().cpu().double()
             e_mask = masks["energy"].to(torch.float64)
-            rows["energy_abs"] = ((out["energy"].detach().cpu().double() - e_true) / n).abs() * e_mask
+            e_err = (out["energy"].detach().cpu().double() - e_true) / n
+            rows["energy_abs"] = e_err.abs() * e_mask
+            rows["energy_sq"] = torch.where(e_mask > 0, e_err.square(), zeros)
             rows["energy_graphs"] = e_mask
             if baseline_energy is not None:
                 rows["baseline_energy_abs"] = ((baseline_energy.detach().cpu().double() - e_true) / n).abs() * e_mask
         if "forces" in batch and "forces" in out:
             f_true = batch["forces"].detach().cpu().double()
             f_mask = masks["forces"].to(torch.float64)
-            per_atom = (out["forces"].detach().cpu().double() - f_true).abs().sum(1)
-            rows["force_abs"] = zeros.clone().index_add_(0, graph, per_atom) * f_mask
+            f_err = out["forces"].detach().cpu().double() - f_true
+            rows["force_abs"] = zeros.clone().index_add_(0, graph, f_err.abs().sum(1)) * f_mask
+            sq = zeros.clone().index_add_(0, graph, f_err.square().sum(1))
+            rows["force_sq"] = torch.where(f_mask > 0, sq, zeros)  # unlabelled forces may be NaN
             rows["zero_force_abs"] = zeros.clone().index_add_(0, graph, f_true.abs().sum(1)) * f_mask
             rows["force_components"] = 3 * n * f_mask
+        if "stress" in batch and "stress" in out:
+            s_mask = masks["stress"].to(torch.float64)
+            s_err = (out["stress"].detach().cpu().double() - batch["stress"].detach().cpu().double()).abs()
+            rows["stress_abs"] = torch.where(s_mask > 0, s_err.reshape(B, -1).sum(1), zeros)
+            rows["stress_components"] = 9 * s_mask
         table = torch.stack([rows[k] for k in self.KEYS], dim=1)  # [B, K]
         if self.num_sources == 1:
             self.sums[0] += table.sum(0)
@@ -244,6 +266,10 @@ class ErrorAccumulator:
         return {
             "energy_mae_per_atom": s["energy_abs"] / g,
             "force_mae": s["force_abs"] / c,
+            "energy_rmse_per_atom": (s["energy_sq"] / g) ** 0.5,
+            "force_rmse": (s["force_sq"] / c) ** 0.5,
+            "stress_mae": s["stress_abs"] / s["stress_components"] if s["stress_components"] else None,
+            "stress_components": s["stress_components"],
             "baseline_energy_mae_per_atom": s["baseline_energy_abs"] / g,
             "baseline_force_mae": s["zero_force_abs"] / c,
             "graphs": s["graphs"],

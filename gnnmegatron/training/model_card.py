@@ -19,7 +19,8 @@ JSON layout (``card_version`` 1)::
               how the model's energy heads are shared (null for single-store runs)
     layout:   tp, pp, dp, world_size
     metrics:  last_val (metrics of the latest validation at or before this step, with its step),
-              best_val (best validation energy MAE so far, with its step)
+              best_val (the best validation by train.best_metric so far, with its step; with
+              train.ema_decay, validations are of the moving average of the weights)
     elements: [{symbol, Z}, ...] (elements of the training graphs; the calculator refuses others)
     units:    energy eV, forces eV/Å, stress eV/Å^3
 """
@@ -309,9 +310,9 @@ def read_model_card(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.name.endswith(".card.json"):
         if path.is_dir():
-            from gnnmegatron.inference.loading import resolve_checkpoint
+            from gnnmegatron.training.sharded_checkpoint import run_checkpoint
 
-            path = resolve_checkpoint(path)[0]
+            path = run_checkpoint(path) or path
         path = card_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model card at {path}; write one with "

@@ -10,14 +10,17 @@ import torch.distributed as dist
 from gnnmegatron.training.config import OptimConfig
 
 
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+def lr_at(step: int, cfg: OptimConfig, max_steps: int, plateau_scale: float = 1.0) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine decay.
 
     Warm-up rises from lr/warmup_steps to lr over ``warmup_steps`` steps; the cosine then
-    falls to ``min_lr_ratio * lr`` at ``max_steps``.
+    falls to ``min_lr_ratio * lr`` at ``max_steps``. Under ``schedule: plateau`` the rate after
+    warm-up is ``lr * plateau_scale`` (the monitor's cuts, gnnmegatron/training/monitor.py).
     """
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "plateau":
+        return cfg.lr * plateau_scale
     span = max(max_steps - cfg.warmup_steps, 1)
     progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
     floor = cfg.lr * cfg.min_lr_ratio

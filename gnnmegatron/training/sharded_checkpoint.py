@@ -10,6 +10,7 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_XXXXXXXX/``:
 
 DCP keys are the single-device names: ``model/<state-dict key>``,
 ``optim/<state-dict key>/{exp_avg, exp_avg_sq, step}`` (AdamW's state of that parameter),
+``ema/<parameter key>`` (the moving average of the weights, ``train.ema_decay``),
 ``meta`` (step, epoch, counters, sampler position, config, statistics: pickled, written once)
 and ``rng/rank<r>`` (each rank's RNG states). Each rank writes the regions its tensors hold
 (``gnnmegatron.parallel.sharding``): tensor-parallel shards with their global offsets, a
@@ -24,7 +25,8 @@ DCP); after DCP's final collective rank 0 writes ``meta.json``, fsyncs the direc
 to ``step_XXXXXXXX`` (one ``rename``), fsyncs ``checkpoints/``, then replaces ``latest`` (also
 by rename) and prunes. A save killed at any point leaves the previous checkpoint and
 ``latest`` intact; the next save removes the stale ``.partial`` directory. Pruning keeps the
-``keep`` newest complete checkpoints by step plus the one just written.
+``keep`` newest complete checkpoints by step plus the one just written, and the one
+``checkpoints/best`` names (the best by validation, written by a save with ``best=True``).
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ import torch.distributed as dist
 from gnnmegatron.training.checkpoint import CheckpointError
 
 __all__ = [
-    "SHARDED_FORMAT", "checkpoint_info", "complete_checkpoints", "find_resume", "is_sharded_checkpoint",
-    "load_full_state", "load_sharded", "save_sharded", "write_latest",
+    "SHARDED_FORMAT", "checkpoint_info", "complete_checkpoints", "find_best", "find_resume", "is_sharded_checkpoint",
+    "load_full_state", "load_sharded", "run_checkpoint", "save_sharded", "write_latest",
 ]
 
 SHARDED_FORMAT = "gnnmegatron.dcp"
@@ -204,6 +206,41 @@ def write_latest(run_dir: Path, path: Path) -> None:
     _write_atomic(Path(run_dir) / "checkpoints" / "latest", Path(path).name + "\n")
 
 
+def find_best(run_dir: Path) -> Path | None:
+    """The checkpoint ``checkpoints/best`` names (the best by validation), or None when there is none."""
+    best = Path(run_dir) / "checkpoints" / "best"
+    named = best.read_text().strip() if best.is_file() else ""
+    path = best.parent / named if named else None
+    return path if path is not None and is_sharded_checkpoint(path) else None
+
+
+def run_checkpoint(path: str | Path, *, best: bool = False) -> Path | None:
+    """The checkpoint a path means: a checkpoint (directory or file) itself; for a run directory (or its
+    ``checkpoints/`` folder) the newest complete one (``latest``), or with ``best`` the one
+    ``checkpoints/best`` names. None when a run directory holds none. Raises ``CheckpointError`` for
+    ``best`` on a run without a best checkpoint, or on a single checkpoint."""
+    from gnnmegatron.training.checkpoint import find_latest
+
+    path = Path(path)
+    if is_sharded_checkpoint(path) or path.is_file():
+        if best:
+            raise CheckpointError(f"{path} is one checkpoint; the best checkpoint is chosen from a run directory")
+        return path
+    run_dir = path.parent if path.name == "checkpoints" else path
+    if best:
+        found = find_best(run_dir)
+        if found is None:
+            raise CheckpointError(f"{run_dir} has no best checkpoint ({run_dir / 'checkpoints' / 'best'} is missing or "
+                                  f"names no complete checkpoint): it was never validated, or was trained by an "
+                                  f"earlier release; use its latest checkpoint")
+        return found
+    try:
+        found, _ = find_resume(run_dir)  # newest complete sharded checkpoint
+    except CheckpointError:  # single-file checkpoints of an earlier release, or none complete
+        found = None
+    return found if found is not None else find_latest(run_dir)  # or a single-file one
+
+
 def find_resume(run_dir: Path) -> tuple[Path | None, str]:
     """The checkpoint a run resumes from, and a note when the ``latest`` pointer was not used.
 
@@ -277,13 +314,19 @@ def _barrier(group) -> None:
         dist.barrier(group=group)
 
 
+def write_best(run_dir: Path, path: Path) -> None:
+    """Point ``checkpoints/best`` at ``path`` (atomic replace, fsynced)."""
+    _write_atomic(Path(run_dir) / "checkpoints" / "best", Path(path).name + "\n")
+
+
 def save_sharded(run_dir: Path, step: int, state: dict[str, Any], info: dict[str, Any], *, keep: int = 2,
-                 group=None, on_commit=None) -> Path:
+                 group=None, on_commit=None, best: bool = False) -> Path:
     """Write ``state`` (a DCP state dict from ``pieces_state`` & co.) as ``step_XXXXXXXX`` and commit it.
 
     Collective over ``group`` (default: the world). ``info`` is written to ``meta.json`` by the
     coordinator. ``on_commit(path)`` runs on the coordinator after the rename and before
-    ``latest`` moves (model cards). Returns the committed checkpoint's path.
+    ``latest`` moves (model cards). ``best``: also point ``checkpoints/best`` at it (before pruning,
+    which keeps it). Returns the committed checkpoint's path.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
@@ -323,15 +366,18 @@ def save_sharded(run_dir: Path, step: int, state: dict[str, Any], info: dict[str
         if on_commit is not None:
             on_commit(final)
         write_latest(run_dir, final)
+        if best:
+            write_best(run_dir, final)
         prune(run_dir, keep, final)
     _barrier(group)
     return final
 
 
 def prune(run_dir: Path, keep: int, current: Path) -> list[Path]:
-    """Remove complete checkpoints beyond the ``keep`` newest by step, never ``current``; returns the removed."""
+    """Remove complete checkpoints beyond the ``keep`` newest by step, never ``current`` nor the one
+    ``checkpoints/best`` names; returns the removed."""
     complete = complete_checkpoints(run_dir)
-    keep_paths = {p for _, p in complete[-keep:]} | {Path(current)}
+    keep_paths = {p for _, p in complete[-keep:]} | {Path(current)} | {p for p in [find_best(run_dir)] if p}
     removed = []
     for _, path in complete:
         if path not in keep_paths:
@@ -404,23 +450,39 @@ def load_sharded(path: Path, state: dict[str, Any], *, group=None, missing_ok: t
     return state
 
 
-def load_full_state(path: Path) -> dict[str, Any]:
+def load_full_state(path: Path, weights: str = "raw") -> dict[str, Any]:
     """One process: the single-device view of a sharded checkpoint (``model`` state dict, ``meta``).
 
+    Args:
+        weights: ``raw`` (the trained weights), ``ema`` (the moving average of the parameters where
+            the checkpoint has one, buffers as trained; the trained weights otherwise) or ``both``
+            (``model`` raw and ``ema`` the averaged parameters, for export).
+
     Returns a dict like the single-file format's (``model``, ``model_config``, ``stats``, ``step``,
-    ``config``, ``seen``, ``best_val``, ``layout``, ``world_size``, ``optimizer``: None).
+    ``config``, ``seen``, ``best_val``, ``layout``, ``world_size``, ``optimizer``: None) with
+    ``weights`` (``raw`` or ``ema``: what ``model`` holds) and ``ema`` (``both``: the averaged
+    parameters, or None when the checkpoint has none).
     """
+    if weights not in ("raw", "ema", "both"):
+        raise ValueError(f"weights must be raw, ema or both, got {weights!r}")
     path = Path(path)
     read_meta(path)
     md = _metadata(path).state_dict_metadata
+    has_ema = any(k.startswith("ema/") for k in md)
+    use_ema = weights == "ema" and has_ema
     state: dict[str, Any] = {"meta": None}
     for key, m in md.items():
-        if key.startswith("model/"):
+        wanted = key.startswith("model/") and not (use_ema and f"ema/{key[len('model/'):]}" in md)
+        if wanted or (key.startswith("ema/") and (use_ema or weights == "both")):
             state[key] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
     load_sharded(path, state, group=None)
     meta = state.pop("meta")
-    model = {k[len("model/"):]: v for k, v in state.items()}
-    return {"format_version": SHARDED_FORMAT, "model": model, "optimizer": None, **meta}
+    model = {k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")}
+    ema = {k[len("ema/"):]: v for k, v in state.items() if k.startswith("ema/")}
+    if use_ema:
+        model.update(ema)
+    return {"format_version": SHARDED_FORMAT, "model": model, "optimizer": None, **meta,
+            "weights": "ema" if use_ema else "raw", "ema": ema if weights == "both" and has_ema else None}
 
 
 def checkpoint_info(path: Path) -> dict[str, Any]:
