@@ -36,7 +36,9 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "h5py>=3.8", "lmdb>=1.4", "orjson>=3.9"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "h5py>=3.8", "lmdb>=1.4", "orjson>=3.9", "tensorboard>=2.14"],
+        # train.tensorboard: true logs through torch.utils.tensorboard, which needs the tensorboard package.
+        "tensorboard": ["tensorboard>=2.14"],
         # Readers of HDF5 (ANI-1x, QM7-X) and LMDB (OC20/OC22, OMat24/Alexandria) releases; orjson speeds up
         # MPtrj JSON and ASE-LMDB rows (the stdlib json is the fallback).
         "importers": ["h5py>=3.8", "lmdb>=1.4", "orjson>=3.9"],

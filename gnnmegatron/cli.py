@@ -6,6 +6,7 @@
     gnnmegatron data info data/emt.zarr [--verify]
     gnnmegatron model info egnn-h800-l3                         # parameter counts (or --list)
     gnnmegatron predict runs/demo data/emt.zarr --split test    # batched inference with errors
+    gnnmegatron evaluate runs/demo data/emt.zarr --split test   # validation metrics + baselines, parity plot
     torchrun --standalone --nproc_per_node=1 -m gnnmegatron.cli pretrain --config CONFIG.yaml
 """
 
@@ -144,9 +145,28 @@ def _cmd_predict(args) -> int:
 
     summary = predict(args.model, args.inputs, args.out, batch_atoms=args.batch_atoms, split=args.split,
                       index=args.index, device=None if args.device == "auto" else args.device, dtype=args.dtype,
-                      progress=not args.no_progress, source=args.source)
+                      progress=not args.no_progress, source=args.source, weights=args.weights, best=args.best)
     print(format_summary(summary))
     return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from gnnmegatron.inference.evaluate import evaluate_checkpoint, format_evaluation
+
+    result = evaluate_checkpoint(args.model, args.stores or None, split=args.split, out=args.out, weights=args.weights,
+                                 best=args.best, batch_atoms=args.batch_atoms,
+                                 device=None if args.device == "auto" else args.device, dtype=args.dtype)
+    print(format_evaluation(result))
+    return 0
+
+
+def _add_weight_choice(parser: argparse.ArgumentParser) -> None:
+    """``--weights`` and ``--best`` of ``predict`` and ``evaluate``."""
+    parser.add_argument("--weights", choices=("ema", "raw"), default=None,
+                        help="ema: the moving average of the weights (default when the checkpoint has one); raw: the "
+                             "trained weights")
+    parser.add_argument("--best", action="store_true",
+                        help="a run directory's best checkpoint by validation (checkpoints/best), not its latest")
 
 
 def _cmd_pretrain(args) -> int:
@@ -317,7 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--source", default=None, help="source name of a multi-source model: its energy reference and "
                                                      "head (and, with --split, its split); required for such models")
     pred.add_argument("--no-progress", action="store_true")
+    _add_weight_choice(pred)
     pred.set_defaults(func=_cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="a checkpoint's validation metrics and baselines on graph stores; JSON + "
+                                         "parity plot")
+    ev.add_argument("model", help="run directory (latest or --best checkpoint) or checkpoint")
+    ev.add_argument("stores", nargs="*", help="graph stores, each one of the model's sources (default: the run's)")
+    ev.add_argument("--split", choices=("val", "test", "train", "all"), default="val",
+                    help="val: the trainer's validation set (default); test, train: those splits of the run; all")
+    ev.add_argument("--out", default="evaluation.json", help="JSON to write; the parity plot goes beside it (.png)")
+    ev.add_argument("--batch-atoms", type=int, default=None, help="default: the run's data.val_budget_atoms")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default: the training dtype")
+    _add_weight_choice(ev)
+    ev.set_defaults(func=_cmd_evaluate)
 
     pre = sub.add_parser("pretrain", help="pretrain on energies and forces (run under torchrun or alone)")
     pre.add_argument("--config", default=str(DEMO_CONFIG), help=f"YAML config (default: {DEMO_CONFIG.name})")

@@ -63,7 +63,7 @@ def _as_z(element) -> int:
     return int(element)
 
 
-def _format_elements(zs: Iterable[int]) -> str:
+def format_elements(zs: Iterable[int]) -> str:
     return ", ".join(f"{chemical_symbols[z] if 0 <= z < len(chemical_symbols) else '?'} (Z={z})" for z in zs)
 
 
@@ -86,6 +86,9 @@ class GNNMegatronCalculator(Calculator):
             source whose energy reference and head to use (required there; an unknown name raises
             ``UnknownSourceError`` listing the known ones). The element check then uses that
             source's training elements.
+        weights: ``None`` (the moving average of the weights when the checkpoint has one, else the
+            trained weights), ``"ema"`` or ``"raw"`` (``load_model``).
+        best: for a run directory, its best checkpoint by validation instead of the latest.
         **kwargs: passed to ``ase.calculators.calculator.Calculator`` (e.g. ``label``).
 
     Attributes:
@@ -98,7 +101,7 @@ class GNNMegatronCalculator(Calculator):
 
     def __init__(self, model, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float64,
                  skin: float = 1.0, elements: Iterable[int | str] | None = None, trust: bool = False,
-                 source: str | None = None, **kwargs):
+                 source: str | None = None, weights: str | None = None, best: bool = False, **kwargs):
         if not (isinstance(skin, (int, float)) and skin >= 0):
             raise ValueError(f"skin must be a number >= 0 Å, got {skin!r}")
         super().__init__(**kwargs)
@@ -107,7 +110,8 @@ class GNNMegatronCalculator(Calculator):
 
         self.device = torch.device(device)
         if isinstance(model, (str, Path)):
-            self.model, self.info = load_model(model, device=self.device, dtype=dtype, trust=trust)
+            self.model, self.info = load_model(model, device=self.device, dtype=dtype, trust=trust, weights=weights,
+                                               best=best)
             self.source_id = resolve_source(self.model.cfg, source)
             known = self.info.source_elements(source if self.source_id is not None else None)
             self._elements_from = (f"training data of source {source!r} of {self.info.path}" if self.source_id is not None
@@ -141,14 +145,14 @@ class GNNMegatronCalculator(Calculator):
         max_z = self.model.cfg.max_z
         beyond = [z for z in present if z < 1 or z > max_z]
         if beyond:
-            raise UnknownElementError(f"the structure contains {_format_elements(beyond)}, outside the model's "
+            raise UnknownElementError(f"the structure contains {format_elements(beyond)}, outside the model's "
                                       f"embedding (atomic numbers 1..{max_z})")
         if self.known_elements is None:
             return
         unknown = [z for z in present if z not in self.known_elements]
         if unknown:
             raise UnknownElementError(
-                f"the model has never seen {_format_elements(unknown)}: it knows only "
+                f"the model has never seen {format_elements(unknown)}: it knows only "
                 f"{', '.join(chemical_symbols[z] for z in self.known_elements)} ({self._elements_from}); "
                 f"its predictions for other elements would be meaningless")
 

@@ -3,7 +3,8 @@
 ``load_model(path)`` accepts:
 
 * a checkpoint file written by the trainer (``<run_dir>/checkpoints/step_XXXXXXXX.pt``),
-* a run directory (the checkpoint named by ``<run_dir>/checkpoints/latest`` is used),
+* a run directory (the checkpoint named by ``<run_dir>/checkpoints/latest`` is used, or with
+  ``best=True`` the one ``checkpoints/best`` names: the best by validation),
 * the ``checkpoints/`` folder itself,
 * anything a registered checkpoint format recognises (see below).
 
@@ -17,6 +18,10 @@ layout, assembled into one state dict in this process) and the single-file forma
 (``"single-file"``, ``gnnmegatron checkpoint export`` and earlier releases); more plug in with
 ``register_checkpoint_format``, and every caller of ``load_model`` (the ASE calculator,
 ``predict``) then accepts them unchanged.
+
+Weights: a checkpoint of a run with ``train.ema_decay`` holds the moving average of the weights
+beside the trained ones; ``load_model`` takes the average by default (``weights=None`` or
+``"ema"``) and the trained weights with ``weights="raw"``; ``ModelInfo.weights`` says which it got.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` and an allow-list of the numpy
 types the trainer stores (RNG states), so loading a checkpoint cannot run code. A file that
@@ -101,6 +106,7 @@ class ModelInfo:
         world_size: number of processes that wrote the checkpoint.
         card: the model card beside the checkpoint (``model_card.read_model_card``), or None.
         dtype, device: where the loaded model lives.
+        weights: ``ema`` (the moving average of the weights) or ``raw`` (the trained weights).
     """
 
     path: Path
@@ -116,6 +122,7 @@ class ModelInfo:
     card: dict[str, Any] | None = None
     dtype: torch.dtype = torch.float64
     device: str = "cpu"
+    weights: str = "raw"
 
     @property
     def sources(self) -> list[str]:
@@ -144,11 +151,14 @@ class ModelInfo:
 @dataclass(frozen=True)
 class CheckpointFormat:
     """One checkpoint layout: ``detect(path)`` says whether ``path`` is one, ``read(path, trust)``
-    returns the single-device checkpoint dict (see the module docstring)."""
+    returns the single-device checkpoint dict (see the module docstring). With ``reads_weights``,
+    ``read`` also takes ``weights=`` (``raw``/``ema``/``both``) and reads only what is asked;
+    otherwise an ``ema`` dict in what it returns (averaged parameters) is applied by ``load_model``."""
 
     name: str
     detect: Callable[[Path], bool]
-    read: Callable[[Path, bool], dict]
+    read: Callable[..., dict]
+    reads_weights: bool = False
 
 
 _FORMATS: list[CheckpointFormat] = []
@@ -220,27 +230,29 @@ def _detect_sharded(path: Path) -> bool:
     return is_sharded_checkpoint(path)
 
 
-def _read_sharded(path: Path, trust: bool) -> dict:
+def _read_sharded(path: Path, trust: bool, weights: str = "both") -> dict:
     """A sharded (DCP) checkpoint of any tp x pp x dp layout, assembled into the single-device view."""
     from gnnmegatron.training.sharded_checkpoint import load_full_state
 
     try:
-        return load_full_state(path)
+        return load_full_state(path, weights=weights)
     except CheckpointError as exc:
         raise ModelLoadError(str(exc)) from exc
 
 
-register_checkpoint_format(CheckpointFormat("sharded", _detect_sharded, _read_sharded), first=True)
+register_checkpoint_format(CheckpointFormat("sharded", _detect_sharded, _read_sharded, reads_weights=True), first=True)
 
 
 # --------------------------------------------------------------------------------------- resolving
-def resolve_checkpoint(path: str | Path) -> tuple[Path, CheckpointFormat]:
-    """The checkpoint ``path`` names (a run directory resolves to its latest checkpoint) and its format.
+def resolve_checkpoint(path: str | Path, *, best: bool = False) -> tuple[Path, CheckpointFormat]:
+    """The checkpoint ``path`` names (a run directory resolves to its latest checkpoint, or with ``best``
+    to its best one) and its format.
 
     Raises:
-        ModelLoadError: the path does not exist, or is a directory with no checkpoint in it.
+        ModelLoadError: the path does not exist, is a directory with no checkpoint in it, or ``best``
+            was asked of a single checkpoint or of a run without a best checkpoint.
     """
-    from gnnmegatron.training.checkpoint import find_latest
+    from gnnmegatron.training.sharded_checkpoint import run_checkpoint
 
     path = Path(path)
     if not path.exists():
@@ -248,18 +260,15 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, CheckpointFormat]:
                              f"or a run directory")
     for fmt in _FORMATS:  # a registered format may claim a directory (e.g. a sharded checkpoint)
         if fmt.detect(path):
+            if best:
+                raise ModelLoadError(f"{path} is one checkpoint; best=True (--best) picks the best checkpoint of a "
+                                     f"run directory")
             return path, fmt
     if path.is_dir():
-        from gnnmegatron.training.sharded_checkpoint import find_resume
-
         run_dir = path.parent if path.name == "checkpoints" else path
         try:
-            found, _ = find_resume(run_dir)  # newest complete sharded checkpoint
-        except CheckpointError:  # single-file checkpoints of an earlier release, or none complete
-            found = None
-        try:
-            latest = found if found is not None else find_latest(run_dir)  # or a single-file one
-        except CheckpointError as exc:  # 'latest' names a file that is gone
+            latest = run_checkpoint(run_dir, best=best)
+        except CheckpointError as exc:  # 'latest' names a file that is gone, or no best checkpoint
             raise ModelLoadError(str(exc)) from exc
         if latest is None:
             found = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) \
@@ -272,10 +281,30 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, CheckpointFormat]:
     raise ModelLoadError(f"{path} is not a checkpoint in any known format ({checkpoint_formats()})")
 
 
-def read_checkpoint(path: str | Path, *, trust: bool = False) -> tuple[dict, Path, str]:
-    """Reads a checkpoint in any registered format: (single-device state dict, resolved path, format name)."""
-    resolved, fmt = resolve_checkpoint(path)
-    return fmt.read(resolved, trust), resolved, fmt.name
+def read_checkpoint(path: str | Path, *, trust: bool = False, weights: str | None = None,
+                    best: bool = False) -> tuple[dict, Path, str]:
+    """Reads a checkpoint in any registered format: (single-device state dict, resolved path, format name).
+
+    ``weights``: None (the moving average when the checkpoint has one, else the trained weights),
+    ``"ema"`` (the average; an error if there is none) or ``"raw"``; the dict's ``weights`` says which
+    ``model`` holds. ``best``: a run directory's best checkpoint instead of its latest.
+    """
+    if weights not in (None, "ema", "raw"):
+        raise ValueError(f"weights must be None, 'ema' or 'raw', got {weights!r}")
+    resolved, fmt = resolve_checkpoint(path, best=best)
+    if fmt.reads_weights:
+        state = fmt.read(resolved, trust, weights="raw" if weights == "raw" else "ema")
+    else:
+        state = fmt.read(resolved, trust)
+        ema = state.get("ema") if isinstance(state, dict) else None
+        if ema and weights != "raw" and isinstance(state.get("model"), dict):
+            state = dict(state, model={**state["model"], **ema}, weights="ema")
+    if isinstance(state, dict):
+        state.setdefault("weights", "raw")
+        if state.get("weights") != "ema" and weights == "ema":
+            raise ModelLoadError(f"{resolved} holds no moving average of the weights (its run had no "
+                                 f"train.ema_decay); load its trained weights with weights='raw' (--weights raw)")
+    return state, resolved, fmt.name
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: dict | None = None) -> torch.dtype:
@@ -304,7 +333,8 @@ def _model_config(state: dict, path: Path):
 
 
 def load_model(path_or_run_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str | None = torch.float64, *, trust: bool = False):
+               dtype: torch.dtype | str | None = torch.float64, *, trust: bool = False, weights: str | None = None,
+               best: bool = False):
     """Loads the model of a checkpoint (or of a run directory's latest checkpoint) for inference.
 
     Args:
@@ -314,6 +344,10 @@ def load_model(path_or_run_dir: str | Path, device: str | torch.device = "cpu",
             ``None`` takes the dtype the model was trained in).
         trust: allow arbitrary pickled objects in the file (``torch.load(weights_only=False)``);
             only for checkpoints from a trusted source.
+        weights: ``None`` (default: the moving average of the weights when the checkpoint has one,
+            else the trained weights), ``"ema"`` (the average; an error without one) or ``"raw"``.
+        best: for a run directory, its best checkpoint by validation (``checkpoints/best``) instead
+            of the latest.
 
     Returns:
         (model, info): an ``AtomisticModel`` in eval mode and a ``ModelInfo``.
@@ -325,7 +359,7 @@ def load_model(path_or_run_dir: str | Path, device: str | torch.device = "cpu",
     from gnnmegatron.training.model_card import find_model_card
     from gnnmegatron.models import AtomisticModel
 
-    state, resolved, fmt = read_checkpoint(path_or_run_dir, trust=trust)
+    state, resolved, fmt = read_checkpoint(path_or_run_dir, trust=trust, weights=weights, best=best)
     cfg = _model_config(state, resolved)
     dtype = resolve_dtype(dtype, state.get("config"))
     model = AtomisticModel(cfg)
@@ -354,7 +388,7 @@ def load_model(path_or_run_dir: str | Path, device: str | torch.device = "cpu",
         elements=sorted(int(z) for z in elements) if elements is not None else None,
         step=state.get("step"), seen=dict(state.get("seen") or {}), best_val=state.get("best_val"),
         config=dict(state.get("config") or {}), stats=stats, world_size=int(state.get("world_size", 1) or 1),
-        card=card, dtype=dtype, device=str(device),
+        card=card, dtype=dtype, device=str(device), weights=state.get("weights", "raw"),
     )
     return model, info
 
@@ -365,4 +399,4 @@ def describe(info: ModelInfo) -> str:
     cfg = info.model_config
     srcs = f", sources {list(cfg.sources)} ({cfg.heads} heads)" if cfg.multi_source else ""
     return (f"{preset} (H={cfg.hidden}, L={cfg.layers}, cutoff={cfg.cutoff} Å, {cfg.force_mode} forces{srcs}) "
-            f"from {info.path} at step {info.step}")
+            f"from {info.path} at step {info.step}, {'averaged (EMA)' if info.weights == 'ema' else 'trained'} weights")

@@ -27,9 +27,11 @@ stress_mae                 [G]        mean |predicted - reference| over the 9 co
 =========================  =========  =========================================================
 
 ``preds.json``: the summary ``predict`` returns: counts, ``energy_mae_per_atom`` (mean over
-structures of |error| per atom, as the trainer's validation reports it), ``energy_rmse_per_atom``,
-``force_mae`` and ``force_rmse`` (over all force components of all structures with references,
-as the trainer's validation), ``stress_mae``, timing (``atoms_per_s``), model and input.
+structures of |error| per atom), ``energy_rmse_per_atom``, ``force_mae`` and ``force_rmse`` (over
+all force components of all structures with references) and ``stress_mae``, computed by the
+trainer's ``ErrorAccumulator`` (gnnmegatron/training/losses.py), so they mean what validation's
+numbers mean; timing (``atoms_per_s``), model, weights (``ema``: the moving average of the
+weights, the default when the checkpoint has one; ``raw``) and input.
 
 Reading it back::
 
@@ -50,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["format_summary", "iter_input_structures", "predict", "run_split_indices"]
+__all__ = ["batches_by_atoms", "format_summary", "iter_input_structures", "predict", "run_split_indices"]
 
 _STORE_READ_GRAPHS = 1024  # graphs read per get_many call: the store decodes each chunk once per call
 
@@ -122,7 +124,7 @@ def run_split_indices(config: dict, store_path, split: str, source: str | None =
         source: a multi-source run's source name (each has its own split of its own store).
     """
     from gnnmegatron.data.store import GraphStore, split_indices
-    from gnnmegatron.training.trainer import nested_subset
+    from gnnmegatron.training.runtime import nested_subset
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
@@ -171,7 +173,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     ])
 
 
-def _batches(structures: Iterator[dict], batch_atoms: int) -> Iterator[list[dict]]:
+def batches_by_atoms(structures: Iterator[dict], batch_atoms: int) -> Iterator[list[dict]]:
     """Consecutive structures up to ``batch_atoms`` atoms (a larger structure goes alone)."""
     batch, atoms = [], 0
     for s in structures:
@@ -196,9 +198,19 @@ def _ref(value, shape) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def _nanmean(values: np.ndarray) -> float | None:
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else None
+def _labels(structs: list[dict], batch: dict, periodic: np.ndarray) -> dict[str, torch.Tensor]:
+    """The reference labels of a batch of input structures, as ``ErrorAccumulator`` reads them (CPU,
+    float64, zeros where a structure has none, ``has_*`` masks; stress only on periodic cells)."""
+    n = [len(s["atomic_numbers"]) for s in structs]
+    energy = np.array([np.nan if s.get("energy") is None else float(s["energy"]) for s in structs])
+    forces = [_ref(s.get("forces"), (k, 3)) for s, k in zip(structs, n)]
+    stress = np.stack([_ref(s.get("stress"), (3, 3)) for s in structs])
+    has_f = np.array([bool(np.isfinite(f).all()) for f in forces])
+    has_s = np.isfinite(stress).all(axis=(1, 2)) & periodic
+    return {"num_atoms": batch["num_atoms"].cpu(), "batch": batch["batch"].cpu(),
+            "energy": torch.from_numpy(np.nan_to_num(energy)), "has_energy": torch.from_numpy(np.isfinite(energy)),
+            "forces": torch.from_numpy(np.nan_to_num(np.concatenate(forces))), "has_forces": torch.from_numpy(has_f),
+            "stress": torch.from_numpy(np.nan_to_num(stress)), "has_stress": torch.from_numpy(has_s)}
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -210,7 +222,8 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: str | torch.device | None = None,
             dtype: torch.dtype | str | None = None, indices: Sequence[int] | None = None,
             split: str | None = None, index: str = ":", format: str | None = None, progress: bool = True,
-            trust: bool = False, source: str | None = None) -> dict[str, Any]:
+            trust: bool = False, source: str | None = None, weights: str | None = None,
+            best: bool = False) -> dict[str, Any]:
     """Predicts energies, forces (and stress) for every structure of ``inputs``; writes .npz + .json.
 
     Args:
@@ -231,6 +244,8 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
             reference and head to use (required there; an unknown name raises
             ``UnknownSourceError`` listing the known ones); with ``split=`` also the source whose
             split of its store is meant.
+        weights, best: which weights and which checkpoint of a run (``load_model``): by default the
+            moving average of the weights when the checkpoint has one, of the latest checkpoint.
 
     Returns:
         The summary dict (also written as JSON).
@@ -243,7 +258,8 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
     from tqdm import tqdm
 
     from gnnmegatron.data.batch import collate
-    from gnnmegatron.inference.calculator import UnknownElementError, _format_elements
+    from gnnmegatron.inference.calculator import UnknownElementError, format_elements
+    from gnnmegatron.training.losses import ErrorAccumulator
     from gnnmegatron.inference.loading import describe, load_model, resolve_dtype, resolve_source
     from gnnmegatron.models import AtomisticModel
 
@@ -257,7 +273,7 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
         model = model_path.to(device=device, dtype=resolve_dtype(dtype or "float32")).eval()
         info, known, model_desc = None, None, "AtomisticModel object"
     else:
-        model, info = load_model(model_path, device=device, dtype=dtype, trust=trust)
+        model, info = load_model(model_path, device=device, dtype=dtype, trust=trust, weights=weights, best=best)
         known, model_desc = info.elements, describe(info)
     source_id = resolve_source(model.cfg, source)
     if source_id is not None:
@@ -282,16 +298,17 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
                                               "ref_energy", "ref_forces", "ref_stress")}
     bar = tqdm(total=total_atoms, unit="atom", unit_scale=True, desc="predict", dynamic_ncols=True,
                mininterval=0.5, file=sys.stderr, disable=not progress)
+    acc = ErrorAccumulator()
     t0 = time.perf_counter()
     try:
-        for batch_structs in _batches(structures, batch_atoms):
+        for batch_structs in batches_by_atoms(structures, batch_atoms):
             for s in batch_structs:
                 z = np.asarray(s["atomic_numbers"], dtype=np.int64)
                 bad = sorted(set(z.tolist()) - known_set) if known_set is not None else \
                     sorted(set(z[(z < 1) | (z > model.cfg.max_z)].tolist()))
                 if bad:
                     raise UnknownElementError(
-                        f"structure {s.get('index')} of {input_desc} contains {_format_elements(bad)}, which the "
+                        f"structure {s.get('index')} of {input_desc} contains {format_elements(bad)}, which the "
                         f"model has never seen (it knows {known_desc})")
             geometry = [dict({k: s.get(k) for k in ("atomic_numbers", "positions", "cell", "pbc")},
                              source=source_id or 0) for s in batch_structs]
@@ -303,6 +320,8 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
             energy = out["energy"].double().cpu().numpy()
             forces = out["forces"].double().cpu().numpy()
             stress = out["stress"].double().cpu().numpy() if "stress" in out else None
+            acc.update({k: v.detach().cpu() for k, v in out.items() if k in ("energy", "forces", "stress")},
+                       _labels(batch_structs, batch, periodic))
             for g, s in enumerate(batch_structs):
                 n = int(ptr[g + 1] - ptr[g])
                 cols["index"].append(int(s.get("index", len(cols["index"]))))
@@ -344,8 +363,7 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
     else:
         arrays["stress_mae"] = np.full(G, np.nan)
 
-    has_f = np.isfinite(force_diff).all(axis=1)
-    e_err = arrays["energy_error_per_atom"][np.isfinite(arrays["energy_error_per_atom"])]
+    m = acc.result()
     summary = {
         "model": model_desc,
         "model_path": str(info.path) if info is not None else None,
@@ -360,11 +378,12 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
         "with_energy": int(np.isfinite(arrays["ref_energy"]).sum()),
         "with_forces": int(np.isfinite(arrays["force_mae"]).sum()),
         "with_stress": int(np.isfinite(arrays["stress_mae"]).sum()),
-        "energy_mae_per_atom": float(np.abs(e_err).mean()) if e_err.size else None,
-        "energy_rmse_per_atom": float(np.sqrt((e_err ** 2).mean())) if e_err.size else None,
-        "force_mae": float(np.abs(force_diff[has_f]).mean()) if has_f.any() else None,
-        "force_rmse": float(np.sqrt((force_diff[has_f] ** 2).mean())) if has_f.any() else None,
-        "stress_mae": _nanmean(arrays["stress_mae"]),
+        "weights": info.weights if info is not None else None,
+        "energy_mae_per_atom": m["energy_mae_per_atom"] if m["energy_graphs"] else None,
+        "energy_rmse_per_atom": m["energy_rmse_per_atom"] if m["energy_graphs"] else None,
+        "force_mae": m["force_mae"] if m["force_components"] else None,
+        "force_rmse": m["force_rmse"] if m["force_components"] else None,
+        "stress_mae": m["stress_mae"],
         "units": {"energy": "eV", "energy_mae_per_atom": "eV/atom", "force_mae": "eV/Å", "stress_mae": "eV/Å^3"},
         "seconds": seconds,
         "atoms_per_s": float(num_atoms.sum()) / max(seconds, 1e-9),

@@ -441,7 +441,7 @@ def _training_subsets(base: PretrainConfig, fractions: list[float], *, make_stor
     """``{fraction: (train_graphs, train_atoms, global batches of epoch 0)}`` from the store."""
     from gnnmegatron.data.sampler import ChunkAwareSampler
     from gnnmegatron.data.store import GraphStore, split_indices
-    from gnnmegatron.training.trainer import ensure_store, nested_subset
+    from gnnmegatron.training.runtime import ensure_store, nested_subset
 
     if base.data.multi_source:
         return _mixture_subsets(base, fractions, make_store=make_store)
@@ -470,7 +470,7 @@ def _mixture_subsets(base: PretrainConfig, fractions: list[float], *, make_store
 
     from gnnmegatron.data.mixture import MixtureSampler, MixtureStore, mixture_weights
     from gnnmegatron.data.store import GraphStore, split_indices
-    from gnnmegatron.training.trainer import ensure_source_store, nested_subset
+    from gnnmegatron.training.runtime import ensure_source_store, nested_subset
 
     stores = []
     for i, src in enumerate(base.data.source_list()):
