@@ -21,7 +21,7 @@ Why the pairing matters: megatron-core's ``_ReduceFromModelParallelRegion.backwa
 ``grad_output`` unchanged (not through a Function), so under double backward the identity's
 own adjoint -- an all-reduce, the gradient w.r.t. a replicated ``grad_output`` being the sum
 of the ranks' partial uses -- is lost. Here ``reduce_from``'s backward is ``copy_to.apply``,
-whose backward all-reduces. (Evidence: ``tests/parallel/test_linear.py``.)
+whose backward all-reduces. (Evidence: ``tests/parallel/test_parallel_linear.py``.)
 
 Communication: plain ``torch.distributed`` calls (``all_reduce`` on a contiguous clone,
 ``all_gather`` into a list) inside ``Function.forward``. ``forward`` runs with grad mode off,

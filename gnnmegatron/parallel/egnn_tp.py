@@ -118,7 +118,7 @@ class _TPBlock(nn.Module):
     MLP on ``[h[:, sl] ; m_loc]``, the coordinate update on reduced scalars, and gathering."""
 
     fused = True  # EGNNStack builds one CSR plan per graph and hands it to every block
-    tp_sharded_parameters = ("node_mix",)  # besides the parallel linears' (training.distributed)
+    tp_sharded_parameters = ("node_mix",)  # split over the TP group; the parallel linears mark their own
 
     def __init__(self, egcl: EGCL, layout: ParallelLayout):
         super().__init__()

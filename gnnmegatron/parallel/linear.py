@@ -14,7 +14,7 @@ Two implementations with one interface (``weight``/``bias`` are this rank's shar
   energy is a nonlinear function of the row-parallel output: ``_ReduceFromModelParallelRegion``
   has an identity backward that is not recorded in the graph, so double backward misses the
   all-reduce that sums the ranks' contributions to d(loss)/d(grad_output). A toy whose energy
-  is ``y.sum()`` (zero second derivative) hides it. Evidence: ``tests/parallel/test_linear.py``.
+  is ``y.sum()`` (zero second derivative) hides it. Evidence: ``tests/parallel/test_parallel_linear.py``.
   Kept for comparison and for megatron-core interop.
 
 Sharding (``nn.Linear`` convention, weight ``[out, in]``):
@@ -73,10 +73,13 @@ def shard(full: torch.Tensor, dim: int, group, *, rank: int | None = None, size:
 
 
 class _ShardedLinear(nn.Module):
-    """Shared helpers. Subclasses set ``_weight_dim`` (0 column, 1 row), ``_bias_sharded``."""
+    """Shared helpers. Subclasses set ``_weight_dim`` (0 column, 1 row), ``_bias_sharded`` and
+    ``tp_sharded_parameters``: the names of their parameters that are split over the TP group (the
+    public mark that gradient clipping reads, gnnmegatron/training/distributed.py)."""
 
     _weight_dim: int
     _bias_sharded: bool
+    tp_sharded_parameters: tuple[str, ...]
     _param_prefix = ""  # where weight/bias live in this module's state dict ("layer." for megatron's)
     tp_group = None
     tp = 1
@@ -184,6 +187,7 @@ class ColumnParallelLinear(_ShardedLinear):
 
     _weight_dim = 0
     _bias_sharded = True
+    tp_sharded_parameters = ("weight", "bias")
 
     def __init__(
         self,
@@ -236,6 +240,7 @@ class RowParallelLinear(_ShardedLinear):
 
     _weight_dim = 1
     _bias_sharded = False
+    tp_sharded_parameters = ("weight",)  # the bias is replicated, added after the all-reduce
 
     def __init__(
         self,
@@ -348,6 +353,7 @@ class MegatronColumnParallelLinear(_MegatronLinear):
 
     _weight_dim = 0
     _bias_sharded = True
+    tp_sharded_parameters = ("weight", "bias")
     _mcore_name = "ColumnParallelLinear"
     _sharded_features = "out_features"
     _mcore_kwargs = {"gather_output": False}
@@ -361,6 +367,7 @@ class MegatronRowParallelLinear(_MegatronLinear):
 
     _weight_dim = 1
     _bias_sharded = False
+    tp_sharded_parameters = ("weight",)
     _mcore_name = "RowParallelLinear"
     _sharded_features = "in_features"
     _mcore_kwargs = {"input_is_parallel": True, "skip_bias_add": False}

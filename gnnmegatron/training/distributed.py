@@ -121,20 +121,16 @@ class TrainGroups:
 def is_tp_sharded(model: nn.Module) -> dict[int, bool]:
     """``{id(param): True if it is split over the TP group}``.
 
-    Sharded: the weights of column- and row-parallel linears, the biases of column-parallel
-    ones and the parameters a module names in ``tp_sharded_parameters`` (e.g. a TP block's
-    grouped message weight); everything else (embedding, heads, norms, row-parallel biases) is
-    replicated.
+    The parallel layers mark their split parameters: a module lists their names in
+    ``tp_sharded_parameters`` (the column-parallel linears their weight and bias, the row-parallel
+    ones their weight, a TP block its grouped message weight; gnnmegatron/parallel/linear.py,
+    egnn_tp.py). Everything else (embedding, heads, norms, row-parallel biases) is replicated.
     """
     out = {id(p): False for p in model.parameters()}
     for mod in model.modules():
         for name in getattr(mod, "tp_sharded_parameters", ()):
             if getattr(mod, name, None) is not None:
                 out[id(getattr(mod, name))] = True
-        if hasattr(mod, "_weight_dim") and hasattr(mod, "_bias_sharded") and hasattr(mod, "tp_group"):
-            out[id(mod.weight)] = True
-            if mod.bias is not None and mod._bias_sharded:
-                out[id(mod.bias)] = True
     return out
 
 
