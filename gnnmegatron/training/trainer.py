@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,14 @@ import yaml
 
 from gnnmegatron.training import checkpoint as ckpt
 from gnnmegatron.training import sharded_checkpoint as sc
+from gnnmegatron.training import resume as start
 from gnnmegatron.training.baselines import composition_energy
 from gnnmegatron.training.data_setup import TrainData, build_train_data, fit_references, source_report
 from gnnmegatron.training.build import build_local_model, set_energy_buffers
 from gnnmegatron.training.config import ConfigError, PretrainConfig
 from gnnmegatron.training.distributed import GradReducer, TrainGroups, clip_grad_norm, split_params
 from gnnmegatron.training.faults import Heartbeat, NonFiniteStep, RankLost, describe_failure
-from gnnmegatron.training.ema import EMA_PREFIX, WeightEMA
+from gnnmegatron.training.ema import WeightEMA
 from gnnmegatron.training.logging import MetricsWriter, Progress, TensorBoardWriter, memory_mb, plot_loss_curve
 from gnnmegatron.training.losses import (ErrorAccumulator, active_terms, compute_loss, label_masks, loss_at,
                                          loss_denominators)
@@ -55,7 +55,7 @@ from gnnmegatron.training.runtime import (  # noqa: F401 - re-exported for calle
     init_distributed,
     nested_subset,
 )
-from gnnmegatron.training.train_state import apply_optimizer_state, load_full_into, model_state, optimizer_state
+from gnnmegatron.training.train_state import model_state, optimizer_state
 
 RESUME_MODES = ("auto", "never", "overwrite")
 
@@ -90,7 +90,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resume_path, note = self._resume_path(resume)
+        resume_path, note = start.resume_path(self, resume)
 
         self._build_data()
 
@@ -112,9 +112,9 @@ class Trainer:
         self.best_val: dict[str, float] | None = None
         self.skipped_steps = 0
 
-        loaded = self._load_model(resume_path) if resume_path is not None else None
+        loaded = start.load_model(self, resume_path) if resume_path is not None else None
         if loaded is None and cfg.train.init_from:
-            self._init_weights(Path(cfg.train.init_from))
+            start.init_weights(self, Path(cfg.train.init_from))
         if cfg.train.activation_checkpointing:
             checkpoint_blocks(self.model)
         self.sharded_params, self.replicated_params = split_params(self.model)
@@ -133,7 +133,7 @@ class Trainer:
             self.engine = PipelineEngine(self.model, self.groups.layout, par.schedule,
                                          autocast_dtype=self.autocast_dtype, dtype=self.dtype)
         if loaded is not None:
-            self._load_rest(resume_path, loaded, note)
+            start.load_rest(self, resume_path, loaded, note)
         self.is_logger = self.groups.is_logger
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
                                      resume_step=self.step if resume_path is not None else None) \
@@ -188,113 +188,6 @@ class Trainer:
         if par.pp_layers is not None and sum(par.pp_layers) != mc.layers:
             raise ConfigError(f"parallel.pp_layers={par.pp_layers} sums to {sum(par.pp_layers)} but the model has "
                               f"{mc.layers} layers")
-
-    def _resume_path(self, resume: str) -> tuple[Path | None, str]:
-        folder = self.run_dir / "checkpoints"
-        if resume == "overwrite":
-            if self.rank == 0:
-                shutil.rmtree(folder, ignore_errors=True)
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            if dist.is_initialized():
-                dist.barrier()
-            return None, ""
-        if resume == "never":
-            if folder.is_dir() and any(folder.iterdir()):
-                raise ckpt.CheckpointError(f"{self.run_dir} already holds checkpoints; resume it (--resume auto), "
-                                           f"start over there (--resume overwrite) or choose another run_dir")
-            return None, ""
-        if resume == "auto":
-            return sc.find_resume(self.run_dir)
-        path = Path(resume)
-        if not sc.is_sharded_checkpoint(path):
-            raise ckpt.CheckpointError(f"--resume {path}: not a complete checkpoint directory (expected "
-                                       f"{self.run_dir}/checkpoints/step_XXXXXXXX with .metadata and meta.json)")
-        return path, ""
-
-    def _load_model(self, path: Path) -> dict[str, Any]:
-        """Checks the checkpoint's model and loads this rank's weights from it (any layout wrote it)."""
-        info = sc.read_meta(path)
-        ckpt.check_model_compatible(path, info["model_config"], self.model_cfg.to_dict())
-        state = model_state(self.model)
-        state["meta"] = None
-        state[f"rng/rank{self.rank}"] = None
-        sc.load_sharded(path, state, missing_ok=("rng/",))
-        return state
-
-    def _init_weights(self, path: Path) -> None:
-        """``train.init_from``: model weights only, step 0, fresh optimizer (a sharded directory, a run
-        directory, or a single-file checkpoint of an earlier release)."""
-        if path.is_dir() and not sc.is_sharded_checkpoint(path):
-            path = sc.find_resume(path)[0] or path
-        if sc.is_sharded_checkpoint(path):
-            info = sc.read_meta(path)
-            ckpt.check_model_compatible(path, info["model_config"], self.model_cfg.to_dict())
-            sc.load_sharded(path, model_state(self.model))
-            step, layout = info.get("step"), info.get("layout")
-        else:
-            state = ckpt.load_checkpoint(path)
-            ckpt.check_model_compatible(path, state["model_config"], self.model_cfg.to_dict())
-            load_full_into(self.model, state["model"], str(path))
-            step, layout = state.get("step"), state.get("layout")
-        if self.rank == 0:
-            print(f"initialised the model weights from {path} (step {step}, layout {layout}); optimizer, sampler "
-                  f"and step start fresh", flush=True)
-
-    def _load_rest(self, path: Path, loaded: dict[str, Any], note: str) -> None:
-        """Optimizer state, sampler position, counters and RNG of the checkpoint ``_load_model`` read."""
-        meta = loaded["meta"]
-        opt_state, pending = optimizer_state(self.optimizer, self.model, fresh=True)
-        sc.load_sharded(path, opt_state, missing_ok=("optim/",))
-        apply_optimizer_state(self.optimizer, pending, opt_state)
-        saved = dict(meta["sampler"])
-        here = self.describe_layout()
-        moved = saved["dp_size"] != self.dp
-        if moved:  # the global batch sequence does not depend on dp: continue at the same global position
-            done = saved["batches_done"] * saved["dp_size"]
-            saved["batches_done"] = min(done // self.dp, len(self.train_sampler))
-            if done % self.dp and self.rank == 0:
-                print(f"note: {done % self.dp} global batch(es) of epoch {saved['epoch']} are repeated: "
-                      f"{done} done is not a multiple of the new dp={self.dp}", flush=True)
-            saved["dp_size"] = self.dp
-        saved["dp_rank"] = self.groups.dp_rank
-        self.train_loader.load_state_dict(saved)
-        self.epoch = meta["epoch"]
-        if self.train_sampler.batches_done >= len(self.train_sampler):
-            # Saved right after an epoch's last batch: the uninterrupted run moves to the next epoch here.
-            self.epoch += 1
-            self.train_sampler.set_epoch(self.epoch)
-        self.step = meta["step"]
-        self.seen = dict(meta["seen"])
-        self.best_val = meta.get("best_val")
-        self.skipped_steps = meta.get("skipped_steps", 0)
-        self.monitor.load(meta.get("monitor"))
-        if self.ema is not None:
-            self._load_ema(path, meta)
-        rng = loaded.get(f"rng/rank{self.rank}")
-        if rng is not None:
-            sc.set_rng_states(rng)
-        if self.rank == 0:
-            if note:
-                print(f"note: {note}", flush=True)
-            layout = meta.get("layout", {})
-            how = "" if layout == here else f" (written under {layout}, resharded to {here})"
-            print(f"resumed from {path} at step {self.step}{how}", flush=True)
-
-    def _load_ema(self, path: Path, meta: dict[str, Any]) -> None:
-        """The moving average of a checkpoint; one without (EMA newly switched on) starts it from the weights."""
-        state = self.ema.state(self.model)
-        expected = len(state)
-        sc.load_sharded(path, state, missing_ok=(EMA_PREFIX,))
-        if len(state) < expected or not meta.get("ema"):
-            self.ema.reset(self.model)
-            if self.rank == 0:
-                print(f"note: {path} holds no moving average of the weights; train.ema_decay="
-                      f"{self.cfg.train.ema_decay} starts one from its weights", flush=True)
-            return
-        self.ema.load_meta(meta["ema"])
-        if meta["ema"].get("decay") != self.ema.decay and self.rank == 0:
-            print(f"note: the checkpoint's average used decay {meta['ema'].get('decay')}; it continues with "
-                  f"train.ema_decay={self.ema.decay}", flush=True)
 
     def _validation_weights(self):
         """The moving average in the model while validating (``train.ema_decay``), the weights otherwise."""
