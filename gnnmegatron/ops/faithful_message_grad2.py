@@ -49,7 +49,7 @@ from typing import Optional, Sequence
 import torch
 
 from gnnmegatron.ops.activations import act_grads2
-from gnnmegatron.ops.dispatch import compute_dtype
+from gnnmegatron.ops.dispatch import compute_dtype, rows_add_, run_chunks
 from gnnmegatron.ops.faithful_message_torch import (_Buffers, _first_layer, act_grads2_, chunk_rows, chunks, rowdot,
                                                     tp_reducer)
 
@@ -127,7 +127,7 @@ def faithful_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, b
         if rows is None:
             acc[name] = acc[name] + value if create else acc[name].add_(value)
         else:
-            acc[name] = acc[name].index_add(0, rows, value) if create else acc[name].index_add_(0, rows, value)
+            acc[name] = acc[name].index_add(0, rows, value) if create else rows_add_(acc[name], rows, value)
 
     def take(t, rows):  # index_select: under autograd its backward is index_add (deterministic on CPU)
         return t.index_select(0, rows).to(cdt) if t is not None else None
@@ -280,123 +280,133 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v,
     def zeros(shape, on):
         return torch.zeros(shape, dtype=cdt, device=dev) if on else None
 
-    acc = dict(gm=zeros((N, F2), need["gm"]), P=zeros((N, F1), need["P"] or need["b1"]), Q=zeros(Q.shape, need["Q"]),
-               C=zeros((K, F1), need["C"]), W2=zeros((F2, F1), need["W2"]), b2=zeros(F2, need["b2"]),
-               Wc=zeros((F3, F2), need["Wc"]), bc=zeros(F3, need["bc"]), v=zeros(F3, need["v"]))
+    shapes = dict(gm=((N, F2), need["gm"]), P=((N, F1), need["P"] or need["b1"]), Q=(tuple(Q.shape), need["Q"]),
+                  C=((K, F1), need["C"]), W2=((F2, F1), need["W2"]), b2=((F2,), need["b2"]), Wc=((F3, F2), need["Wc"]),
+                  bc=((F3,), need["bc"]), v=((F3,), need["v"]))
     dgs = torch.zeros(E, dtype=cdt, device=dev) if need["gs"] else None
     dR = torch.zeros((E, K), dtype=cdt, device=dev) if need["R"] else None
     dw = torch.zeros(E, dtype=cdt, device=dev) if need["w"] else None
-    if E > 0:
-        rows = chunk_rows(E, F1, F2, F3)
-        widths = dict(Z1=F1, T1=F1, S1=F1, SS1=F1, Z2=F2, T2=F2, S2=F2, SS2=F2, G=F2)
-        stacked = dict(AA1=F1, ZZ2=F2, AA2=F2, GG2=F2, BB2=F2, GG1=F1)
+    rows = chunk_rows(max(E, 1), F1, F2, F3)
+    widths = dict(Z1=F1, T1=F1, S1=F1, SS1=F1, Z2=F2, T2=F2, S2=F2, SS2=F2, G=F2)
+    stacked = dict(AA1=F1, ZZ2=F2, AA2=F2, GG2=F2, BB2=F2, GG1=F1)
+    if coord:
+        widths.update(T3=F3, S3=F3, SS3=F3)
+        stacked.update(ZZ3=F3, BB3=F3)
+
+    def new_state():
+        acc = {k: (torch.zeros(shape, dtype=cdt, device=dev) if on else None) for k, (shape, on) in shapes.items()}
+        return dict(acc=acc, buf=_Buffers(rows, widths, cdt, dev), stk=_Buffers(2 * rows, stacked, cdt, dev))
+
+    def body(st, idx):
+        acc, buf, stk = st["acc"], st["buf"], st["stk"]
+        d, j = dst[idx], src[idx]
+        c = d.numel()
+        Rc = R[idx]
+        wc = w[idx].unsqueeze(1) if w is not None else None
+        twc = tw[idx].unsqueeze(1) if tw is not None else None
+        # ---- layer 1: z1, its tangent, a1 and a1' stacked in AA1
+        z1 = _first_layer(buf.get("Z1", c), buf.get("T1", c), P, Q, d, j, Rc, C, b1)
+        AA1 = stk.get("AA1", 2 * c)
+        a1, da1 = AA1[:c], AA1[c:]
+        if tR is not None:
+            torch.mm(tR[idx], C, out=da1)  # z1' (a1' after the product with s1 below)
+        else:
+            da1.zero_()
+        T1 = buf.get("T1", c)
+        for t, rows_ in ((tP, d), (tQ, j)):
+            if t is not None:
+                da1.add_(torch.index_select(t, 0, rows_, out=T1))
+        S1, SS1 = buf.get("S1", c), buf.get("SS1", c)
+        act_grads2_(activation, z1, a1, S1, SS1, T1)
+        SS1.mul_(da1)                                  # ss1 z1'
+        da1.mul_(S1)                                   # a1'
+        # ---- layer 2
+        ZZ2 = torch.mm(AA1, W2.t(), out=stk.get("ZZ2", 2 * c))
+        if reduce is not None:
+            reduce(ZZ2)
+        z2, dz2 = ZZ2[:c], ZZ2[c:]
+        z2.add_(b2)
+        AA2 = stk.get("AA2", 2 * c)
+        a, da = AA2[:c], AA2[c:]
+        S2, SS2 = buf.get("S2", c), buf.get("SS2", c)
+        act_grads2_(activation, z2, a, S2, SS2, buf.get("T2", c))
+        SS2.mul_(dz2)                                  # ss2 z2'
+        torch.mul(dz2, S2, out=da)                     # a'
+        G = torch.index_select(gm, 0, d, out=buf.get("G", c))
+        if dw is not None:
+            dw[idx] = rowdot(G, da)
+        if acc["gm"] is not None:                      # m' = sum_e w a' + tw a
+            T2 = torch.mul(da, wc, out=buf.get("T2", c)) if wc is not None else da
+            if twc is not None:
+                T2 = T2.addcmul(a, twc) if T2 is da else T2.addcmul_(a, twc)
+            rows_add_(acc["gm"], d, T2)
+        GG2 = stk.get("GG2", 2 * c)                    # [a~; a'~]
+        bar_a, bar_da = GG2[:c], GG2[c:]
+        # ---- layer 3 (coordinate MLP)
         if coord:
-            widths.update(T3=F3, S3=F3, SS3=F3)
-            stacked.update(ZZ3=F3, BB3=F3)
-        buf = _Buffers(rows, widths, cdt, dev)
-        stk = _Buffers(2 * rows, stacked, cdt, dev)
-        with torch.no_grad():
-            for idx in chunks(E, rows, perm):
-                d, j = dst[idx], src[idx]
-                c = d.numel()
-                Rc = R[idx]
-                wc = w[idx].unsqueeze(1) if w is not None else None
-                twc = tw[idx].unsqueeze(1) if tw is not None else None
-                # ---- layer 1: z1, its tangent, a1 and a1' stacked in AA1
-                z1 = _first_layer(buf.get("Z1", c), buf.get("T1", c), P, Q, d, j, Rc, C, b1)
-                AA1 = stk.get("AA1", 2 * c)
-                a1, da1 = AA1[:c], AA1[c:]
-                if tR is not None:
-                    torch.mm(tR[idx], C, out=da1)  # z1' (a1' after the product with s1 below)
-                else:
-                    da1.zero_()
-                T1 = buf.get("T1", c)
-                for t, rows_ in ((tP, d), (tQ, j)):
-                    if t is not None:
-                        da1.add_(torch.index_select(t, 0, rows_, out=T1))
-                S1, SS1 = buf.get("S1", c), buf.get("SS1", c)
-                act_grads2_(activation, z1, a1, S1, SS1, T1)
-                SS1.mul_(da1)                                  # ss1 z1'
-                da1.mul_(S1)                                   # a1'
-                # ---- layer 2
-                ZZ2 = torch.mm(AA1, W2.t(), out=stk.get("ZZ2", 2 * c))
-                if reduce is not None:
-                    reduce(ZZ2)
-                z2, dz2 = ZZ2[:c], ZZ2[c:]
-                z2.add_(b2)
-                AA2 = stk.get("AA2", 2 * c)
-                a, da = AA2[:c], AA2[c:]
-                S2, SS2 = buf.get("S2", c), buf.get("SS2", c)
-                act_grads2_(activation, z2, a, S2, SS2, buf.get("T2", c))
-                SS2.mul_(dz2)                                  # ss2 z2'
-                torch.mul(dz2, S2, out=da)                     # a'
-                G = torch.index_select(gm, 0, d, out=buf.get("G", c))
-                if dw is not None:
-                    dw[idx] = rowdot(G, da)
-                if acc["gm"] is not None:                      # m' = sum_e w a' + tw a
-                    T2 = torch.mul(da, wc, out=buf.get("T2", c)) if wc is not None else da
-                    if twc is not None:
-                        T2 = T2.addcmul(a, twc) if T2 is da else T2.addcmul_(a, twc)
-                    acc["gm"].index_add_(0, d, T2)
-                GG2 = stk.get("GG2", 2 * c)                    # [a~; a'~]
-                bar_a, bar_da = GG2[:c], GG2[c:]
-                # ---- layer 3 (coordinate MLP)
-                if coord:
-                    gsc = gs[idx].unsqueeze(1)
-                    ZZ3 = torch.mm(AA2, Wc.t(), out=stk.get("ZZ3", 2 * c))
-                    z3, dz3 = ZZ3[:c], ZZ3[c:]
-                    z3.add_(bc)
-                    S3, SS3, T3 = buf.get("S3", c), buf.get("SS3", c), buf.get("T3", c)
-                    act_grads2_(activation, z3, None, S3, SS3, T3)
-                    da3 = torch.mul(S3, dz3, out=T3)           # a3'
-                    if dgs is not None:
-                        dgs[idx] = torch.mv(da3, v)
-                    if acc["v"] is not None:
-                        acc["v"].addmv_(da3.t(), gsc.squeeze(1))
-                    BB3 = stk.get("BB3", 2 * c)                # [z3~; z3'~]
-                    torch.mul(SS3, dz3, out=BB3[:c]).mul_(v).mul_(gsc)
-                    torch.mul(S3, v, out=BB3[c:]).mul_(gsc)
-                    torch.mm(BB3, Wc, out=GG2)
-                    if acc["Wc"] is not None:
-                        acc["Wc"].addmm_(BB3.t(), AA2)
-                    if acc["bc"] is not None:
-                        acc["bc"].add_(BB3[:c].sum(0))
-                    if twc is not None:
-                        bar_a.addcmul_(G, twc)
-                    bar_da.add_(G * wc if wc is not None else G)
-                else:
-                    if twc is not None:
-                        torch.mul(G, twc, out=bar_a)
-                    else:
-                        bar_a.zero_()
-                    if wc is not None:
-                        torch.mul(G, wc, out=bar_da)
-                    else:
-                        bar_da.copy_(G)
-                # ---- layer 2 reverse: [z2~; z2'~] = [ss2 z2' a'~ + s2 a~; s2 a'~]
-                BB2 = stk.get("BB2", 2 * c)
-                torch.mul(SS2, bar_da, out=BB2[:c]).addcmul_(S2, bar_a)
-                torch.mul(S2, bar_da, out=BB2[c:])
-                if acc["W2"] is not None:
-                    acc["W2"].addmm_(BB2.t(), AA1)
-                if acc["b2"] is not None:
-                    acc["b2"].add_(BB2[:c].sum(0))
-                GG1 = torch.mm(BB2, W2, out=stk.get("GG1", 2 * c))  # [a1~; a1'~]
-                # ---- layer 1 reverse: z1~ = ss1 z1' a1'~ + s1 a1~, z1'~ = s1 a1'~
-                bar_z1 = torch.mul(SS1, GG1[c:], out=buf.get("Z1", c)).addcmul_(S1, GG1[:c])
-                if acc["P"] is not None:
-                    acc["P"].index_add_(0, d, bar_z1)
-                if acc["Q"] is not None:
-                    acc["Q"].index_add_(0, j, bar_z1)
-                if dR is not None:
-                    if isinstance(idx, slice):
-                        torch.mm(bar_z1, C.t(), out=dR[idx])
-                    else:
-                        dR[idx] = bar_z1 @ C.t()
-                if acc["C"] is not None:
-                    acc["C"].addmm_(Rc.t(), bar_z1)
-                    if tR is not None:
-                        acc["C"].addmm_(tR[idx].t(), torch.mul(S1, GG1[c:], out=T1))
+            gsc = gs[idx].unsqueeze(1)
+            ZZ3 = torch.mm(AA2, Wc.t(), out=stk.get("ZZ3", 2 * c))
+            z3, dz3 = ZZ3[:c], ZZ3[c:]
+            z3.add_(bc)
+            S3, SS3, T3 = buf.get("S3", c), buf.get("SS3", c), buf.get("T3", c)
+            act_grads2_(activation, z3, None, S3, SS3, T3)
+            da3 = torch.mul(S3, dz3, out=T3)           # a3'
+            if dgs is not None:
+                dgs[idx] = torch.mv(da3, v)
+            if acc["v"] is not None:
+                acc["v"].addmv_(da3.t(), gsc.squeeze(1))
+            BB3 = stk.get("BB3", 2 * c)                # [z3~; z3'~]
+            torch.mul(SS3, dz3, out=BB3[:c]).mul_(v).mul_(gsc)
+            torch.mul(S3, v, out=BB3[c:]).mul_(gsc)
+            torch.mm(BB3, Wc, out=GG2)
+            if acc["Wc"] is not None:
+                acc["Wc"].addmm_(BB3.t(), AA2)
+            if acc["bc"] is not None:
+                acc["bc"].add_(BB3[:c].sum(0))
+            if twc is not None:
+                bar_a.addcmul_(G, twc)
+            bar_da.add_(G * wc if wc is not None else G)
+        else:
+            if twc is not None:
+                torch.mul(G, twc, out=bar_a)
+            else:
+                bar_a.zero_()
+            if wc is not None:
+                torch.mul(G, wc, out=bar_da)
+            else:
+                bar_da.copy_(G)
+        # ---- layer 2 reverse: [z2~; z2'~] = [ss2 z2' a'~ + s2 a~; s2 a'~]
+        BB2 = stk.get("BB2", 2 * c)
+        torch.mul(SS2, bar_da, out=BB2[:c]).addcmul_(S2, bar_a)
+        torch.mul(S2, bar_da, out=BB2[c:])
+        if acc["W2"] is not None:
+            acc["W2"].addmm_(BB2.t(), AA1)
+        if acc["b2"] is not None:
+            acc["b2"].add_(BB2[:c].sum(0))
+        GG1 = torch.mm(BB2, W2, out=stk.get("GG1", 2 * c))  # [a1~; a1'~]
+        # ---- layer 1 reverse: z1~ = ss1 z1' a1'~ + s1 a1~, z1'~ = s1 a1'~
+        bar_z1 = torch.mul(SS1, GG1[c:], out=buf.get("Z1", c)).addcmul_(S1, GG1[:c])
+        if acc["P"] is not None:
+            rows_add_(acc["P"], d, bar_z1)
+        if acc["Q"] is not None:
+            rows_add_(acc["Q"], j, bar_z1)
+        if dR is not None:
+            if isinstance(idx, slice):
+                torch.mm(bar_z1, C.t(), out=dR[idx])
+            else:
+                dR[idx] = bar_z1 @ C.t()
+        if acc["C"] is not None:
+            acc["C"].addmm_(Rc.t(), bar_z1)
+            if tR is not None:
+                acc["C"].addmm_(tR[idx].t(), torch.mul(S1, GG1[c:], out=T1))
+
+    with torch.no_grad():
+        states = run_chunks(list(chunks(E, rows, perm)) if E > 0 else [], body, new_state, parallel=reduce is None)
+        acc = states[0]["acc"]
+        for st in states[1:]:  # fixed order: results do not depend on the workers' timing
+            for k, t in st["acc"].items():
+                if t is not None:
+                    acc[k].add_(t)
     out = {k: (acc[k] if (k in acc and need[k]) else None) for k in OUTPUTS}
     out["gs"], out["R"], out["w"] = dgs, dR, dw
     out["b1"] = acc["P"].sum(0) if need["b1"] else None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from gnnmegatron.ops.activations import act, act_and_grad
-from gnnmegatron.ops.dispatch import compute_dtype, settings
+from gnnmegatron.ops.dispatch import compute_dtype, rows_add_, run_chunks, settings
 
 
 # ----------------------------------------------------------------------------- activations in place
@@ -214,26 +214,35 @@ def faithful_fwd_torch(P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, act
     P, Q, R, C, b1, W2, b2, w, Wc, bc, v = _cast(cdt, P, Q, R, C, b1, W2, b2, w, Wc, bc, v)
     coord = v is not None
     F3 = Wc.shape[0] if coord else 1
-    m = torch.zeros((N, F2), dtype=cdt, device=dev)
     s = torch.empty(E if coord else 0, dtype=cdt, device=dev)
     if E == 0:
-        return m.to(P.dtype), s
+        return torch.zeros((N, F2), dtype=cdt, device=dev), s
     rows = chunk_rows(E, F1, F2, F3)
-    buf = _Buffers(rows, dict(Z1=F1, T=F1, Z2=F2, Z3=F3 if coord else 1), cdt, dev)
     W2t = W2.t()
     Wct = Wc.t() if coord else None
+
+    def new_state():
+        return dict(m=torch.zeros((N, F2), dtype=cdt, device=dev),
+                    buf=_Buffers(rows, dict(Z1=F1, T=F1, Z2=F2, Z3=F3 if coord else 1), cdt, dev))
+
+    def body(st, idx):
+        buf = st["buf"]
+        d, j = dst[idx], src[idx]
+        c = d.numel()
+        a1 = act_(activation, _first_layer(buf.get("Z1", c), buf.get("T", c), P, Q, d, j, R[idx], C, b1))
+        a = act_(activation, second_layer(buf.get("Z2", c), a1, W2t, b2, reduce))
+        if coord:
+            a3 = act_(activation, torch.addmm(bc, a, Wct, out=buf.get("Z3", c)))
+            s[idx] = torch.mv(a3, v)
+        if w is not None:
+            a.mul_(w[idx].unsqueeze(1))
+        rows_add_(st["m"], d, a)
+
     with torch.no_grad():
-        for idx in chunks(E, rows, perm):
-            d, j = dst[idx], src[idx]
-            c = d.numel()
-            a1 = act_(activation, _first_layer(buf.get("Z1", c), buf.get("T", c), P, Q, d, j, R[idx], C, b1))
-            a = act_(activation, second_layer(buf.get("Z2", c), a1, W2t, b2, reduce))
-            if coord:
-                a3 = act_(activation, torch.addmm(bc, a, Wct, out=buf.get("Z3", c)))
-                s[idx] = torch.mv(a3, v)
-            if w is not None:
-                a.mul_(w[idx].unsqueeze(1))
-            m.index_add_(0, d, a)
+        states = run_chunks(list(chunks(E, rows, perm)), body, new_state, parallel=reduce is None)
+        m = states[0]["m"]
+        for st in states[1:]:
+            m.add_(st["m"])
     return m, s
 
 
@@ -259,80 +268,82 @@ def faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc
     if not coord:
         need["Wc"] = need["bc"] = need["v"] = False
     first = need["P"] or need["Q"] or need["R"] or need["C"] or need["b1"]
+    shapes = dict(P=((N, F1), need["P"] or need["b1"]), Q=(tuple(Q.shape), need["Q"]), C=((K, F1), need["C"]),
+                  W2=((F2, F1), need["W2"]), b2=((F2,), need["b2"]), Wc=((F3, F2), need["Wc"]),
+                  bc=((F3,), need["bc"]), v=((F3,), need["v"]))
+    dR = torch.zeros((E, K), dtype=cdt, device=dev) if need["R"] else None
+    dw = torch.zeros(E, dtype=cdt, device=dev) if need["w"] else None
+    rows = chunk_rows(max(E, 1), F1, F2, F3)
+    widths = dict(Z1=F1, A1=F1, T=F1, Z2=F2, A=F2, G=F2)
+    if coord:
+        widths.update(Z3=F3, A3=F3)
+    W2t = W2.t()
+    Wct = Wc.t() if coord else None
 
-    def zeros(shape, on):
-        return torch.zeros(shape, dtype=cdt, device=dev) if on else None
+    def new_state():
+        acc = {k: torch.zeros(shape, dtype=cdt, device=dev) for k, (shape, on) in shapes.items() if on}
+        return dict(acc=acc, buf=_Buffers(rows, widths, cdt, dev))
 
-    acc = dict(P=zeros((N, F1), need["P"] or need["b1"]), Q=zeros(Q.shape, need["Q"]), C=zeros((K, F1), need["C"]),
-               W2=zeros((F2, F1), need["W2"]), b2=zeros(F2, need["b2"]), Wc=zeros((F3, F2), need["Wc"]),
-               bc=zeros(F3, need["bc"]), v=zeros(F3, need["v"]))
-    dR = torch.empty((E, K), dtype=cdt, device=dev) if need["R"] else None
-    dw = torch.empty(E, dtype=cdt, device=dev) if need["w"] else None
-    if E > 0 and any(need.values()):
-        rows = chunk_rows(E, F1, F2, F3)
-        widths = dict(Z1=F1, A1=F1, T=F1, Z2=F2, A=F2, G=F2)
+    def body(st, idx):
+        acc, buf = st["acc"], st["buf"]
+        d, j = dst[idx], src[idx]
+        c = d.numel()
+        Rc = R[idx]
+        z1 = _first_layer(buf.get("Z1", c), buf.get("T", c), P, Q, d, j, Rc, C, b1)
+        a1, d1 = act_grad_(activation, z1, buf.get("A1", c))
+        a, d2 = act_grad_(activation, second_layer(buf.get("Z2", c), a1, W2t, b2, reduce), buf.get("A", c))
+        g = torch.index_select(gm, 0, d, out=buf.get("G", c))
+        if need["w"]:
+            dw[idx] = rowdot(g, a)
+        if w is not None:
+            g.mul_(w[idx].unsqueeze(1))
         if coord:
-            widths.update(Z3=F3, A3=F3)
-        buf = _Buffers(rows, widths, cdt, dev)
-        W2t = W2.t()
-        Wct = Wc.t() if coord else None
-        with torch.no_grad():
-            for idx in chunks(E, rows, perm):
-                d, j = dst[idx], src[idx]
-                c = d.numel()
-                Rc = R[idx]
-                z1 = _first_layer(buf.get("Z1", c), buf.get("T", c), P, Q, d, j, Rc, C, b1)
-                a1, d1 = act_grad_(activation, z1, buf.get("A1", c))
-                a, d2 = act_grad_(activation, second_layer(buf.get("Z2", c), a1, W2t, b2, reduce), buf.get("A", c))
-                g = torch.index_select(gm, 0, d, out=buf.get("G", c))
-                if need["w"]:
-                    dw[idx] = rowdot(g, a)
-                if w is not None:
-                    g.mul_(w[idx].unsqueeze(1))
-                if coord:
-                    gsc = gs[idx]
-                    a3, dz3 = act_grad_(activation, torch.addmm(bc, a, Wct, out=buf.get("Z3", c)), buf.get("A3", c))
-                    if need["v"]:
-                        acc["v"].addmv_(a3.t(), gsc)
-                    dz3.mul_(v).mul_(gsc.unsqueeze(1))  # dz3 = gs v act'(z3)
-                    if need["Wc"]:
-                        acc["Wc"].addmm_(dz3.t(), a)
-                    if need["bc"]:
-                        acc["bc"].add_(dz3.sum(0))
-                    g.addmm_(dz3, Wc)  # da = gm w + dz3 Wc
-                dz2 = g.mul_(d2)
-                if need["W2"]:
-                    acc["W2"].addmm_(dz2.t(), a1)
-                if need["b2"]:
-                    acc["b2"].add_(dz2.sum(0))
-                if not first:
-                    continue
-                dz1 = torch.mm(dz2, W2, out=a1).mul_(d1)  # a1 is not needed any more
-                if acc["P"] is not None:
-                    acc["P"].index_add_(0, d, dz1)
-                if need["Q"]:
-                    acc["Q"].index_add_(0, j, dz1)
-                if need["R"]:
-                    if isinstance(idx, slice):
-                        torch.mm(dz1, C.t(), out=dR[idx])
-                    else:
-                        dR[idx] = dz1 @ C.t()
-                if need["C"]:
-                    acc["C"].addmm_(Rc.t(), dz1)
-    else:  # no edges: every gradient is zero
-        if dR is not None:
-            dR.zero_()
-        if dw is not None:
-            dw.zero_()
+            gsc = gs[idx]
+            a3, dz3 = act_grad_(activation, torch.addmm(bc, a, Wct, out=buf.get("Z3", c)), buf.get("A3", c))
+            if need["v"]:
+                acc["v"].addmv_(a3.t(), gsc)
+            dz3.mul_(v).mul_(gsc.unsqueeze(1))  # dz3 = gs v act'(z3)
+            if need["Wc"]:
+                acc["Wc"].addmm_(dz3.t(), a)
+            if need["bc"]:
+                acc["bc"].add_(dz3.sum(0))
+            g.addmm_(dz3, Wc)  # da = gm w + dz3 Wc
+        dz2 = g.mul_(d2)
+        if need["W2"]:
+            acc["W2"].addmm_(dz2.t(), a1)
+        if need["b2"]:
+            acc["b2"].add_(dz2.sum(0))
+        if not first:
+            return
+        dz1 = torch.mm(dz2, W2, out=a1).mul_(d1)  # a1 is not needed any more
+        if "P" in acc:
+            rows_add_(acc["P"], d, dz1)
+        if need["Q"]:
+            rows_add_(acc["Q"], j, dz1)
+        if need["R"]:
+            if isinstance(idx, slice):
+                torch.mm(dz1, C.t(), out=dR[idx])
+            else:
+                dR[idx] = dz1 @ C.t()
+        if need["C"]:
+            acc["C"].addmm_(Rc.t(), dz1)
+
+    work = list(chunks(E, rows, perm)) if E > 0 and any(need.values()) else []
+    with torch.no_grad():
+        states = run_chunks(work, body, new_state, parallel=reduce is None)
+        acc = states[0]["acc"]
+        for st in states[1:]:  # fixed order: results do not depend on the workers' timing
+            for k, t in st["acc"].items():
+                acc[k].add_(t)
     db1 = acc["P"].sum(0) if need["b1"] else None  # db1 = sum_e dz1_e = sum_i dP_i
 
     def out(t, like, on):
         # a fresh tensor per output: custom-op outputs must not alias each other
         return t.to(like.dtype) if (on and t is not None) else torch.empty(0, dtype=odt, device=dev)
 
-    return [out(acc["P"], originals["P"], need["P"]), out(acc["Q"], originals["Q"], need["Q"]),
-            out(dR, originals["R"], need["R"]), out(acc["C"], originals["C"], need["C"]),
-            out(db1, originals["b1"], need["b1"]), out(acc["W2"], originals["W2"], need["W2"]),
-            out(acc["b2"], originals["b2"], need["b2"]), out(dw, originals["w"], need["w"]),
-            out(acc["Wc"], originals["Wc"], need["Wc"]), out(acc["bc"], originals["bc"], need["bc"]),
-            out(acc["v"], originals["v"], need["v"])]
+    return [out(acc.get("P"), originals["P"], need["P"]), out(acc.get("Q"), originals["Q"], need["Q"]),
+            out(dR, originals["R"], need["R"]), out(acc.get("C"), originals["C"], need["C"]),
+            out(db1, originals["b1"], need["b1"]), out(acc.get("W2"), originals["W2"], need["W2"]),
+            out(acc.get("b2"), originals["b2"], need["b2"]), out(dw, originals["w"], need["w"]),
+            out(acc.get("Wc"), originals["Wc"], need["Wc"]), out(acc.get("bc"), originals["bc"], need["bc"]),
+            out(acc.get("v"), originals["v"], need["v"])]

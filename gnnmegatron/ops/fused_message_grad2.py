@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from gnnmegatron.ops.activations import act_grads2
-from gnnmegatron.ops.dispatch import compute_dtype, settings
+from gnnmegatron.ops.dispatch import compute_dtype, rows_add_, run_chunks, settings
 
 Tensor = torch.Tensor
 OUTPUTS = ("gm", "gs", "P", "Q", "R", "C", "b", "w", "v")
@@ -75,7 +75,7 @@ def fused_message_bwd2_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activa
         if rows is None:
             acc[name] = acc[name] + value if create else acc[name].add_(value)
         else:
-            acc[name] = acc[name].index_add(0, rows, value) if create else acc[name].index_add_(0, rows, value)
+            acc[name] = acc[name].index_add(0, rows, value) if create else rows_add_(acc[name], rows, value)
 
     def take(t, rows):  # index_select: under autograd its backward is index_add (deterministic on CPU)
         return t.index_select(0, rows)
@@ -183,67 +183,78 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, tang
     def zeros(shape, on):
         return torch.zeros(shape, dtype=cdt, device=dev) if on else None
 
-    acc = dict(gm=zeros((N, F), need["gm"]), P=zeros((N, F), need["P"] or need["b"]), Q=zeros(Q.shape, need["Q"]),
-               C=zeros((K, F), need["C"]), v=zeros(F, need["v"]))
+    shapes = dict(gm=((N, F), need["gm"]), P=((N, F), need["P"] or need["b"]), Q=(tuple(Q.shape), need["Q"]),
+                  C=((K, F), need["C"]), v=((F,), need["v"]))
     dgs = zeros(E, need["gs"])
     dR = zeros((E, K), need["R"])
     dw = zeros(E, need["w"])
-    if E > 0:
-        rows = max(1, min(E, settings.edges_per_chunk(F)))
-        buf = _Buffers(rows, dict(Z=F, A=F, D=F, DD=F, G=F, GM=F, H=F, g=F, T=F, tmp=F), cdt, dev)
+    rows = max(1, min(max(E, 1), settings.edges_per_chunk(F)))
+
+    def new_state():
+        acc = {k: (torch.zeros(shape, dtype=cdt, device=dev) if on else None) for k, (shape, on) in shapes.items()}
+        return dict(acc=acc, buf=_Buffers(rows, dict(Z=F, A=F, D=F, DD=F, G=F, GM=F, H=F, g=F, T=F, tmp=F), cdt, dev))
+
+    def body(st, idx):
+        acc, buf = st["acc"], st["buf"]
         gsc = None
-        with torch.no_grad():
-            for idx in chunks(E, rows, perm):
-                d, j = dst[idx], src[idx]
-                c = d.numel()
-                Rc = R[idx]
-                tmp = buf.get("tmp", c)
-                z = torch.addmm(b, Rc, C, out=buf.get("Z", c))
-                z.add_(torch.index_select(P, 0, d, out=tmp)).add_(torch.index_select(Q, 0, j, out=tmp))
-                a, a1, a2 = buf.get("A", c), buf.get("D", c), buf.get("DD", c)
-                act_grads2_(activation, z, a, a1, a2, tmp)
-                G = buf.get("G", c)  # the direction: ggP_i + ggQ_j + ggR_e C
-                if ggR is not None:
-                    torch.mm(ggR[idx], C, out=G)
-                else:
-                    G.zero_()
-                for t, rows_ in ((ggP, d), (ggQ, j)):
-                    if t is not None:
-                        G.add_(torch.index_select(t, 0, rows_, out=tmp))
-                gmr = torch.index_select(gm, 0, d, out=buf.get("GM", c))
-                H = torch.mul(a1, G, out=buf.get("H", c))
-                g = torch.mul(gmr, w[idx].unsqueeze(1), out=buf.get("g", c)) if w is not None else \
-                    buf.get("g", c).copy_(gmr)
-                if v is not None:
-                    gsc = gs[idx]
-                    g.addr_(gsc, v)
-                T = torch.mul(g, a2, out=buf.get("T", c)).mul_(G)  # g a'' G (+ ggw gm a')
-                if ggw is not None:
-                    ggwc = ggw[idx].unsqueeze(1)
-                    T.addcmul_(torch.mul(gmr, ggwc, out=tmp), a1)
-                    if acc["gm"] is not None:
-                        acc["gm"].index_add_(0, d, torch.mul(a, ggwc, out=tmp))
-                if acc["gm"] is not None:
-                    acc["gm"].index_add_(0, d, torch.mul(H, w[idx].unsqueeze(1), out=tmp) if w is not None else H)
-                if dgs is not None:
-                    dgs[idx] = torch.mv(H, v)
-                if dw is not None:
-                    dw[idx] = rowdot(gmr, H)
-                if acc["v"] is not None:
-                    acc["v"].addmv_(H.t(), gsc)
-                if acc["P"] is not None:
-                    acc["P"].index_add_(0, d, T)
-                if acc["Q"] is not None:
-                    acc["Q"].index_add_(0, j, T)
-                if dR is not None:
-                    if isinstance(idx, slice):
-                        torch.mm(T, C.t(), out=dR[idx])
-                    else:
-                        dR[idx] = T @ C.t()
-                if acc["C"] is not None:
-                    acc["C"].addmm_(Rc.t(), T)
-                    if ggR is not None:
-                        acc["C"].addmm_(ggR[idx].t(), g.mul_(a1))  # dz = g a'
+        d, j = dst[idx], src[idx]
+        c = d.numel()
+        Rc = R[idx]
+        tmp = buf.get("tmp", c)
+        z = torch.addmm(b, Rc, C, out=buf.get("Z", c))
+        z.add_(torch.index_select(P, 0, d, out=tmp)).add_(torch.index_select(Q, 0, j, out=tmp))
+        a, a1, a2 = buf.get("A", c), buf.get("D", c), buf.get("DD", c)
+        act_grads2_(activation, z, a, a1, a2, tmp)
+        G = buf.get("G", c)  # the direction: ggP_i + ggQ_j + ggR_e C
+        if ggR is not None:
+            torch.mm(ggR[idx], C, out=G)
+        else:
+            G.zero_()
+        for t, rows_ in ((ggP, d), (ggQ, j)):
+            if t is not None:
+                G.add_(torch.index_select(t, 0, rows_, out=tmp))
+        gmr = torch.index_select(gm, 0, d, out=buf.get("GM", c))
+        H = torch.mul(a1, G, out=buf.get("H", c))
+        g = torch.mul(gmr, w[idx].unsqueeze(1), out=buf.get("g", c)) if w is not None else \
+            buf.get("g", c).copy_(gmr)
+        if v is not None:
+            gsc = gs[idx]
+            g.addr_(gsc, v)
+        T = torch.mul(g, a2, out=buf.get("T", c)).mul_(G)  # g a'' G (+ ggw gm a')
+        if ggw is not None:
+            ggwc = ggw[idx].unsqueeze(1)
+            T.addcmul_(torch.mul(gmr, ggwc, out=tmp), a1)
+            if acc["gm"] is not None:
+                rows_add_(acc["gm"], d, torch.mul(a, ggwc, out=tmp))
+        if acc["gm"] is not None:
+            rows_add_(acc["gm"], d, torch.mul(H, w[idx].unsqueeze(1), out=tmp) if w is not None else H)
+        if dgs is not None:
+            dgs[idx] = torch.mv(H, v)
+        if dw is not None:
+            dw[idx] = rowdot(gmr, H)
+        if acc["v"] is not None:
+            acc["v"].addmv_(H.t(), gsc)
+        if acc["P"] is not None:
+            rows_add_(acc["P"], d, T)
+        if acc["Q"] is not None:
+            rows_add_(acc["Q"], j, T)
+        if dR is not None:
+            if isinstance(idx, slice):
+                torch.mm(T, C.t(), out=dR[idx])
+            else:
+                dR[idx] = T @ C.t()
+        if acc["C"] is not None:
+            acc["C"].addmm_(Rc.t(), T)
+            if ggR is not None:
+                acc["C"].addmm_(ggR[idx].t(), g.mul_(a1))  # dz = g a'
+
+    with torch.no_grad():
+        states = run_chunks(list(chunks(E, rows, perm)) if E > 0 else [], body, new_state)
+        acc = states[0]["acc"]
+        for st in states[1:]:  # fixed order: results do not depend on the workers' timing
+            for k, t in st["acc"].items():
+                if t is not None:
+                    acc[k].add_(t)
     out = {k: acc.get(k) if need[k] else None for k in OUTPUTS}
     out.update(gs=dgs, R=dR, w=dw, b=acc["P"].sum(0) if need["b"] else None)
     return {k: (t.to(like[k]) if t is not None else None) for k, t in out.items()}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gnnmegatron.ops.activations import act, act_and_grad
-from gnnmegatron.ops.dispatch import compute_dtype, settings
+from gnnmegatron.ops.dispatch import compute_dtype, rows_add_, run_chunks, settings
 
 
 def _fwd_body(P, Q, dst, src, R, C, b, w, v, activation: str):
@@ -168,15 +168,26 @@ def fused_message_fwd_torch(P, Q, dst, src, perm, R, C, b, w, v, activation):
     m = torch.zeros((N, F), dtype=cdt, device=P.device)
     s = torch.empty(E if v is not None else 0, dtype=cdt, device=P.device)
     work = E * F
-    bufs = _buffers(2, E, F, C, (P, Q, R, w))
+    eager = _buffers(2, E, F, C, (P, Q, R, w)) is not None  # buffered eager bodies: chunks over workers
+
+    def new_state():
+        return dict(m=m if not eager else torch.zeros((N, F), dtype=cdt, device=P.device),
+                    bufs=_buffers(2, E, F, C, (P, Q, R, w)) if eager else None)
+
+    def body(st, idx):
+        d = dst[idx]
+        msg, s_c = _run("fwd", work, st["bufs"], P, Q, d, src[idx], R[idx], C, b,
+                        w[idx] if w is not None else None, v, activation)
+        rows_add_(st["m"], d, msg)
+        if v is not None:
+            s[idx] = s_c
+
     with torch.no_grad():
-        for idx in _chunks(E, F, perm):
-            d = dst[idx]
-            msg, s_c = _run("fwd", work, bufs, P, Q, d, src[idx], R[idx], C, b,
-                            w[idx] if w is not None else None, v, activation)
-            m.index_add_(0, d, msg)
-            if v is not None:
-                s[idx] = s_c
+        states = run_chunks(list(_chunks(E, F, perm)), body, new_state, parallel=eager)
+        if eager:
+            m = states[0]["m"]
+            for st in states[1:]:  # fixed order: results do not depend on the workers' timing
+                m.add_(st["m"])
     return m.to(P.dtype), s.to(P.dtype)
 
 
@@ -199,27 +210,41 @@ def fused_message_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activat
     dw = torch.empty(E, dtype=cdt, device=dev) if (need_w and w is not None) else None
     dv = torch.zeros(F, dtype=cdt, device=dev) if (need_v and v is not None) else None
     work = E * F
-    bufs = _buffers(4, E, F, Cc, (P, Q, R, w, gm))
+    eager = _buffers(4, E, F, Cc, (P, Q, R, w, gm)) is not None  # buffered eager bodies: chunks over workers
+    sums = dict(P=dP, Q=dQ, C=dC, v=dv)
+
+    def new_state():
+        acc = {k: (t if not eager else torch.zeros_like(t)) for k, t in sums.items() if t is not None}
+        return dict(acc=acc, bufs=_buffers(4, E, F, Cc, (P, Q, R, w, gm)) if eager else None)
+
+    def body(st, idx):
+        acc = st["acc"]
+        d = dst[idx]
+        dz, dw_c, dv_c = _run("bwd", work, st["bufs"], gmc, gsc[idx] if gsc is not None else None, P, Q, d,
+                              src[idx], R[idx], Cc, bc, w[idx] if w is not None else None, vc, activation)
+        if "P" in acc:
+            rows_add_(acc["P"], d, dz)
+        if "Q" in acc:
+            rows_add_(acc["Q"], src[idx], dz)
+        if dR is not None:
+            if isinstance(idx, slice):
+                torch.mm(dz, Cc.T, out=dR[idx])
+            else:
+                dR[idx] = dz @ Cc.T
+        if "C" in acc:
+            acc["C"].addmm_(R[idx].to(cdt).T, dz)
+        if dw is not None:
+            dw[idx] = dw_c
+        if "v" in acc:
+            acc["v"].add_(dv_c)
+
     with torch.no_grad():
-        for idx in _chunks(E, F, perm):
-            d = dst[idx]
-            dz, dw_c, dv_c = _run("bwd", work, bufs, gmc, gsc[idx] if gsc is not None else None, P, Q, d,
-                                  src[idx], R[idx], Cc, bc, w[idx] if w is not None else None, vc, activation)
-            if dP is not None:
-                dP.index_add_(0, d, dz)
-            if dQ is not None:
-                dQ.index_add_(0, src[idx], dz)
-            if dR is not None:
-                if isinstance(idx, slice):
-                    torch.mm(dz, Cc.T, out=dR[idx])
-                else:
-                    dR[idx] = dz @ Cc.T
-            if dC is not None:
-                dC.addmm_(R[idx].to(cdt).T, dz)
-            if dw is not None:
-                dw[idx] = dw_c
-            if dv is not None:
-                dv += dv_c
+        states = run_chunks(list(_chunks(E, F, perm)), body, new_state, parallel=eager)
+        if eager:
+            for k, t in states[0]["acc"].items():  # the shared tensors: workers' sums in a fixed order
+                sums[k].copy_(t)
+                for st in states[1:]:
+                    sums[k].add_(st["acc"][k])
     db = dP.sum(0) if need_b else None  # db = sum_e dz_e = sum_i dP_i
 
     def out(t, like):

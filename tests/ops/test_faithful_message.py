@@ -241,3 +241,24 @@ def test_clear_errors():
         faithful_message_aggregate(P, Q, ei, R, C, b1, W2, activation="relu")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         faithful_message_aggregate(P, Q, ei, R, C, b1, W2, backend="triton")
+
+
+def test_chunk_workers_are_deterministic(monkeypatch):
+    """Chunks spread over 2 worker threads (fixed assignment, partial sums added in worker order): two
+    runs are bit-identical, and equal the one-worker run to rounding (forward, backward, force loss)."""
+    ei, n = make_graph("hub", False, hub_edges=200)
+    inputs = faithful_inputs(ei.shape[1], n, 8, 3, torch.float64)
+
+    def once(workers):
+        monkeypatch.setattr(settings, "chunk_workers", workers)
+        P, Q, R, C, b1, W2, b2, w, Wc, bc, v = inputs
+        m, s = faithful_message_aggregate(P, Q, ei, R, C, b1, W2, b2, w, Wc, bc, v, backend="torch")
+        loss = (m * m.detach().cos()).sum() + (s * s.detach().sin()).sum()
+        grads = torch.autograd.grad(loss, [P, Q, R, w], create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads), [t for t in inputs if t is not None])
+        return [m, s] + list(grads) + list(second)
+
+    two, again, one = once(2), once(2), once(1)
+    for i, (a, b, c) in enumerate(zip(two, again, one)):
+        assert torch.equal(a, b), f"output {i}: two 2-worker runs differ"
+        assert_close_scaled(a, c, torch.float64, f"output {i}: 2 workers vs 1")

@@ -169,3 +169,26 @@ def test_force_loss_double_backward(activation, w, v):
         results.append(list(grads) + list(torch.autograd.grad(loss2, [t for t in inputs if t is not None])))
     for i, (a, e) in enumerate(zip(results[1], results[0])):
         assert_close(a, e, torch.float64, f"{activation} w={w} v={v} output {i}")
+
+
+def test_chunk_workers_are_deterministic(monkeypatch):
+    """Eager chunks spread over 2 worker threads (fixed assignment, partial sums added in worker order):
+    two runs are bit-identical and equal the one-worker run to rounding (forward, backward, force loss)."""
+    from ops_cases import assert_close_scaled
+
+    ei, n = make_graph("hub", False, hub_edges=200)
+    inputs = fused_inputs(ei.shape[1], n, 8, 3, torch.float64)
+
+    def once(workers):
+        monkeypatch.setattr(settings, "chunk_workers", workers)
+        P, Q, R, C, b, w, v = inputs
+        m, s = fused_message_aggregate(P, Q, ei, R, C, b, w, v, backend="torch")
+        loss = (m * m.detach().cos()).sum() + (s * s.detach().sin()).sum()
+        grads = torch.autograd.grad(loss, [P, Q, R, w], create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads), list(inputs))
+        return [m, s] + list(grads) + list(second)
+
+    two, again, one = once(2), once(2), once(1)
+    for i, (a, b, c) in enumerate(zip(two, again, one)):
+        assert torch.equal(a, b), f"output {i}: two 2-worker runs differ"
+        assert_close_scaled(a, c, torch.float64, f"output {i}: 2 workers vs 1")

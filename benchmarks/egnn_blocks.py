@@ -1,0 +1,320 @@
+"""Training throughput and peak memory of EGNN blocks: faithful vs node_split, unfused vs fused.
+
+The model is ``AtomisticModel`` (embedding, 2 EGCL blocks, energy head; the first block moves the
+atoms) on one structure of 8000 atoms with 30 neighbours each (random positions, each atom's 30
+nearest neighbours, cutoff just above the longest of those edges, so every edge carries weight),
+hidden 256, 512 and 1024, K = 16 radial functions, float32. Two steps:
+
+* ``first``: forward + backward of an energy loss (``sum E^2``): a loss on the node features through
+  the energy head; first-order autograd only.
+* ``conservative``: the force-training step: forward, forces ``-dE/dx`` by autograd with
+  ``create_graph`` (inside the forward), then the backward of ``sum E^2 + sum |F|^2`` (the double
+  backward).
+
+Variants (each a separate process, twice: timing, then memory):
+
+* ``faithful-unfused``: HydraGNN's E_GCL as written (concatenate [h_i, h_j, rbf], edge MLP on E rows,
+  scatter-sum), the study's model; the reference.
+* ``faithful-split``: a step in between, run only here (the model has no such mode): the same block
+  with its first edge linear split per node (``P = h A^T``, ``Q = h B^T`` once per node, gathered),
+  everything else unfused plain autograd. It separates what the split buys from what fusion buys.
+* ``faithful-fused``: ``execution: fused`` (``faithful_message_aggregate``: split + the rest of the edge
+  MLP, sum and coordinate scalar chunk by chunk, recomputed in backward and double backward).
+* ``node_split-unfused`` / ``node_split-fused``: the tensor-parallel-native block of
+  docs/architecture.md, unfused and through ``fused_message_aggregate``.
+
+Time: median (and min) of ``--repeats`` steps after one warm-up step (which includes torch.compile's
+compile of the node_split chunk bodies); ``forward_s`` is the model call (for ``conservative`` it
+includes the force backward), ``backward_s`` the loss backward. atoms/s = atoms / step time.
+Peak memory: as ``benchmarks/kernels.py``, the RSS high-water mark of one step above the RSS before it
+(sampled every 0.5 ms, glibc with a fixed 128 KiB mmap threshold so freed tensors leave the RSS), in
+its own process. A process that would need more memory than the machine has stops at its data limit
+(``RLIMIT_DATA``, ``--mem-limit-gb``) and its row records the error.
+
+Run (2-core CPU: about an hour; the machine needs ~16 GB free for the faithful unfused conservative
+step at hidden 256)::
+
+    OMP_NUM_THREADS=2 python benchmarks/egnn_blocks.py
+
+``--quick``: 1000 atoms, hidden 64, one repeat (smoke test). Writes
+benchmarks/results/egnn_blocks-<machine>.json/.csv/.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from common import write_results
+from kernels import RssSampler
+
+VARIANTS = ("faithful-unfused", "faithful-split", "faithful-fused", "node_split-unfused", "node_split-fused")
+STEPS = ("first", "conservative")
+TARGETS = {"faithful_fused_speedup": 2.0, "faithful_fused_memory_ratio": 4.0, "node_split_fused_speedup": 8.0,
+           "node_split_fused_memory_ratio": 5.0}
+
+
+# ----------------------------------------------------------------------------- worker side
+def make_batch(N: int, degree: int, seed: int = 0):
+    """One non-periodic structure: N random atoms (density 0.05 / Å^3), each receiving edges from
+    its ``degree`` nearest neighbours; returns (batch dict, cutoff just above the longest edge)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.rand(N, 3, generator=g, dtype=torch.float64) * (N / 0.05) ** (1 / 3)
+    nbr = []
+    for s in range(0, N, 1024):
+        d = torch.cdist(pos[s:s + 1024], pos)
+        d[torch.arange(d.shape[0]), torch.arange(s, s + d.shape[0])] = float("inf")
+        nbr.append(d.topk(degree, largest=False).indices)
+    src = torch.cat(nbr).reshape(-1)
+    dst = torch.arange(N).repeat_interleave(degree)
+    longest = float((pos[dst] - pos[src]).norm(dim=1).max())
+    batch = dict(atomic_numbers=torch.randint(1, 90, (N,), generator=g), positions=pos.float(),
+                 cell=torch.zeros(1, 3, 3), pbc=torch.zeros(1, 3, dtype=torch.bool),
+                 batch=torch.zeros(N, dtype=torch.long), edge_index=torch.stack([dst, src]),
+                 edge_shift=torch.zeros(dst.numel(), 3))
+    return batch, 1.02 * longest
+
+
+def _split_edge_messages(self, h, edge_index, rbf):
+    """The faithful edge MLP with its first linear split per node (the ``faithful-split`` variant)."""
+    import torch.nn.functional as F
+    H = self.hidden
+    lin = self.edge_mlp[0]
+    z = (F.linear(h, lin.weight[:, :H]).index_select(0, edge_index[0])
+         + F.linear(h, lin.weight[:, H:2 * H]).index_select(0, edge_index[1])
+         + F.linear(rbf, lin.weight[:, 2 * H:], lin.bias))
+    return self.edge_mlp[3](self.edge_mlp[2](self.edge_mlp[1](z)))
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    from gnnmegatron.models import AtomisticModel, ModelConfig
+    from gnnmegatron.models.egnn import EGCL
+
+    if spec.get("mem_limit_bytes"):
+        resource.setrlimit(resource.RLIMIT_DATA, (spec["mem_limit_bytes"], spec["mem_limit_bytes"]))
+    message, mode = spec["variant"].split("-")
+    if mode == "split":
+        EGCL.edge_messages = _split_edge_messages
+    batch, cutoff = make_batch(spec["N"], spec["degree"])
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden=spec["hidden"], layers=spec["layers"], num_rbf=spec["K"], cutoff=cutoff,
+                      message=message, execution="fused" if mode == "fused" else "unfused", ops_backend="torch")
+    model = AtomisticModel(cfg).train()
+    conservative = spec["step"] == "conservative"
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        out = model(batch, compute_forces=conservative)
+        loss = out["energy"].pow(2).sum()
+        if conservative:
+            loss = loss + out["forces"].pow(2).sum()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t0
+
+    t_warm = time.perf_counter()
+    step()
+    warmup_s = time.perf_counter() - t_warm
+    if spec["phase"] == "memory":
+        with RssSampler() as sampler:
+            step()
+        return dict(peak_mem_bytes=sampler.peak - sampler.base, rss_before_step_bytes=sampler.base,
+                    ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    fwd, total, cpu = [], [], []
+    for _ in range(spec["repeats"]):
+        c0 = time.process_time()
+        f_s, t_s = step()
+        cpu.append(time.process_time() - c0)
+        fwd.append(f_s)
+        total.append(t_s)
+    step_s = statistics.median(total)
+    return dict(step_s=step_s, step_min_s=min(total), forward_s=statistics.median(fwd),
+                backward_s=statistics.median(t - f for t, f in zip(total, fwd)), cpu_s=statistics.median(cpu),
+                atoms_per_s=spec["N"] / step_s, warmup_s=warmup_s, E=int(batch["edge_index"].shape[1]),
+                parameters=sum(p.numel() for p in model.parameters()))
+
+
+# ----------------------------------------------------------------------------- driver side
+def _spawn(spec: dict, timeout: float, env=None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timeout after {timeout:.0f} s")
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["?"]
+        oom = any("can't allocate memory" in ln or "MemoryError" in ln for ln in lines)
+        return dict(error="out of memory (data limit reached)" if oom else lines[-1][:300])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_variant(spec: dict, timeout: float) -> dict:
+    row = dict(spec)
+    t0 = time.time()
+    row["load_average_1min_before"] = os.getloadavg()[0]
+    row.update(_spawn(dict(spec, phase="time"), timeout))
+    if "error" not in row:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+        mem = _spawn(dict(spec, phase="memory"), timeout, env)
+        row.update(mem if "error" not in mem else {"memory_error": mem["error"]})
+    row["load_average_1min_after"] = os.getloadavg()[0]
+    row["wall_s"] = round(time.time() - t0, 1)
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    def get(variant, step, hidden):
+        return next((r for r in rows if r["variant"] == variant and r["step"] == step and r["hidden"] == hidden
+                     and "error" not in r and "peak_mem_bytes" in r), None)
+
+    out = {}
+    for hidden in sorted({r["hidden"] for r in rows}):
+        for step in STEPS:
+            base = get("faithful-unfused", step, hidden)
+            key = f"h{hidden}_{step}"
+            for variant in VARIANTS[1:]:
+                r = get(variant, step, hidden)
+                name = variant.replace("-", "_")
+                if r is None:
+                    continue
+                out[f"{key}_{name}_atoms_per_s"] = round(r["atoms_per_s"], 1)
+                out[f"{key}_{name}_peak_mem_gib"] = round(r["peak_mem_bytes"] / 2**30, 3)
+                if base is not None:
+                    out[f"{key}_{name}_speedup"] = round(r["atoms_per_s"] / base["atoms_per_s"], 2)
+                    # the same ratio from the steps' process CPU time (less sensitive to other jobs)
+                    out[f"{key}_{name}_cpu_time_speedup"] = round(base["cpu_s"] / r["cpu_s"], 2)
+                    out[f"{key}_{name}_best_step_speedup"] = round(base["step_min_s"] / r["step_min_s"], 2)
+                    out[f"{key}_{name}_memory_ratio"] = round(base["peak_mem_bytes"] / max(1, r["peak_mem_bytes"]), 2)
+            if base is not None:
+                out[f"{key}_faithful_unfused_atoms_per_s"] = round(base["atoms_per_s"], 1)
+                out[f"{key}_faithful_unfused_peak_mem_gib"] = round(base["peak_mem_bytes"] / 2**30, 3)
+            else:
+                failed = next((r for r in rows if r["variant"] == "faithful-unfused" and r["step"] == step
+                               and r["hidden"] == hidden), None)
+                if failed is not None:
+                    out[f"{key}_faithful_unfused"] = failed.get("error") or failed.get("memory_error")
+            ff, ns = out.get(f"{key}_faithful_fused_speedup"), out.get(f"{key}_node_split_fused_speedup")
+            if ff is not None:
+                out[f"{key}_faithful_fused_meets_targets"] = bool(
+                    ff >= TARGETS["faithful_fused_speedup"]
+                    and out[f"{key}_faithful_fused_memory_ratio"] >= TARGETS["faithful_fused_memory_ratio"])
+            if ns is not None:
+                out[f"{key}_node_split_fused_meets_targets"] = bool(
+                    ns >= TARGETS["node_split_fused_speedup"]
+                    and out[f"{key}_node_split_fused_memory_ratio"] >= TARGETS["node_split_fused_memory_ratio"])
+    out["targets"] = TARGETS
+    return out
+
+
+def plot(rows, plt):
+    ok = [r for r in rows if "error" not in r]
+    hiddens = sorted({r["hidden"] for r in rows})
+    fig, axes = plt.subplots(2, len(STEPS), figsize=(7 * len(STEPS), 8), squeeze=False)
+    width = 0.8 / len(VARIANTS)
+    for col, step in enumerate(STEPS):
+        for k, variant in enumerate(VARIANTS):
+            xs, speed, mem = [], [], []
+            for i, hidden in enumerate(hiddens):
+                r = next((r for r in ok if r["variant"] == variant and r["step"] == step and r["hidden"] == hidden),
+                         None)
+                if r is not None:
+                    xs.append(i + (k - len(VARIANTS) / 2 + 0.5) * width)
+                    speed.append(r["atoms_per_s"])
+                    mem.append(r.get("peak_mem_bytes", 0) / 2**30)
+            axes[0][col].bar(xs, speed, width, label=variant)
+            axes[1][col].bar(xs, mem, width, label=variant)
+        for row, label in ((0, "atoms / s"), (1, "peak working memory (GiB)")):
+            ax = axes[row][col]
+            ax.set_xticks(range(len(hiddens)), [f"hidden {h}" for h in hiddens])
+            ax.set_ylabel(label)
+            ax.set_yscale("log")
+            ax.set_title(f"{step} step")
+        axes[0][col].legend(fontsize=8)
+    fig.suptitle("EGNN blocks, 8000 atoms x 30 neighbours, 2 blocks (missing bars: did not fit in memory)")
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--machine", default=f"cpu{os.cpu_count()}")
+    ap.add_argument("--hidden", default="256,512,1024")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument("--atoms", type=int, default=8000)
+    ap.add_argument("--degree", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mem-limit-gb", type=float, default=None,
+                    help="data limit per process (default: MemAvailable at start minus 1 GiB)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per process")
+    ap.add_argument("--rows-cache", default=None, help="JSONL of finished rows: resumed from, appended to")
+    ap.add_argument("--quick", action="store_true", help="1000 atoms, hidden 64, one repeat")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.quick:
+        args.atoms, args.hidden, args.repeats = 1000, "64", 1
+    if args.mem_limit_gb is None:
+        avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+        limit = avail - (1 << 30)
+    else:
+        limit = int(args.mem_limit_gb * 2**30)
+    done = []
+    if args.rows_cache and os.path.exists(args.rows_cache):
+        done = [json.loads(line) for line in open(args.rows_cache) if line.strip()]
+    rows = []
+    for hidden in [int(h) for h in args.hidden.split(",")]:
+        for step in args.steps.split(","):
+            for variant in args.variants.split(","):
+                spec = dict(variant=variant, step=step, hidden=hidden, N=args.atoms, degree=args.degree, layers=2,
+                            K=16, repeats=args.repeats, dtype="float32", mem_limit_bytes=limit)
+                key = {k: spec[k] for k in ("variant", "step", "hidden", "N", "degree")}
+                cached = next((r for r in done if {k: r.get(k) for k in key} == key), None)
+                row = cached if cached is not None else run_variant(spec, args.timeout)
+                rows.append(row)
+                if cached is None and args.rows_cache:
+                    with open(args.rows_cache, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                         if k in ("variant", "step", "hidden", "step_s", "forward_s", "backward_s", "atoms_per_s",
+                                  "peak_mem_bytes", "error", "memory_error", "wall_s")}
+                print(json.dumps(shown), flush=True)
+    summary = summarize(rows)
+    extra = {"method": {
+        "model": f"AtomisticModel, {args.atoms} atoms x {args.degree} neighbours (E = {args.atoms * args.degree}), "
+                 "2 EGCL blocks (the first updates coordinates), K=16 Bessel functions, float32, ops_backend torch",
+        "first": "forward + backward of sum(E^2) (energy loss; loss on the node features through the energy head)",
+        "conservative": "forward with forces = -dE/dx (autograd.grad, create_graph) + backward of "
+                        "sum(E^2) + sum(|F|^2) (double backward)",
+        "time": "median (step_s) and minimum (step_min_s) of the row's `repeats` steps after one warm-up step "
+                "(warm-up includes torch.compile of the node_split chunk bodies); forward_s = model call "
+                "(conservative: includes the force backward), backward_s = loss backward; cpu_s = process CPU time "
+                "of the step (both threads); load_average_1min_before/after: the shared machine's load around the "
+                "row (other users' jobs share the 2 cores)",
+        "peak_mem_bytes": "peak RSS during one step (after a warm-up step) minus the RSS just before it, sampled "
+                          "every 0.5 ms, in a separate process per variant with MALLOC_MMAP_THRESHOLD_=131072",
+        "mem_limit_bytes": "RLIMIT_DATA of every process: a variant above it fails with an out-of-memory error "
+                           "instead of swapping or taking the shared machine down",
+        "faithful-split": "benchmark-only step in between: faithful block with P = h A^T, Q = h B^T per node, "
+                          "gathered, the rest unfused (autograd keeps its [E, H] tensors)",
+    }}
+    out = write_results("egnn_blocks", args.machine, rows, summary, lambda plt: plot(rows, plt), extra=extra)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
