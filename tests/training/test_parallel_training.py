@@ -240,8 +240,10 @@ def test_tp2_dp2_trainer_equals_one_process(emt_store, tmp_path):
     assert all(r["resume_equal_weights"] for r in results), [r["resume_diffs"] for r in results]
     assert _train_log(tmp_path / "part")[:2] == _train_log(tmp_path / "full")[:2]
     files = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
-    assert files == ["latest", "step_00000012", "step_00000012.card.json", "step_00000012.card.md", "step_00000020",
-                     "step_00000020.card.json", "step_00000020.card.md"], files
+    assert files == ["best", "latest", "step_00000012", "step_00000012.card.json", "step_00000012.card.md",
+                     "step_00000020", "step_00000020.card.json", "step_00000020.card.md"], files
+    # validation at step 20 beat step 10's: the best checkpoint is the last one (step 10's was pruned)
+    assert (tmp_path / "part" / "checkpoints" / "best").read_text().strip() == "step_00000020"
 
     # another layout (one process) resumes the tp=2 x dp=2 checkpoint: same weights, step and sampler position
     from gnnmegatron.training.trainer import Trainer
