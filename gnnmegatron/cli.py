@@ -171,7 +171,8 @@ def _add_weight_choice(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_pretrain(args) -> int:
     from gnnmegatron.training.config import load_config
-    from gnnmegatron.training.trainer import Trainer, format_report
+    from gnnmegatron.training.runtime import format_report
+    from gnnmegatron.training.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg, resume=args.resume)

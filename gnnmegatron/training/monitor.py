@@ -75,6 +75,14 @@ class ValidationMonitor:
     lr_scale: float = 1.0
     stopped_at: int | None = None
 
+    def check_sources(self, names: list[str] | None) -> None:
+        """Refuse a ``SOURCE/NAME`` metric whose source the run does not have (before training, not at the
+        first validation)."""
+        source = self.metric.rpartition("/")[0]
+        if source and source not in (names or []):
+            raise ConfigError(f"train.best_metric={self.metric!r}: the run has no source {source!r} (sources: "
+                              f"{names or 'none, a single-store run'})")
+
     def observe(self, val: dict[str, Any], step: int) -> bool:
         """Record a validation at ``step``; returns True when it is a new best."""
         value = metric_value(val, self.metric)

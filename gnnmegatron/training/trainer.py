@@ -123,6 +123,7 @@ class Trainer:
             cfg.train.best_metric, cfg.train.early_stopping_min_delta, cfg.train.early_stopping_patience,
             cfg.optim.plateau_patience if cfg.optim.schedule == "plateau" else 0, cfg.optim.plateau_factor,
             cfg.optim.min_lr_ratio)
+        self.monitor.check_sources(self.mixture["names"] if self.mixture is not None else None)
         self.optimizer = build_optimizer(self.model, cfg.optim, dp_group=self.groups.dp_group if self.dp > 1 else None)
         # data-parallel gradient averaging in flat buckets, overlapped with the backward (training.distributed)
         self.grad_reducer = GradReducer(self.model.parameters(), self.groups) if self.dp > 1 else None
@@ -477,7 +478,7 @@ class Trainer:
             if stopping and self.is_logger:
                 progress.write(f"step {self.step}: early stopping: {cfg.best_metric} has not improved by more than "
                                f"{cfg.early_stopping_min_delta} for {self.monitor.since_best} validations (best "
-                               f"{self.monitor.best:.6g} at step {self.monitor.best_step})")
+                               f"{self.monitor.best} at step {self.monitor.best_step})")
             if new_best or stopping or self.step % cfg.checkpoint_every == 0 or self.step in (cfg.max_steps, stop_at):
                 self.save(best=new_best)
             if self.step == stop_at:

@@ -85,6 +85,12 @@ def test_ema_is_the_hand_computed_average_and_leaves_training_unchanged(emt_stor
         assert torch.equal(model.state_dict()[name], p), name
         assert torch.equal(raw.state_dict()[name], with_ema.model.state_dict()[name]), name
     from gnnmegatron.inference.loading import ModelLoadError
+    from gnnmegatron.training.export import export_checkpoint
+
+    exported, exported_info = load_model(export_checkpoint(tmp_path / "ema", tmp_path / "model.pt"), dtype=torch.float64)
+    assert exported_info.weights == "ema"  # the single file carries the average too
+    for name, p in with_ema.ema.tensors.items():
+        assert torch.equal(exported.state_dict()[name], p), name
 
     with pytest.raises(ModelLoadError, match="no moving average"):
         load_model(tmp_path / "raw", weights="ema")

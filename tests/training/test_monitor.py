@@ -118,6 +118,8 @@ def test_loss_weight_stages(emt_store, tmp_path):
         _cfg(emt_store, run, loss={"stages": [{"start": 1.5, "energy_weight": 2.0}]})
     with pytest.raises(ConfigError, match="best_metric"):
         _cfg(emt_store, run, best_metric="accuracy")
+    with pytest.raises(ConfigError, match="no source 'dft'"):
+        Trainer(_cfg(emt_store, tmp_path / "other", best_metric="dft/force_mae"), resume="never")
 
 
 def test_tensorboard_events_hold_the_logged_scalars(emt_store, tmp_path):
