@@ -65,6 +65,9 @@ def test_best_checkpoint_survives_pruning_and_loads(emt_store, tmp_path):
     assert summary["model_step"] == 2
     result = evaluate_checkpoint(run, best=True, out=None)
     assert result["step"] == 2 and result["weights"] == "ema"
+    from gnnmegatron.inference import GNNMegatronCalculator
+
+    assert GNNMegatronCalculator(run, best=True).info.step == 2
     from gnnmegatron.inference.loading import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="one checkpoint"):
