@@ -9,9 +9,10 @@ Processes come from a ``forkserver`` that preloads torch (and, on request, megat
 a test pays the ~5 s CPU import of megatron-core once per session, not once per rank and call.
 Forking straight from the test process is avoided: libgomp's thread pool is not fork-safe.
 
-Failure handling: a rank that raises writes its traceback to a file and exits non-zero; the
-parent then stops the other ranks (they may wait in a collective that will never complete)
-and raises ``DistributedTestError`` with every failed rank's traceback. A run that exceeds
+On success every rank passes a barrier before the process groups are destroyed, so no rank
+exits while another is still connecting a subgroup. Failure handling: a rank that raises
+writes its traceback to a file and exits non-zero; the parent then stops the other ranks
+(they may wait in a collective that will never complete) and raises ``DistributedTestError`` with every failed rank's traceback. A run that exceeds
 ``timeout`` seconds is stopped the same way.
 """
 
@@ -72,6 +73,12 @@ def _worker(fn, rank: int, world_size: int, init_file: str, result_file: str, ti
         )
         try:
             status = ("ok", fn(*args))
+            # Every rank waits for the others before tearing down: a rank that finished early
+            # and exited would close the sockets of a subgroup whose full mesh a slower rank is
+            # still connecting ("Gloo connectFullMesh failed ... Connection closed by peer").
+            # Only on success: a rank that raised is reported and the parent stops the rest.
+            if dist.is_initialized():
+                dist.barrier()
         finally:
             _destroy_everything()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
