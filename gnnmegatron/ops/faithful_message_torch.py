@@ -8,7 +8,10 @@ rows), adds its messages into ``m`` and drops the tiles: no ``[E, H]`` tensor ex
 or backward, whose chunks recompute the forward tiles first (as FlashAttention recomputes the
 attention matrix). The tiles live in a few preallocated ``[chunk, H]`` buffers reused by every
 chunk (``_Buffers``): on the 2-core VMs a fresh 4 MiB tensor costs about a thousand page
-faults, and the GEMMs write into the buffers with ``out=``.
+faults, and the GEMMs write into the buffers with ``out=``. The chunks are spread over worker
+threads, each with its own buffers and partial sums (``gnnmegatron.ops.dispatch.run_chunks``:
+fixed assignment, sums added in worker order, so the results do not depend on timing); under
+tensor parallelism (``tp``) they run in order on one thread, since each chunk all-reduces.
 
 Per chunk the backward does the forward's two GEMMs again (``a1 W2^T``, ``a Wc^T``) and four of its
 own (``dz3 Wc``, ``dz3^T a``, ``dz2^T a1``, ``dz2 W2``); gradients nobody asked for are skipped

@@ -3,7 +3,9 @@ the interpreter (CPU, tiny inputs) against the float64 reference: outputs, every
 gradient and every gradient of a loss on the geometry's gradients (what a force loss runs), on the
 ragged / empty / isolated / one-atom / hub graphs, sorted and unsorted, each activation, with and
 without the envelope and the coordinate MLP, fp32 / fp64 / bf16, K in one and several BLOCK_KR
-columns, deterministic mode (bit-identical reruns); gradcheck in float64.
+columns, deterministic mode (bit-identical reruns); gradcheck in float64; and the model with fused
+faithful blocks on the triton backend against the unfused model (energy, forces, stress, every
+parameter gradient of a force + stress loss, float64).
 
 Widths are 17 / 18 / 12 with 16-wide interpreter blocks, so every layer runs two slices. Executed
 as a script in a subprocess with ``TRITON_INTERPRET=1`` (see test_triton_interpret.py).
@@ -113,6 +115,37 @@ def main() -> None:  # runs in the subprocess
 
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
     checks += 1
+
+    # the model: fused faithful blocks on the triton backend == unfused, energy, forces, stress and every
+    # parameter gradient of a force + stress loss (float64)
+    from gnnmegatron.models import AtomisticModel, ModelConfig
+
+    ei, n = make_graph("ragged", False, seed=4)
+    src = torch.where(ei[1] == ei[0], (ei[0] + 1) % n, ei[1])
+    g = torch.Generator().manual_seed(7)
+    batch = dict(atomic_numbers=torch.randint(1, 80, (n,), generator=g),
+                 positions=3.0 * torch.rand(n, 3, generator=g, dtype=torch.float64),
+                 cell=7.0 * torch.eye(3, dtype=torch.float64)[None], pbc=torch.ones(1, 3, dtype=torch.bool),
+                 batch=torch.zeros(n, dtype=torch.long), edge_index=torch.stack([ei[0], src]),
+                 edge_shift=torch.zeros(ei.shape[1], 3, dtype=torch.float64))
+    results = []
+    for execution in ("unfused", "fused"):
+        counts = dict(launches)
+        torch.manual_seed(0)
+        model = AtomisticModel(ModelConfig(hidden=16, layers=2, num_rbf=4, cutoff=12.0, execution=execution,
+                                           ops_backend="triton")).double().train()
+        with torch.no_grad():
+            model.blocks[0].coord_mlp[-1].weight.mul_(3000.0)
+        out = model(batch, compute_stress=True)
+        loss = out["energy"].pow(2).sum() + out["forces"].pow(2).sum() + out["stress"].pow(2).sum()
+        loss.backward()
+        results.append([out["energy"], out["forces"], out["stress"]] + [p.grad for p in model.parameters()])
+    # the fused model ran the three kernels: forward, backward (forces, then the loss) and double backward
+    assert all(launches[k] > counts[k] for k in launches), (counts, launches)
+    for i, (a, e) in enumerate(zip(results[1], results[0])):
+        err = float((a - e).abs().max() / e.abs().max().clamp_min(1e-300))
+        assert err < 1e-9, f"model output/gradient {i}: triton fused vs unfused, max rel error {err:.2e}"
+        checks += 1
     assert all(launches[k] > 0 for k in launches), launches
     print(f"launches fwd {launches['fwd']} bwd {launches['bwd']} bwd2 {launches['bwd2']}")
     print(f"ALL OK ({checks} comparisons)")
