@@ -1,9 +1,12 @@
 """Training throughput and peak memory of EGNN blocks: faithful vs node_split, unfused vs fused.
 
 The model is ``AtomisticModel`` (embedding, 2 EGCL blocks, energy head; the first block moves the
-atoms) on one structure of 8000 atoms with 30 neighbours each (random positions, each atom's 30
-nearest neighbours, cutoff just above the longest of those edges, so every edge carries weight),
-hidden 256, 512 and 1024, K = 16 radial functions, float32. Two steps:
+atoms) on one structure with 30 neighbours per atom (random positions, each atom's 30 nearest
+neighbours, cutoff just above the longest of those edges, so every edge carries weight), K = 16
+radial functions, float32: hidden 256 on 8000 atoms, 512 on 2000 and 1024 on 1000 (the default
+``--atoms``; the wider rows use fewer atoms so that the unfused reference's conservative step fits
+in the 2-core machine's 24 GB; hidden 512 has about the multiply-adds of hidden 256, 1024 twice).
+Two steps:
 
 * ``first``: forward + backward of an energy loss (``sum E^2``): a loss on the node features through
   the energy head; first-order autograd only.
@@ -31,8 +34,8 @@ Peak memory: as ``benchmarks/kernels.py``, the RSS high-water mark of one step a
 its own process. A process that would need more memory than the machine has stops at its data limit
 (``RLIMIT_DATA``, ``--mem-limit-gb``) and its row records the error.
 
-Run (2-core CPU: about an hour; the machine needs ~16 GB free for the faithful unfused conservative
-step at hidden 256)::
+Run (2-core CPU: about 1.5 hours; the machine needs ~16 GB free for the faithful unfused
+conservative step at hidden 256)::
 
     OMP_NUM_THREADS=2 python benchmarks/egnn_blocks.py
 
@@ -217,7 +220,7 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def plot(rows, plt):
+def plot(rows, plt, degree):
     ok = [r for r in rows if "error" not in r]
     hiddens = sorted({r["hidden"] for r in rows})
     fig, axes = plt.subplots(2, len(STEPS), figsize=(7 * len(STEPS), 8), squeeze=False)
@@ -236,12 +239,13 @@ def plot(rows, plt):
             axes[1][col].bar(xs, mem, width, label=variant)
         for row, label in ((0, "atoms / s"), (1, "peak working memory (GiB)")):
             ax = axes[row][col]
-            ax.set_xticks(range(len(hiddens)), [f"hidden {h}" for h in hiddens])
+            atoms = {r["hidden"]: r["N"] for r in rows}
+            ax.set_xticks(range(len(hiddens)), [f"hidden {h}\n{atoms[h]} atoms" for h in hiddens])
             ax.set_ylabel(label)
             ax.set_yscale("log")
             ax.set_title(f"{step} step")
         axes[0][col].legend(fontsize=8)
-    fig.suptitle("EGNN blocks, 8000 atoms x 30 neighbours, 2 blocks (missing bars: did not fit in memory)")
+    fig.suptitle(f"EGNN blocks, {degree} neighbours per atom, 2 blocks (missing bars: did not fit in memory)")
     fig.tight_layout()
     return fig
 
@@ -253,7 +257,9 @@ def main(argv=None):
     ap.add_argument("--hidden", default="256,512,1024")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--steps", default=",".join(STEPS))
-    ap.add_argument("--atoms", type=int, default=8000)
+    ap.add_argument("--atoms", default="256:8000,512:2000,1024:1000",
+                    help="atoms per structure: one number, or HIDDEN:ATOMS pairs (256:8000,512:2000) so that the "
+                         "unfused reference still fits in memory at the larger widths")
     ap.add_argument("--degree", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mem-limit-gb", type=float, default=None,
@@ -266,7 +272,15 @@ def main(argv=None):
         print(json.dumps(worker(json.loads(args.worker))))
         return
     if args.quick:
-        args.atoms, args.hidden, args.repeats = 1000, "64", 1
+        args.atoms, args.hidden, args.repeats = "1000", "64", 1
+    hiddens = [int(h) for h in args.hidden.split(",")]
+    if ":" in args.atoms:
+        atoms_of = {int(h): int(n) for h, n in (pair.split(":") for pair in args.atoms.split(","))}
+        missing = [h for h in hiddens if h not in atoms_of]
+        if missing:
+            ap.error(f"--atoms names no atom count for hidden {missing}: give HIDDEN:ATOMS for every --hidden")
+    else:
+        atoms_of = {h: int(args.atoms) for h in hiddens}
     if args.mem_limit_gb is None:
         avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
         limit = avail - (1 << 30)
@@ -276,10 +290,10 @@ def main(argv=None):
     if args.rows_cache and os.path.exists(args.rows_cache):
         done = [json.loads(line) for line in open(args.rows_cache) if line.strip()]
     rows = []
-    for hidden in [int(h) for h in args.hidden.split(",")]:
+    for hidden in hiddens:
         for step in args.steps.split(","):
             for variant in args.variants.split(","):
-                spec = dict(variant=variant, step=step, hidden=hidden, N=args.atoms, degree=args.degree, layers=2,
+                spec = dict(variant=variant, step=step, hidden=hidden, N=atoms_of[hidden], degree=args.degree, layers=2,
                             K=16, repeats=args.repeats, dtype="float32", mem_limit_bytes=limit)
                 key = {k: spec[k] for k in ("variant", "step", "hidden", "N", "degree")}
                 cached = next((r for r in done if {k: r.get(k) for k in key} == key), None)
@@ -294,7 +308,8 @@ def main(argv=None):
                 print(json.dumps(shown), flush=True)
     summary = summarize(rows)
     extra = {"method": {
-        "model": f"AtomisticModel, {args.atoms} atoms x {args.degree} neighbours (E = {args.atoms * args.degree}), "
+        "model": "AtomisticModel, " + ", ".join(f"hidden {h}: {n} atoms x {args.degree} neighbours (E = {n * args.degree})"
+                                                 for h, n in atoms_of.items()) + "; "
                  "2 EGCL blocks (the first updates coordinates), K=16 Bessel functions, float32, ops_backend torch",
         "first": "forward + backward of sum(E^2) (energy loss; loss on the node features through the energy head)",
         "conservative": "forward with forces = -dE/dx (autograd.grad, create_graph) + backward of "
@@ -311,7 +326,8 @@ def main(argv=None):
         "faithful-split": "benchmark-only step in between: faithful block with P = h A^T, Q = h B^T per node, "
                           "gathered, the rest unfused (autograd keeps its [E, H] tensors)",
     }}
-    out = write_results("egnn_blocks", args.machine, rows, summary, lambda plt: plot(rows, plt), extra=extra)
+    out = write_results("egnn_blocks", args.machine, rows, summary, lambda plt: plot(rows, plt, args.degree),
+                        extra=extra)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 
