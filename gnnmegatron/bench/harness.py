@@ -13,7 +13,9 @@ per rank. Measured per step and rank:
   and its fraction of the device's peak (``device_peak_flops``: measured large-matmul rate on CPU,
   the datasheet number for known GPUs);
 * peak memory of the rank (CPU: the resident-set high-water mark, reset after warm-up; GPU:
-  ``torch.cuda.max_memory_allocated``);
+  ``torch.cuda.max_memory_allocated``), and on CPU the resident set at the rank's start (interpreter
+  and libraries), once its trainer is built (model, store, loader; optimizer state not yet
+  allocated) and after the warm-up steps (where the peak's measurement starts);
 * collectives: bytes of the tensor-parallel collectives (``CommCounter``), bytes sent point to
   point by the pipeline, and the exposed seconds of the data-parallel gradient all-reduce (waiting
   in ``GradReducer.finish``; the rest overlaps the backward) and waiting in pipeline receives.
@@ -101,6 +103,31 @@ def _rss_peak() -> int:
     return 0
 
 
+def _rss_now() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _wait_for_peers(spec: dict) -> None:
+    """Side-by-side runs (``run_config(..., start_together=(dir, n))``): every run's ranks announce
+    themselves in ``dir`` after warm-up and wait until ``n`` processes have, so that the measured steps of
+    independent runs overlap (their start-up would otherwise share the cores with the others'
+    measured steps)."""
+    together = spec.get("start_together")
+    if not together:
+        return
+    folder, count = Path(together[0]), int(together[1])
+    (folder / f"{os.getpid()}.ready").write_text("")
+    deadline = time.monotonic() + 1800
+    while len(list(folder.glob("*.ready"))) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"side-by-side run: fewer than {count} processes reached {folder} in 30 minutes")
+        time.sleep(0.01)
+
+
 def worker(spec: dict) -> dict:
     """One rank of a harness run (called under torchrun); returns its measurements."""
     import torch.distributed as dist
@@ -110,8 +137,10 @@ def worker(spec: dict) -> dict:
     from gnnmegatron.training.config import load_config
     from gnnmegatron.training.trainer import Trainer
 
+    rss_start = _rss_now()  # the process before the trainer: interpreter, torch, megatron-core, gnnmegatron
     cfg = load_config(spec["config"], spec.get("overrides", []))
     t = Trainer(cfg, resume="overwrite")
+    rss_built = _rss_now()  # + the trainer: model, optimizer (state not yet allocated), store, loader
     rank = t.rank
     dp_time = [0.0]
     if t.grad_reducer is not None:  # the exposed part of the gradient all-reduce (the rest overlaps the backward)
@@ -129,10 +158,12 @@ def worker(spec: dict) -> dict:
     for k in range(spec["warmup"] + spec["steps"]):
         measure = k >= spec["warmup"]
         if measure and k == spec["warmup"]:
+            _wait_for_peers(spec)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             else:
                 _rss_peak_reset()
+            rss_warm = _rss_now()  # after warm-up: + optimizer state, gradients, compiled code, caches
         if dist.is_initialized():
             dist.barrier()
         dp_time[0] = 0.0
@@ -160,16 +191,22 @@ def worker(spec: dict) -> dict:
                      "flops": flops_per_step(t.model_cfg, atoms, edges)})
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_peak()
     return {"rank": rank, "world": t.world, "layout": t.describe_layout(), "steps": rows, "peak_bytes": peak,
+            "rss_start_bytes": rss_start, "rss_built_bytes": rss_built, "rss_warm_bytes": rss_warm,
             "device": device, "is_logger": t.is_logger, "dp_rank": t.groups.dp_rank,
             "first_of_replica": t.groups.tp_rank == 0 and t.groups.pp_rank == 0}
 
 
 def run_config(config: str | Path, world: int, *, overrides: list[str] | None = None, steps: int = 5,
-               warmup: int = 2, timeout: float = 3600, env: dict | None = None) -> dict[str, Any]:
-    """Run ``config`` on ``world`` fresh processes and summarise (see the module docstring)."""
+               warmup: int = 2, timeout: float = 3600, env: dict | None = None,
+               start_together: tuple[str, int] | None = None) -> dict[str, Any]:
+    """Run ``config`` on ``world`` fresh processes and summarise (see the module docstring).
+
+    ``start_together=(folder, n)``: this run is one of several run side by side (from threads of the
+    caller) with ``n`` processes in all; each starts its measured steps only when all ``n`` have
+    finished their warm-up."""
     with tempfile.TemporaryDirectory(prefix="gnnmegatron-bench-") as tmp:
         spec = {"config": str(config), "overrides": list(overrides or []), "steps": steps, "warmup": warmup,
-                "out": tmp}
+                "out": tmp, "start_together": list(start_together) if start_together else None}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
@@ -208,6 +245,9 @@ def summarise(ranks: list[dict]) -> dict[str, Any]:
         "tp_bytes_per_step": max(r["steps"][0]["tp_bytes"] for r in ranks),
         "pp_bytes_per_step": max(r["steps"][0]["pp_bytes"] for r in ranks),
         "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
+        "rss_start_bytes_per_rank": [r.get("rss_start_bytes", 0) for r in ranks],
+        "rss_built_bytes_per_rank": [r.get("rss_built_bytes", 0) for r in ranks],
+        "rss_warm_bytes_per_rank": [r.get("rss_warm_bytes", 0) for r in ranks],
         "atoms_per_step": statistics.median(atoms),
         "edges_per_atom": statistics.median(sum(r["steps"][k]["edges"] for r in firsts) / max(a, 1)
                                             for k, a in zip(range(steps), atoms)),

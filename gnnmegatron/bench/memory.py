@@ -245,8 +245,12 @@ def _measure(cfg: ModelConfig, tp: int, stress: bool) -> np.ndarray:
 
 
 def estimate_memory(cfg: ModelConfig, layout: Layout, workload: Workload, *, device: str = "cpu",
-                    coefficients: dict[str, float] | None = None) -> MemorySplit:
-    """Bytes on the busiest rank (the largest of the pipeline stages) of ``layout`` for ``workload``."""
+                    coefficients: dict[str, float] | None = None,
+                    framework_bytes: float | None = None) -> MemorySplit:
+    """Bytes on the busiest rank (the largest of the pipeline stages) of ``layout`` for ``workload``.
+
+    ``framework_bytes``: the process's fixed overhead when measured (for example the resident set
+    of a rank before its trainer is built); default ``CPU_PROCESS_BYTES`` or ``CUDA_CONTEXT_BYTES``."""
     stages = rank_parameters(cfg, layout)
     if cfg.force_mode != "conservative":
         workload = dataclasses.replace(workload, conservative=False, stress=False)
@@ -271,12 +275,13 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, workload: Workload, *, dev
         per_mb += fixed if (st["first"] or st["last"]) else 0.0
         activations = alive * per_mb
         batch_bytes = 8.0 * n * 8 + 8.0 * e * 4  # positions, forces, numbers...; edge index and shifts
-        buffers = batch_bytes * max(1, layout.micro_batches if layout.pp > 1 else 1)
+        buffers = batch_bytes * max(1, layout.micro_batches)  # a step's micro-batches are read together
         if layout.pp > 1:
             buffers += 2 * alive * 4.0 * n * (cfg.hidden + 3)
         if layout.dp > 1:
             buffers += DP_BUCKET_BYTES
-        framework = CUDA_CONTEXT_BYTES if device == "cuda" else CPU_PROCESS_BYTES
+        framework = framework_bytes if framework_bytes is not None else (
+            CUDA_CONTEXT_BYTES if device == "cuda" else CPU_PROCESS_BYTES)
         split = MemorySplit(p_bytes, p_bytes, optimizer, activations, buffers, framework)
         if best is None or split.total > best.total:
             best = split

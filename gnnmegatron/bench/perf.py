@@ -2,7 +2,7 @@
 
 Step time of a ``(tp, pp, dp)`` layout, per replica step of ``m`` micro-batches::
 
-    t_step = t_compute / (tp * pp) * (1 + bubble)          compute, split over the model-parallel ranks
+    t_step = (t_compute / (tp * pp) + m t_0 / pp) * (1 + bubble)   compute, split over the model-parallel ranks
            + t_tp                                           tensor-parallel collectives (not overlapped)
            + t_pp                                           pipeline point-to-point messages
            + (1 - overlap) * t_dp                           gradient all-reduce over dp, partly hidden
@@ -11,6 +11,9 @@ Step time of a ``(tp, pp, dp)`` layout, per replica step of ``m`` micro-batches:
   the device's sustained FLOP/s (``Device.flops``): measured on this machine by
   ``measure_device`` from a single-process step of the same model, or given for a GPU (e.g. 40 % of
   an H100's dense bf16 peak).
+* ``t_0``: a fixed cost per micro-batch pass through the model (``Device.overhead_s``: dispatch,
+  launches, per-tensor loops), measured with the FLOP rate on CPU from two single-process steps of
+  different sizes (``t = t_0 + FLOPs / rate``); 0 for GPUs unless given.
 * ``bubble``: ``(pp - 1) / (m + pp - 1)`` (``(pp - 1) / (v m + pp - 1)`` interleaved; conservative
   forces run four pipelined sweeps, each with this bubble).
 * ``t_tp``: the tensor-parallel block's collectives per block (``tp_bytes_per_block``: two N x H
@@ -61,7 +64,13 @@ LINKS = {
 
 @dataclass(frozen=True)
 class Device:
-    """A device: sustained training FLOP/s on this model, memory, and GPUs per node (the TP domain)."""
+    """A device: sustained training FLOP/s on this model, memory, and GPUs per node (the TP domain).
+
+    ``overhead_s``: seconds one micro-batch's pass through the whole model costs whatever its size
+    (operator dispatch, kernel launches, the optimizer's per-tensor loop): measured on CPU from two
+    single-process steps of different sizes, 0 unless given for a GPU. It is divided over pipeline
+    stages (each runs its share of the blocks) but not over tensor-parallel ranks (each dispatches
+    every operator of its blocks)."""
 
     name: str
     flops: float
@@ -69,6 +78,7 @@ class Device:
     per_node: int = 8
     intra: Link = LINKS["nvlink4"]
     inter: Link = LINKS["ib-ndr"]
+    overhead_s: float = 0.0
 
 
 def allreduce_time(nbytes: float, n: int, link: Link) -> float:
@@ -117,7 +127,7 @@ def estimate_step(cfg: ModelConfig, layout: Layout, workload: Workload, device: 
 
     m, n, e = layout.micro_batches, workload.atoms, workload.edges
     flops = flops_per_step(cfg, n * m, e * m, conservative=workload.conservative)
-    compute = flops / device.flops / (layout.tp * layout.pp)
+    compute = flops / device.flops / (layout.tp * layout.pp) + device.overhead_s * m / layout.pp
     v = layout.virtual_stages
     bubble = (layout.pp - 1) / (v * m + layout.pp - 1) if layout.pp > 1 else 0.0
     intra = device.intra if layout.tp <= device.per_node else device.inter

@@ -35,7 +35,7 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, per_node: int, micro_batches=
             if pp > cfg.layers:
                 continue
             dp = gpus // (tp * pp)
-            for m in (micro_batches if pp > 1 else (1,)):
+            for m in micro_batches:  # at pp = 1: gradient accumulation over m micro-batches
                 if pp > 1 and m < pp:
                     continue
                 for ckpt in (False, True):
@@ -76,13 +76,13 @@ def format_plan(cfg_name: str, rows: list[dict], gpus: int, device: Device, work
     if not rows:
         lines.append("  no layout fits: use more devices, fewer atoms per micro-batch, or a smaller model")
         return "\n".join(lines)
-    head = ("layout", "params", "grads", "optim", "activ", "buffers", "total GiB", "step s", "atoms/s")
+    head = ("layout", "params", "grads", "optim", "activ", "buffers", "framework", "total GiB", "step s", "atoms/s")
     lines.append("  " + "  ".join(f"{h:>9s}" if i else f"{h:28s}" for i, h in enumerate(head)))
     for r in rows:
         m, p = r["memory"].as_gib(), r["perf"]
         lines.append("  " + f"{r['layout'].describe():28s}" + "".join(
             f"  {v:9.2f}" for v in (m["parameters"], m["gradients"], m["optimizer"], m["activations"], m["buffers"],
-                                    m["total"], p["step_s"])) + f"  {p['atoms_per_s']:9.3g}")
+                                    m["framework"], m["total"])) + f"  {p['step_s']:9.3g}  {p['atoms_per_s']:9.3g}")
     return "\n".join(lines)
 
 

@@ -102,3 +102,39 @@ def test_harness_runs_a_config_in_fresh_processes(emt_store, tmp_path):
     assert r["world"] == 2 and r["layout"] == {"tp": 1, "pp": 2, "dp": 1} and r["steps"] == 2
     assert r["atoms_per_s"] > 0 and r["pp_bytes_per_step"] > 0 and 0 <= r["data_wait_fraction"] < 1
     assert len(r["peak_bytes_per_rank"]) == 2 and min(r["peak_bytes_per_rank"]) > 2 ** 20
+    assert 2 ** 20 < min(r["rss_start_bytes_per_rank"]) <= min(r["rss_built_bytes_per_rank"])
+    assert max(r["rss_warm_bytes_per_rank"]) <= max(r["peak_bytes_per_rank"])
+
+
+def test_fixed_cost_per_micro_batch_splits_over_stages_not_tensor_ranks():
+    cfg = get_preset("tpegnn-small", execution="fused")
+    w = Workload(256, 30.0)
+    plain, slow = Device("cpu", 1e10, 8e9), Device("cpu", 1e10, 8e9, overhead_s=0.1)
+    for layout, passes in ((Layout(), 1.0), (Layout(tp=2), 1.0), (Layout(pp=2, micro_batches=4), 2.0),
+                           (Layout(micro_batches=3), 3.0)):
+        a, b = estimate_step(cfg, layout, w, plain), estimate_step(cfg, layout, w, slow)
+        assert b["compute_s"] - a["compute_s"] == pytest.approx(0.1 * passes), layout
+
+
+def test_gradient_accumulation_layouts_and_measured_framework_term():
+    from gnnmegatron.bench.plan import candidate_layouts
+
+    cfg = get_preset("tpegnn-small", execution="fused")
+    layouts = candidate_layouts(cfg, 4, 8)
+    assert any(l.pp == 1 and l.micro_batches == 8 for l in layouts)  # accumulation without a pipeline
+    assert all(l.micro_batches >= l.pp for l in layouts)
+    w = Workload(256, 30.0)
+    one, four = estimate_memory(cfg, Layout(), w), estimate_memory(cfg, Layout(micro_batches=4), w)
+    assert four.activations == pytest.approx(one.activations)  # one micro-batch's activations alive at a time
+    assert four.buffers == pytest.approx(4 * one.buffers)  # the step's micro-batches are read together
+    assert estimate_memory(cfg, Layout(), w, framework_bytes=123.0).framework == 123.0
+
+
+def test_side_by_side_runs_wait_for_each_other(tmp_path):
+    from gnnmegatron.bench.harness import _wait_for_peers
+
+    _wait_for_peers({})  # a run on its own does not wait
+    _wait_for_peers({"start_together": [str(tmp_path), 1]})  # the only one: goes on
+    (tmp_path / "other.ready").write_text("")
+    _wait_for_peers({"start_together": [str(tmp_path), 2]})  # itself and the other one already there
+    assert len(list(tmp_path.glob("*.ready"))) == 2
