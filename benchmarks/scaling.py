@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/scaling.py [--machine cpu2] [--quick]
 
 Every configuration runs the real trainer in fresh processes through the harness
-(``gnnmegatron.bench.harness.run_config``: gloo here, NCCL on GPUs), 2 warm-up and 5 measured steps,
+(``gnnmegatron.bench.harness.run_config``: gloo here, NCCL on GPUs), 2 warm-up and 8 measured steps,
 on a generated EMT store (600 structures of at most 32 atoms, cutoff 5 Å), model ``tpegnn-small``
 (hidden 256, 4 blocks, 8 message groups, fused execution, conservative forces):
 
@@ -16,11 +16,17 @@ on a generated EMT store (600 structures of at most 32 atoms, cutoff 5 Å), mode
 * **width sweep**: the tpegnn family's block at hidden 128 to 2048 (4 blocks, 64 atoms per batch),
   one process: atoms/s, achieved FLOP/s and peak memory.
 * **planner**: every configuration's measured peak resident memory per rank against
-  ``estimate_memory`` for the measured atoms and edges per micro-batch (with the measured process
-  baseline as the framework term).
-* **performance model**: every configuration's measured step time against ``estimate_step`` with
-  this machine's numbers: the device's sustained FLOP/s taken from the one-process run of the same
-  model, and the gloo loopback link's alpha and beta from a ping-pong microbenchmark.
+  ``estimate_memory`` for the measured atoms and edges per micro-batch. Its framework term (the
+  process: interpreter, libraries, compiled code, store and loader) is measured once, on dp1-256,
+  as the rank's resident set after its warm-up steps less the training state it then holds
+  (parameters, gradients, AdamW moments), and used for every row; the other rows are predictions.
+* **performance model**: every layout's measured step time against ``estimate_step`` with this
+  machine's numbers: the FLOP rate and the fixed cost per micro-batch pass fitted by least squares
+  to the three one-process runs of the model (64, 256 and 512 atoms per step: width-256, dp1-256,
+  dp1-512; ``t = t_0 + FLOPs / rate``; those three are in-sample, the other layouts are
+  predictions), ranks beyond the core count sharing the cores (each gets
+  ``cores / world`` of one), and the gloo loopback link's alpha and beta from a ping-pong
+  microbenchmark. The rest of the width sweep is not modelled (other GEMM sizes, another FLOP rate).
 * **projection**: ``project`` for tpegnn-1b on 8 to 1024 H100-class GPUs (assumed 200 TFLOP/s
   sustained, NVLink 4 inside 8-GPU nodes, InfiniBand NDR between them, half of the gradient
   all-reduce hidden behind the backward), 8 micro-batches of 512 atoms per replica; weak scaling,
@@ -61,12 +67,72 @@ def make_config(root: Path, store: Path, name: str, budget: int, hidden: int | N
     return path
 
 
+def plot_scaling(plt, rows, ceiling, projection, cores):
+    """Throughput against processes (measured, ideal, modelled), memory against width (measured,
+    planner), and the tpegnn-1b projection."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+    ax = axes[0]
+    for kind, color in (("strong", "C0"), ("weak", "C1")):
+        sel = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["world"])
+        worlds = [r["world"] for r in sel]
+        ax.plot(worlds, [r["atoms_per_s"] for r in sel], "o-", color=color, label=f"{kind} measured")
+        ax.plot(worlds, [r["world"] * sel[0]["atoms_per_s"] for r in sel], "--", color=color, alpha=0.5,
+                label=f"{kind} ideal")
+        modelled = [(r["world"], r["atoms_per_step"] / r["modelled_step_s"]) for r in sel if r.get("modelled_step_s")]
+        ax.plot([m[0] for m in modelled], [m[1] for m in modelled], "x", color=color, ms=9, label=f"{kind} modelled")
+    ax.axhline(ceiling, color="gray", ls=":", label="two independent runs (2-core ceiling)")
+    ax.set(xlabel="processes (dp)", ylabel="atoms/s", xticks=[1, 2, 4],
+           title=f"{PRESET}, gloo, {cores} cores (4 = oversubscribed)")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    sel = [r for r in rows if r["kind"] == "width"]
+    widths = [r["hidden"] for r in sel]
+    ax.plot(widths, [max(r["peak_bytes_per_rank"]) / 2**30 for r in sel], "o-", label="measured peak")
+    ax.plot(widths, [r["planned_peak_bytes"] / 2**30 for r in sel], "s--", label="planner")
+    ax.set(xscale="log", xlabel="hidden (tpegnn family, 4 blocks)", ylabel="GiB per rank",
+           title="memory against model size")
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.minorticks_off()
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    for name, color in (("tp8", "C0"), ("tp4-pp2", "C2")):
+        pr = projection[name]
+        ax.plot([p["gpus"] for p in pr], [p["weak_efficiency"] for p in pr], "o-", color=color, label=f"{name} weak")
+        ax.plot([p["gpus"] for p in pr], [p["strong_efficiency"] for p in pr], "s--", color=color,
+                label=f"{name} strong")
+    ax.set(xscale="log", xlabel="GPUs", ylabel="efficiency vs 8 GPUs", ylim=(0, 1.05),
+           title="tpegnn-1b projection (H100, NVLink + IB NDR)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def replot(machine: str) -> None:
+    """Redraw the PNG from the JSON of an earlier run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import RESULTS
+
+    doc = json.loads((RESULTS / f"scaling-{machine}.json").read_text())
+    rows = doc["rows"]
+    ceiling = next(r["atoms_per_s"] for r in rows if r["kind"] == "ceiling")
+    cores = max(r["world"] for r in rows if not r.get("oversubscribed") and r["kind"] != "ceiling")
+    fig = plot_scaling(plt, rows, ceiling, doc["projection"], cores)
+    fig.savefig(RESULTS / f"scaling-{machine}.png", dpi=120, bbox_inches="tight")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--machine", default="cpu2")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON of an earlier run")
     args = parser.parse_args()
-    steps, warmup = (2, 1) if args.quick else (5, 2)
+    if args.replot:
+        replot(args.machine)
+        return
+    steps, warmup = (2, 1) if args.quick else (8, 2)
     cores = len(os.sched_getaffinity(0))
     rows = []
     with tempfile.TemporaryDirectory(prefix="gnnmegatron-scaling-") as tmp:
@@ -93,9 +159,12 @@ def main() -> None:
         for dp in (2, 4):
             run(f"dp{dp}-weak", dp, 256, kind="weak")
         # the machine's ceiling for two processes: two independent one-process runs at once
+        # (their measured steps start together, after both have warmed up)
+        together = root / "together"
+        together.mkdir()
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(run_config, make_config(root, store, f"pair{k}", 256), 1, steps=steps,
-                                   warmup=warmup) for k in range(2)]
+                                   warmup=warmup, start_together=(str(together), 2)) for k in range(2)]
             pair = [f.result() for f in futures]
         ceiling = sum(p["atoms_per_s"] for p in pair)
         rows.append({"kind": "ceiling", "name": "two independent 1-process runs", "world": 2,
@@ -109,8 +178,25 @@ def main() -> None:
 
     # planner and performance model against the measurements
     link, link_rows = measure_link()
-    base = next(r for r in rows if r["name"] == "dp1-256")
-    device = Device("cpu", base["flops_per_s_per_rank"], 24e9, per_node=cores, intra=link, inter=link)
+    # this machine's device, from the single-process runs of the model at 64, 256 and 512 atoms per
+    # step: t = t_0 + FLOPs / rate by least squares
+    import numpy as np
+
+    fit_rows = [next(r for r in rows if r["name"] == n) for n in ("width-256", "dp1-256", "dp1-512")]
+    flops = np.array([r["flops_per_s_per_rank"] * r["step_s_p50"] for r in fit_rows])
+    times = np.array([r["step_s_p50"] for r in fit_rows])
+    (overhead, inv_rate), *_ = np.linalg.lstsq(np.stack([np.ones_like(flops), flops], 1), times, rcond=None)
+    if inv_rate <= 0 or overhead < 0:  # noisy runs: no fixed cost, the largest run's rate
+        inv_rate, overhead = 1.0 / fit_rows[-1]["flops_per_s_per_rank"], 0.0
+    rate, overhead = 1.0 / float(inv_rate), float(overhead)
+    calibration = {"from": [r["name"] for r in fit_rows], "flops_per_s": rate,
+                   "overhead_s_per_micro_batch": float(overhead)}
+    # the planner's framework term on this machine, measured once (dp1-256) and used for every row:
+    # the rank's resident set after its warm-up steps less the training state it then holds
+    # (parameters, gradients, AdamW moments): interpreter, libraries, compiled code, store, loader
+    calib = next(r for r in rows if r["name"] == "dp1-256")
+    state = estimate_memory(get_preset(PRESET, execution="fused"), Layout(), Workload(256, 30.0, conservative=True))
+    framework = max(calib["rss_warm_bytes_per_rank"]) - (state.parameters + state.gradients + state.optimizer)
     for r in rows:
         if r["kind"] in ("ceiling",):
             continue
@@ -121,16 +207,22 @@ def main() -> None:
         atoms = r["atoms_per_step"] / (lay["dp"] * m)
         edges_per_atom = r.get("edges_per_atom") or 30.0
         w = Workload(int(round(atoms)), edges_per_atom, conservative=True)
-        mem = estimate_memory(cfg, layout, w)
+        mem = estimate_memory(cfg, layout, w, framework_bytes=framework)
         r["planned_peak_bytes"] = mem.total
         r["planned_split_gib"] = mem.as_gib()
         measured = max(r["peak_bytes_per_rank"])
         r["planner_error"] = (mem.total - measured) / measured
-        dev = device if r["kind"] != "width" else Device("cpu", r["flops_per_s_per_rank"], 24e9, per_node=cores,
-                                                         intra=link, inter=link)
+        r["planner_in_sample"] = r["name"] == "dp1-256"
+        if r["kind"] == "width" and r["hidden"] != 256:  # other GEMM sizes: the hidden-256 rate does not apply
+            continue
+        # ranks share the cores: with more processes than cores each gets cores / world of one
+        share = min(1.0, cores / r["world"])
+        dev = Device("cpu", rate * share, 24e9, per_node=cores, intra=link, inter=link, overhead_s=overhead / share)
         est = estimate_step(cfg, layout, w, dev)
         r["modelled_step_s"] = est["step_s"]
+        r["modelled_parts"] = {k: est[k] for k in ("compute_s", "bubble", "tp_s", "pp_s", "dp_s")}
         r["model_error"] = (est["step_s"] - r["step_s_p50"]) / r["step_s_p50"]
+        r["model_in_sample"] = r["name"] in calibration["from"]
     for kind, ref in (("strong", single), ("weak", weak1)):
         for r in rows:
             if r["kind"] == kind:
@@ -151,8 +243,13 @@ def main() -> None:
         "strong_efficiency_dp2": next(r["efficiency"] for r in rows if r["name"] == "dp2-strong"),
         "weak_efficiency_dp2": dp2["efficiency"],
         "dp2_throughput_over_two_core_ceiling": dp2["atoms_per_s"] / ceiling,
-        "planner_max_abs_error": max(abs(r["planner_error"]) for r in checked),
-        "model_max_abs_error_world_le_4": max(abs(r["model_error"]) for r in checked if r["kind"] != "width"),
+        "planner_max_abs_error": max(abs(r["planner_error"]) for r in checked if not r["planner_in_sample"]),
+        "planner_framework_bytes": framework,
+        "model_max_abs_error_world_le_4": max(abs(r["model_error"]) for r in rows
+                                              if "model_error" in r and not r["model_in_sample"]),
+        "model_calibration": calibration,
+        "model_errors": {r["name"]: r["model_error"] for r in rows if "model_error" in r},
+        "planner_errors": {r["name"]: r["planner_error"] for r in checked},
         "data_wait_fraction_max": max(r["data_wait_fraction"] for r in checked),
         "gloo_alpha_s": link.alpha, "gloo_beta_bytes_per_s": link.beta,
         "projection_tpegnn_1b_weak_efficiency_1024": projection["tp8"][-1]["weak_efficiency"],
@@ -160,32 +257,7 @@ def main() -> None:
     }
 
     def plot(plt):
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
-        ax = axes[0]
-        for kind, color in (("strong", "C0"), ("weak", "C1")):
-            sel = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["world"])
-            ax.plot([r["world"] for r in sel], [r["atoms_per_s"] for r in sel], "o-", color=color, label=f"{kind} measured")
-            ax.plot([r["world"] for r in sel], [r["world"] * sel[0]["atoms_per_s"] for r in sel], "--", color=color,
-                    alpha=0.5, label=f"{kind} ideal")
-        ax.axhline(ceiling, color="gray", ls=":", label="two independent runs (2-core ceiling)")
-        ax.set(xlabel="processes (dp)", ylabel="atoms/s", title=f"{PRESET}, gloo, {cores} cores (4 = oversubscribed)")
-        ax.legend(fontsize=7)
-        ax = axes[1]
-        sel = [r for r in rows if r["kind"] == "width"]
-        ax.plot([r["hidden"] for r in sel], [max(r["peak_bytes_per_rank"]) / 2**30 for r in sel], "o-", label="measured peak")
-        ax.plot([r["hidden"] for r in sel], [r["planned_peak_bytes"] / 2**30 for r in sel], "s--", label="planner")
-        ax.set(xscale="log", xlabel="hidden (tpegnn family, 4 blocks)", ylabel="GiB per rank", title="memory against model size")
-        ax.legend(fontsize=7)
-        ax = axes[2]
-        for name, color in (("tp8", "C0"), ("tp4-pp2", "C2")):
-            pr = projection[name]
-            ax.plot([p["gpus"] for p in pr], [p["weak_efficiency"] for p in pr], "o-", color=color, label=f"{name} weak")
-            ax.plot([p["gpus"] for p in pr], [p["strong_efficiency"] for p in pr], "s--", color=color, label=f"{name} strong")
-        ax.set(xscale="log", xlabel="GPUs", ylabel="efficiency vs 8 GPUs", ylim=(0, 1.05),
-               title="tpegnn-1b projection (H100, NVLink + IB NDR)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        return fig
+        return plot_scaling(plt, rows, ceiling, projection, cores)
 
     extra = {"assumptions": {"h100_sustained_flops": 200e12, "links": {k: vars(v) for k, v in LINKS.items()},
                              "overlap_of_dp_allreduce_with_backward": 0.5, "atoms_per_micro_batch": 512,
