@@ -5,8 +5,9 @@ GPUs) running :func:`worker`, which builds the real ``Trainer`` for the config w
 overrides, runs ``warmup`` optimizer steps and then ``steps`` measured ones, and writes one JSON
 per rank. Measured per step and rank:
 
-* step time (each step starts after a barrier; the slowest rank's time is the step's), and the
-  time the step waited for its data (``next`` on the trainer's batch iterator: reading, collating,
+* step time (each step starts after a barrier; the slowest rank's time is the step's), the
+  cores a rank keeps busy (process CPU time over wall time: the compute thread and the loader's
+  prefetch thread), and the time the step waited for its data (``next`` on the trainer's batch iterator: reading, collating,
   neighbour lists);
 * atoms and graphs processed (over all replicas) and the analytic training FLOPs of those atoms
   and edges (``flops_per_step``, printed per layer by ``layer_flops``): achieved FLOP/s per rank
@@ -171,7 +172,7 @@ def worker(spec: dict) -> dict:
             t.engine.profile = True
             t.engine.trace.clear()
             sent0 = t.engine.channels.bytes_sent
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         micro = [{key: (v.to(t.device) if torch.is_tensor(v) else v) for key, v in b.items()} for b in next(batches)]
         t_data = time.perf_counter() - t0
         with CommCounter() as cc:
@@ -179,12 +180,13 @@ def worker(spec: dict) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
+        cpu = time.process_time() - c0  # every thread of the process: compute and the loader's prefetch
         if not measure:
             continue
         atoms = sum(int(b["num_atoms"].sum()) for b in micro)
         edges = sum(int(b["edge_index"].shape[1]) for b in micro)
         graphs = sum(int(b["num_atoms"].numel()) for b in micro)
-        rows.append({"step_s": wall, "data_s": t_data, "dp_allreduce_s": dp_time[0], "tp_bytes": cc.total_bytes(),
+        rows.append({"step_s": wall, "cpu_s": cpu, "data_s": t_data, "dp_allreduce_s": dp_time[0], "tp_bytes": cc.total_bytes(),
                      "pp_bytes": (t.engine.channels.bytes_sent - sent0) if t.engine is not None else 0,
                      "pp_recv_wait_s": sum(w for *_, w, _e in t.engine.trace) if t.engine is not None else 0.0,
                      "atoms": atoms, "edges": edges, "graphs": graphs,
@@ -241,6 +243,9 @@ def summarise(ranks: list[dict]) -> dict[str, Any]:
         "graphs_per_s": statistics.median(g / w for g, w in zip(graphs, walls)),
         "flops_per_s_per_rank": statistics.median(f / w / world for f, w in zip(flops, walls)),
         "data_wait_fraction": statistics.median(d / w for d, w in zip(data, walls)),
+        # cores a rank keeps busy: its processes' CPU time over the step's wall time (CPU runs)
+        "cpu_utilisation": statistics.median(r["steps"][k].get("cpu_s", 0.0) / walls[k] for r in ranks
+                                             for k in range(steps)),
         "dp_allreduce_s": statistics.median(dp),
         "tp_bytes_per_step": max(r["steps"][0]["tp_bytes"] for r in ranks),
         "pp_bytes_per_step": max(r["steps"][0]["pp_bytes"] for r in ranks),

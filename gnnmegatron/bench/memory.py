@@ -19,6 +19,13 @@
   (N x (H + 3) per message in flight) and, for data parallelism, one gradient bucket.
 * **framework**: a fixed process overhead: measured on CPU (torch imported, gloo group), 0.5 GiB
   assumed for a CUDA context on GPUs.
+* **workspace** (CPU, fused execution): the torch backend's per-chunk tiles. Its fused ops run the
+  edges in chunks of ``chunk_elements / F`` edges with ``[chunk, F]`` buffers, and a force-training
+  step holds about 28 fp32 tiles at its peak (forward, backward and double backward together):
+  ``CPU_WORKSPACE_BYTES_PER_ELEMENT`` bytes per element of one tile, ``min(E, chunk_elements / F) x F``
+  elements, F the rank's hidden slice. Measured on the 2-core VM by sweeping
+  ``GNNMEGATRON_OPS_CHUNK_ELEMENTS`` (``benchmarks/scaling.py`` repeats the sweep and uses its own
+  fit). The Triton kernels keep their tiles on chip: no GPU workspace.
 
 The numbers are bytes; ``plan`` ranks layouts that fit a memory budget with ``perf.estimate_step``.
 """
@@ -35,11 +42,13 @@ import torch
 from gnnmegatron.models.config import ModelConfig
 from gnnmegatron.parallel.layout import ParallelLayout
 
-__all__ = ["Layout", "MemorySplit", "Workload", "activation_coefficients", "estimate_memory", "rank_parameters"]
+__all__ = ["Layout", "MemorySplit", "Workload", "activation_coefficients", "cpu_tile_elements", "estimate_memory",
+           "rank_parameters"]
 
 GIB = 2 ** 30
 CUDA_CONTEXT_BYTES = 0.5 * GIB
 CPU_PROCESS_BYTES = 0.45 * GIB  # python + torch + numpy + zarr + gloo, measured: 0.40-0.47 GiB RSS at rank start
+CPU_WORKSPACE_BYTES_PER_ELEMENT = 112.0  # 28 fp32 [chunk, F] tiles alive at a force-training step's peak (measured)
 DP_BUCKET_BYTES = 25 * 2 ** 20
 
 
@@ -99,10 +108,12 @@ class MemorySplit:
     activations: float
     buffers: float
     framework: float
+    workspace: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.buffers + self.framework
+        return (self.parameters + self.gradients + self.optimizer + self.activations + self.buffers + self.framework
+                + self.workspace)
 
     def as_gib(self) -> dict[str, float]:
         out = {k: v / GIB for k, v in dataclasses.asdict(self).items()}
@@ -244,13 +255,30 @@ def _measure(cfg: ModelConfig, tp: int, stress: bool) -> np.ndarray:
     return coef
 
 
+def _has_blocks(stages) -> bool:
+    return any(st["blocks"] for st in stages)
+
+
+def cpu_tile_elements(features: int, edges: int, chunk_elements: int | None = None) -> int:
+    """Elements of one ``[chunk, F]`` tile of the torch backend's fused ops for a micro-batch of
+    ``edges`` edges (``chunk_elements``: default the ops' setting, ``GNNMEGATRON_OPS_CHUNK_ELEMENTS``)."""
+    from gnnmegatron.ops.dispatch import settings
+
+    chunk = int(chunk_elements if chunk_elements is not None else settings.chunk_elements)
+    rows = max(1, min(max(int(edges), 1), chunk // max(1, int(features))))
+    return rows * int(features)
+
+
 def estimate_memory(cfg: ModelConfig, layout: Layout, workload: Workload, *, device: str = "cpu",
                     coefficients: dict[str, float] | None = None,
-                    framework_bytes: float | None = None) -> MemorySplit:
+                    framework_bytes: float | None = None,
+                    workspace_bytes_per_element: float | None = None) -> MemorySplit:
     """Bytes on the busiest rank (the largest of the pipeline stages) of ``layout`` for ``workload``.
 
     ``framework_bytes``: the process's fixed overhead when measured (for example the resident set
-    of a rank before its trainer is built); default ``CPU_PROCESS_BYTES`` or ``CUDA_CONTEXT_BYTES``."""
+    of a rank before its trainer is built); default ``CPU_PROCESS_BYTES`` or ``CUDA_CONTEXT_BYTES``.
+    ``workspace_bytes_per_element``: bytes per element of one ``[chunk, F]`` tile of the CPU fused ops
+    (default ``CPU_WORKSPACE_BYTES_PER_ELEMENT`` on CPU, none on CUDA)."""
     stages = rank_parameters(cfg, layout)
     if cfg.force_mode != "conservative":
         workload = dataclasses.replace(workload, conservative=False, stress=False)
@@ -258,6 +286,11 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, workload: Workload, *, dev
     n, e = workload.atoms, workload.edges
     per_block = coef["block_per_atom"] * n + coef["block_per_edge"] * e
     fixed = coef["fixed_per_atom"] * n + coef["fixed_per_edge"] * e
+    workspace = 0.0
+    if cfg.execution == "fused" and _has_blocks(stages):
+        per_element = workspace_bytes_per_element if workspace_bytes_per_element is not None else (
+            0.0 if device == "cuda" else CPU_WORKSPACE_BYTES_PER_ELEMENT)
+        workspace = per_element * cpu_tile_elements(cfg.hidden // layout.tp, e)
     best = None
     for s, st in enumerate(stages):
         p_bytes = 4.0 * st["params"]
@@ -282,7 +315,7 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, workload: Workload, *, dev
             buffers += DP_BUCKET_BYTES
         framework = framework_bytes if framework_bytes is not None else (
             CUDA_CONTEXT_BYTES if device == "cuda" else CPU_PROCESS_BYTES)
-        split = MemorySplit(p_bytes, p_bytes, optimizer, activations, buffers, framework)
+        split = MemorySplit(p_bytes, p_bytes, optimizer, activations, buffers, framework, workspace)
         if best is None or split.total > best.total:
             best = split
     return best

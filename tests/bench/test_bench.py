@@ -104,6 +104,7 @@ def test_harness_runs_a_config_in_fresh_processes(emt_store, tmp_path):
     assert len(r["peak_bytes_per_rank"]) == 2 and min(r["peak_bytes_per_rank"]) > 2 ** 20
     assert 2 ** 20 < min(r["rss_start_bytes_per_rank"]) <= min(r["rss_built_bytes_per_rank"])
     assert max(r["rss_warm_bytes_per_rank"]) <= max(r["peak_bytes_per_rank"])
+    assert 0 < r["cpu_utilisation"] < 64  # cores kept busy by a rank: process CPU time over wall time
 
 
 def test_fixed_cost_per_micro_batch_splits_over_stages_not_tensor_ranks():
@@ -138,3 +139,21 @@ def test_side_by_side_runs_wait_for_each_other(tmp_path):
     (tmp_path / "other.ready").write_text("")
     _wait_for_peers({"start_together": [str(tmp_path), 2]})  # itself and the other one already there
     assert len(list(tmp_path.glob("*.ready"))) == 2
+
+
+def test_cpu_workspace_of_the_fused_ops_tiles():
+    from gnnmegatron.bench.memory import CPU_WORKSPACE_BYTES_PER_ELEMENT, cpu_tile_elements
+
+    assert cpu_tile_elements(256, 100_000, chunk_elements=1 << 20) == 4096 * 256  # a full chunk
+    assert cpu_tile_elements(256, 1000, chunk_elements=1 << 20) == 1000 * 256  # fewer edges than a chunk
+    assert cpu_tile_elements(4096, 10, chunk_elements=1024) == 4096  # at least one edge per chunk
+    w = Workload(256, 30.0)
+    fused = get_preset("tpegnn-small", execution="fused")
+    cpu = estimate_memory(fused, Layout(), w)
+    assert cpu.workspace == pytest.approx(CPU_WORKSPACE_BYTES_PER_ELEMENT * cpu_tile_elements(256, w.edges))
+    tp2 = estimate_memory(fused, Layout(tp=2), w)  # the rank's slice of the hidden units
+    assert tp2.workspace == pytest.approx(CPU_WORKSPACE_BYTES_PER_ELEMENT * cpu_tile_elements(128, w.edges))
+    assert estimate_memory(fused, Layout(), w, device="cuda").workspace == 0.0  # tiles stay on chip
+    assert estimate_memory(get_preset("tpegnn-small", execution="unfused"), Layout(), w).workspace == 0.0
+    assert cpu.total == pytest.approx(cpu.parameters + cpu.gradients + cpu.optimizer + cpu.activations + cpu.buffers
+                                      + cpu.framework + cpu.workspace)
