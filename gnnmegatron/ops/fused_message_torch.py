@@ -132,6 +132,13 @@ def _run(kind: str, work: int, bufs, *args):
         if bufs is not None:
             return (_fwd_body_buffered if kind == "fwd" else _bwd_body_buffered)(bufs, *args)
         return fn(*args)
+    # Dynamo guards on what it sees of each argument, and every guard that fails recompiles until
+    # the recompile limit fails the compile: chunks are slices of the edge arrays whose storage
+    # offsets differ from chunk to chunk (a copy starts at offset 0: one chunk of indices and radial
+    # features, small beside the chunk's [chunk, F] work), and the bodies run without autograd
+    # whether or not an input requires grad (detached, one compiled graph serves both).
+    args = tuple((a.detach().clone() if a.storage_offset() else a.detach()) if torch.is_tensor(a) else a
+                 for a in args)
     try:
         return fn(*args)
     except Exception as exc:  # pragma: no cover - depends on the toolchain
@@ -153,8 +160,10 @@ def _buffers(count: int, E: int, F: int, like: torch.Tensor, inputs) -> list[tor
 
 def _chunks(E: int, F: int, perm):
     step = settings.edges_per_chunk(F)
-    for e0 in range(0, E, step):
-        e1 = min(E, e0 + step)
+    bounds = list(range(0, E, step)) + [E]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1 and step > 2:
+        bounds[-2] -= 1  # no one-edge last chunk: a compiled body would specialise (and recompile) for it
+    for e0, e1 in zip(bounds[:-1], bounds[1:]):
         yield (slice(e0, e1) if perm is None else perm[e0:e1])
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gnnmegatron.ops import csr_plan, edge_vector_aggregate, fused_message_aggregate, segment_reduce, settings
-from ops_cases import assert_close, make_graph
+from ops_cases import assert_close, assert_close_scaled, make_graph
 
 
 @pytest.fixture(autouse=True)
@@ -106,3 +106,42 @@ def test_module_using_the_ops_compiles_on_cpu():
     got = step(compiled)
     for i, (a, e) in enumerate(zip(got, eager)):
         assert_close(a, e, torch.float32, f"compiled vs eager, output {i}")
+
+
+def test_compiled_chunk_bodies_compile_once_over_many_chunks(monkeypatch):
+    """The chunk bodies compiled (``settings.compile = "always"``) over 7 sorted chunks (slices at
+    7 storage offsets), with and without w and v, forward, backward and a force-style double backward: no recompile-limit
+    failure (the eager fallback and its warning) and the eager bodies' results."""
+    import warnings
+
+    import gnnmegatron.ops.fused_message_torch as fmt
+
+    ei, n = make_graph("ragged", True, seed=3)
+    E = ei.shape[1]
+    g = torch.Generator().manual_seed(1)
+    P, Q = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+    R, C, b = torch.randn(E, 3, generator=g), torch.randn(3, 8, generator=g), torch.randn(8, generator=g)
+    w, v = torch.rand(E, generator=g), torch.randn(8, generator=g)
+    monkeypatch.setattr(settings, "chunk_edges", 6)  # 7 chunks: slices at 7 storage offsets
+
+    def run(mode):
+        monkeypatch.setattr(settings, "compile", mode)
+        out = []
+        for ww, vv in ((w, v), (None, v), (w, None), (None, None)):  # the bodies' variants a model reaches
+            p, r = P.clone().requires_grad_(), R.clone().requires_grad_()
+            res = fused_message_aggregate(p, Q, ei, r, C, b, ww, vv, backend="torch")
+            m, s = res if vv is not None else (res, torch.zeros(()))
+            gp, gr = torch.autograd.grad(m.square().sum() + s.sum(), (p, r), create_graph=True)
+            (gp.square().sum() + gr.square().sum()).backward()
+            out += [m, s, gp, gr, p.grad, r.grad]
+        return out
+
+    eager = run("never")
+    monkeypatch.setattr(fmt, "_compiled", {})
+    monkeypatch.setattr(fmt, "_compile_failed", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        compiled = run("always")
+    assert not fmt._compile_failed and set(fmt._compiled) == {"fwd", "bwd"}
+    for a, e in zip(compiled, eager):
+        assert_close_scaled(a, e, torch.float32, "compiled chunk bodies")
