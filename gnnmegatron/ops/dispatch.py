@@ -318,3 +318,22 @@ def rows_add_(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torc
     0.07 ms to 52 ms from one repetition to the next (torch 2.13, CPU; its per-index path), while
     ``scatter_add_`` stayed at 0.07 ms; in the chunk loops that was 24 of a step's 30 s."""
     return out.scatter_add_(0, index.unsqueeze(1).expand(-1, src.shape[1]), src)
+
+
+def first_layer_grads_(t: torch.Tensor, acc: dict, dR: torch.Tensor | None, idx, dst: torch.Tensor,
+                       src: torch.Tensor, Rc: torch.Tensor, C: torch.Tensor) -> None:
+    """One chunk's cotangent ``t`` [chunk, F] of a split first layer ``z = P[dst] + Q[src] + Rc C (+ b)``
+    onto its inputs: ``acc["P"]`` and ``acc["Q"]`` get the rows of ``t`` added at ``dst`` and
+    ``src``, ``acc["C"]`` gets ``Rc^T t``, and ``dR[idx] = t C^T``; each only where that entry
+    (or ``dR``) is present and not None. ``idx`` is the chunk's slice or index tensor into the edges."""
+    if acc.get("P") is not None:
+        rows_add_(acc["P"], dst, t)
+    if acc.get("Q") is not None:
+        rows_add_(acc["Q"], src, t)
+    if dR is not None:
+        if isinstance(idx, slice):
+            torch.mm(t, C.t(), out=dR[idx])
+        else:
+            dR[idx] = t @ C.t()
+    if acc.get("C") is not None:
+        acc["C"].addmm_(Rc.t(), t)

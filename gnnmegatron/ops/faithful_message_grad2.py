@@ -49,7 +49,7 @@ from typing import Optional, Sequence
 import torch
 
 from gnnmegatron.ops.activations import act_grads2
-from gnnmegatron.ops.dispatch import compute_dtype, rows_add_, run_chunks
+from gnnmegatron.ops.dispatch import compute_dtype, first_layer_grads_, rows_add_, run_chunks
 from gnnmegatron.ops.faithful_message_torch import (_Buffers, _first_layer, act_grads2_, chunk_rows, chunks, rowdot,
                                                     tp_reducer)
 
@@ -386,17 +386,8 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v,
         GG1 = torch.mm(BB2, W2, out=stk.get("GG1", 2 * c))  # [a1~; a1'~]
         # ---- layer 1 reverse: z1~ = ss1 z1' a1'~ + s1 a1~, z1'~ = s1 a1'~
         bar_z1 = torch.mul(SS1, GG1[c:], out=buf.get("Z1", c)).addcmul_(S1, GG1[:c])
-        if acc["P"] is not None:
-            rows_add_(acc["P"], d, bar_z1)
-        if acc["Q"] is not None:
-            rows_add_(acc["Q"], j, bar_z1)
-        if dR is not None:
-            if isinstance(idx, slice):
-                torch.mm(bar_z1, C.t(), out=dR[idx])
-            else:
-                dR[idx] = bar_z1 @ C.t()
+        first_layer_grads_(bar_z1, acc, dR, idx, d, j, Rc, C)
         if acc["C"] is not None:
-            acc["C"].addmm_(Rc.t(), bar_z1)
             if tR is not None:
                 acc["C"].addmm_(tR[idx].t(), torch.mul(S1, GG1[c:], out=T1))
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from gnnmegatron.ops.activations import act, act_and_grad
-from gnnmegatron.ops.dispatch import compute_dtype, rows_add_, run_chunks, settings
+from gnnmegatron.ops.dispatch import compute_dtype, first_layer_grads_, rows_add_, run_chunks, settings
 
 
 # ----------------------------------------------------------------------------- activations in place
@@ -319,17 +319,7 @@ def faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc
         if not first:
             return
         dz1 = torch.mm(dz2, W2, out=a1).mul_(d1)  # a1 is not needed any more
-        if "P" in acc:
-            rows_add_(acc["P"], d, dz1)
-        if need["Q"]:
-            rows_add_(acc["Q"], j, dz1)
-        if need["R"]:
-            if isinstance(idx, slice):
-                torch.mm(dz1, C.t(), out=dR[idx])
-            else:
-                dR[idx] = dz1 @ C.t()
-        if need["C"]:
-            acc["C"].addmm_(Rc.t(), dz1)
+        first_layer_grads_(dz1, acc, dR, idx, d, j, Rc, C)
 
     work = list(chunks(E, rows, perm)) if E > 0 and any(need.values()) else []
     with torch.no_grad():

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from gnnmegatron.ops.activations import act_grads2
-from gnnmegatron.ops.dispatch import compute_dtype, rows_add_, run_chunks, settings
+from gnnmegatron.ops.dispatch import compute_dtype, first_layer_grads_, rows_add_, run_chunks, settings
 
 Tensor = torch.Tensor
 OUTPUTS = ("gm", "gs", "P", "Q", "R", "C", "b", "w", "v")
@@ -234,17 +234,8 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, tang
             dw[idx] = rowdot(gmr, H)
         if acc["v"] is not None:
             acc["v"].addmv_(H.t(), gsc)
-        if acc["P"] is not None:
-            rows_add_(acc["P"], d, T)
-        if acc["Q"] is not None:
-            rows_add_(acc["Q"], j, T)
-        if dR is not None:
-            if isinstance(idx, slice):
-                torch.mm(T, C.t(), out=dR[idx])
-            else:
-                dR[idx] = T @ C.t()
+        first_layer_grads_(T, acc, dR, idx, d, j, Rc, C)
         if acc["C"] is not None:
-            acc["C"].addmm_(Rc.t(), T)
             if ggR is not None:
                 acc["C"].addmm_(ggR[idx].t(), g.mul_(a1))  # dz = g a'
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gnnmegatron.ops.activations import act, act_and_grad
-from gnnmegatron.ops.dispatch import compute_dtype, rows_add_, run_chunks, settings
+from gnnmegatron.ops.dispatch import compute_dtype, first_layer_grads_, rows_add_, run_chunks, settings
 
 
 def _fwd_body(P, Q, dst, src, R, C, b, w, v, activation: str):
@@ -231,17 +231,7 @@ def fused_message_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activat
         d = dst[idx]
         dz, dw_c, dv_c = _run("bwd", work, st["bufs"], gmc, gsc[idx] if gsc is not None else None, P, Q, d,
                               src[idx], R[idx], Cc, bc, w[idx] if w is not None else None, vc, activation)
-        if "P" in acc:
-            rows_add_(acc["P"], d, dz)
-        if "Q" in acc:
-            rows_add_(acc["Q"], src[idx], dz)
-        if dR is not None:
-            if isinstance(idx, slice):
-                torch.mm(dz, Cc.T, out=dR[idx])
-            else:
-                dR[idx] = dz @ Cc.T
-        if "C" in acc:
-            acc["C"].addmm_(R[idx].to(cdt).T, dz)
+        first_layer_grads_(dz, acc, dR, idx, d, src[idx], R[idx].to(cdt), Cc)
         if dw is not None:
             dw[idx] = dw_c
         if "v" in acc:
