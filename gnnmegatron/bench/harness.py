@@ -96,18 +96,11 @@ def _rss_peak_reset() -> None:
         pass
 
 
-def _rss_peak() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; 0 where absent."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -138,10 +131,10 @@ def worker(spec: dict) -> dict:
     from gnnmegatron.training.config import load_config
     from gnnmegatron.training.trainer import Trainer
 
-    rss_start = _rss_now()  # the process before the trainer: interpreter, torch, megatron-core, gnnmegatron
+    rss_start = _status_bytes("VmRSS")  # the process before the trainer: interpreter, torch, megatron-core, gnnmegatron
     cfg = load_config(spec["config"], spec.get("overrides", []))
     t = Trainer(cfg, resume="overwrite")
-    rss_built = _rss_now()  # + the trainer: model, optimizer (state not yet allocated), store, loader
+    rss_built = _status_bytes("VmRSS")  # + the trainer: model, optimizer (state not yet allocated), store, loader
     rank = t.rank
     dp_time = [0.0]
     if t.grad_reducer is not None:  # the exposed part of the gradient all-reduce (the rest overlaps the backward)
@@ -164,7 +157,7 @@ def worker(spec: dict) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             else:
                 _rss_peak_reset()
-            rss_warm = _rss_now()  # after warm-up: + optimizer state, gradients, compiled code, caches
+            rss_warm = _status_bytes("VmRSS")  # after warm-up: + optimizer state, gradients, compiled code, caches
         if dist.is_initialized():
             dist.barrier()
         dp_time[0] = 0.0
@@ -191,7 +184,7 @@ def worker(spec: dict) -> dict:
                      "pp_recv_wait_s": sum(w for *_, w, _e in t.engine.trace) if t.engine is not None else 0.0,
                      "atoms": atoms, "edges": edges, "graphs": graphs,
                      "flops": flops_per_step(t.model_cfg, atoms, edges)})
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_peak()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _status_bytes("VmHWM")
     return {"rank": rank, "world": t.world, "layout": t.describe_layout(), "steps": rows, "peak_bytes": peak,
             "rss_start_bytes": rss_start, "rss_built_bytes": rss_built, "rss_warm_bytes": rss_warm,
             "device": device, "is_logger": t.is_logger, "dp_rank": t.groups.dp_rank,
