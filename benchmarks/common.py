@@ -100,3 +100,34 @@ def write_results(name: str, machine: str, rows: list[dict], summary: dict, plot
     fig.savefig(base.with_suffix(".png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
     return base.with_suffix(".json")
+
+
+def spawn_worker(script: str, spec: dict, timeout: float, env: dict | None = None) -> dict:
+    """Run ``python script --worker <spec as JSON>`` in a fresh process and return the JSON dict it
+    prints last, or ``{"error": ...}`` (a timeout, an out-of-memory stop at a data limit, or the
+    last line of its stderr)."""
+    import subprocess
+
+    cmd = [sys.executable, script, "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timeout after {timeout:.0f} s")
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["?"]
+        oom = any("can't allocate memory" in ln or "MemoryError" in ln for ln in lines)
+        return dict(error="out of memory (data limit reached)" if oom else lines[-1][:300])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_then_memory(script: str, spec: dict, timeout: float, memory: bool = True) -> dict:
+    """The worker's timing phase in one process and, unless it failed or ``memory`` is False, its
+    memory phase in a second one whose glibc malloc has a fixed 128 KiB mmap threshold, so every
+    tensor buffer is mapped on allocation and unmapped on free and RSS follows live tensors (timing
+    runs with the default allocator behaviour). A failed memory phase becomes ``memory_error``."""
+    row = spawn_worker(script, dict(spec, phase="time"), timeout)
+    if memory and "error" not in row:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+        mem = spawn_worker(script, dict(spec, phase="memory"), timeout, env)
+        row.update(mem if "error" not in mem else {"memory_error": mem["error"]})
+    return row

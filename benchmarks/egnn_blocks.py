@@ -50,11 +50,9 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
-from common import write_results
+from common import time_then_memory, write_results
 from kernels import RssSampler
 
 VARIANTS = ("faithful-unfused", "faithful-split", "faithful-fused", "node_split-unfused", "node_split-fused")
@@ -149,28 +147,11 @@ def worker(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver side
-def _spawn(spec: dict, timeout: float, env=None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timeout after {timeout:.0f} s")
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ["?"]
-        oom = any("can't allocate memory" in ln or "MemoryError" in ln for ln in lines)
-        return dict(error="out of memory (data limit reached)" if oom else lines[-1][:300])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run_variant(spec: dict, timeout: float) -> dict:
     row = dict(spec)
     t0 = time.time()
     row["load_average_1min_before"] = os.getloadavg()[0]
-    row.update(_spawn(dict(spec, phase="time"), timeout))
-    if "error" not in row:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-        mem = _spawn(dict(spec, phase="memory"), timeout, env)
-        row.update(mem if "error" not in mem else {"memory_error": mem["error"]})
+    row.update(time_then_memory(__file__, spec, timeout))
     row["load_average_1min_after"] = os.getloadavg()[0]
     row["wall_s"] = round(time.time() - t0, 1)
     return row

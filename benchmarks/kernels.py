@@ -55,12 +55,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
-from common import write_results
+from common import time_then_memory, write_results
 
 HEADLINE = dict(N=65536, E=2_000_000, F=256, K=32)
 GRAD2 = dict(N=16384, E=16384 * 24, F=128, K=32)  # the conservative-force step
@@ -243,28 +241,11 @@ def _memory_row(spec, step, cuda) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver side
-def _spawn(spec: dict, timeout: float, env=None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timeout after {timeout:.0f} s")
-    if proc.returncode != 0:
-        return dict(error=(proc.stderr.strip().splitlines() or ["?"])[-1][:300])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run_worker(spec: dict, timeout: float) -> dict:
-    """Timing in one subprocess; on CPU the memory step in a second one whose glibc malloc has a
-    fixed 128 KiB mmap threshold, so every tensor buffer is mapped on allocation and unmapped on
-    free and RSS follows live tensors (timing runs with the default allocator behaviour)."""
+    """Timing in one subprocess and, on CPU, the memory step in a second (``common.time_then_memory``)."""
     t0 = time.time()
     row = dict(spec)
-    row.update(_spawn(dict(spec, phase="time"), timeout))
-    if spec["device"] == "cpu" and "error" not in row:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-        mem = _spawn(dict(spec, phase="memory"), timeout, env)
-        row.update(mem if "error" not in mem else {"memory_error": mem["error"]})
+    row.update(time_then_memory(__file__, spec, timeout, memory=spec["device"] == "cpu"))
     row["wall_s"] = round(time.time() - t0, 1)
     return row
 
