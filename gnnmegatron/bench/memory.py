@@ -255,10 +255,6 @@ def _measure(cfg: ModelConfig, tp: int, stress: bool) -> np.ndarray:
     return coef
 
 
-def _has_blocks(stages) -> bool:
-    return any(st["blocks"] for st in stages)
-
-
 def cpu_tile_elements(features: int, edges: int, chunk_elements: int | None = None) -> int:
     """Elements of one ``[chunk, F]`` tile of the torch backend's fused ops for a micro-batch of
     ``edges`` edges (``chunk_elements``: default the ops' setting, ``GNNMEGATRON_OPS_CHUNK_ELEMENTS``)."""
@@ -287,7 +283,7 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, workload: Workload, *, dev
     per_block = coef["block_per_atom"] * n + coef["block_per_edge"] * e
     fixed = coef["fixed_per_atom"] * n + coef["fixed_per_edge"] * e
     workspace = 0.0
-    if cfg.execution == "fused" and _has_blocks(stages):
+    if cfg.execution == "fused":
         per_element = workspace_bytes_per_element if workspace_bytes_per_element is not None else (
             0.0 if device == "cuda" else CPU_WORKSPACE_BYTES_PER_ELEMENT)
         workspace = per_element * cpu_tile_elements(cfg.hidden // layout.tp, e)

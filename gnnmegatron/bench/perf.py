@@ -8,11 +8,10 @@ Step time of a ``(tp, pp, dp)`` layout, per replica step of ``m`` micro-batches:
            + (1 - overlap) * t_dp                           gradient all-reduce over dp, partly hidden
 
 * ``t_compute``: analytic training FLOPs of the step's atoms and edges (``flops_per_step``) divided by
-  the device's sustained FLOP/s (``Device.flops``): measured on this machine by
-  ``measure_device`` from a single-process step of the same model, or given for a GPU (e.g. 40 % of
-  an H100's dense bf16 peak).
+  the device's sustained FLOP/s (``Device.flops``): on CPU fitted to single-process steps of the
+  same model (``benchmarks/scaling.py``), for a GPU given (e.g. 40 % of an H100's dense bf16 peak).
 * ``t_0``: a fixed cost per micro-batch pass through the model (``Device.overhead_s``: dispatch,
-  launches, per-tensor loops), measured with the FLOP rate on CPU from two single-process steps of
+  launches, per-tensor loops), measured with the FLOP rate on CPU from single-process steps of
   different sizes (``t = t_0 + FLOPs / rate``); 0 for GPUs unless given.
 * ``bubble``: ``(pp - 1) / (m + pp - 1)`` (``(pp - 1) / (v m + pp - 1)`` interleaved; conservative
   forces run four pipelined sweeps, each with this bubble).
@@ -67,7 +66,7 @@ class Device:
     """A device: sustained training FLOP/s on this model, memory, and GPUs per node (the TP domain).
 
     ``overhead_s``: seconds one micro-batch's pass through the whole model costs whatever its size
-    (operator dispatch, kernel launches, the optimizer's per-tensor loop): measured on CPU from two
+    (operator dispatch, kernel launches, the optimizer's per-tensor loop): measured on CPU from
     single-process steps of different sizes, 0 unless given for a GPU. It is divided over pipeline
     stages (each runs its share of the blocks) but not over tensor-parallel ranks (each dispatches
     every operator of its blocks)."""
