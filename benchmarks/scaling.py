@@ -72,6 +72,13 @@ def make_config(root: Path, store: Path, name: str, budget: int, hidden: int | N
     return path
 
 
+def affine_fit(x, y) -> tuple[float, float]:
+    """Least-squares intercept and slope of ``y = a + b x``."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
+    return float(a), float(b)
+
+
 def plot_scaling(plt, rows, ceiling, projection, cores):
     """Throughput against processes (measured, ideal, modelled), memory against width (measured,
     planner), and the tpegnn-1b projection."""
@@ -177,9 +184,9 @@ def main() -> None:
             both = sum(p["atoms_per_s"] for p in pair)
             rows.append({"kind": "ceiling", "name": f"two independent 1-process runs (round {k})", "world": 2,
                          "atoms_per_s": both, "members": [p["atoms_per_s"] for p in pair]})
-            dp2 = run(f"dp2-weak-round{k}", 2, 256, kind="ceiling-dp2")
+            paired = run(f"dp2-weak-round{k}", 2, 256, kind="ceiling-dp2")
             ceilings.append(both)
-            ratios.append(dp2["atoms_per_s"] / both)
+            ratios.append(paired["atoms_per_s"] / both)
         ceiling = float(np.median(ceilings))
         run("tp2", 2, 256, ["parallel.tp=2"], kind="model-parallel")
         run("pp2-m4", 2, 128, ["parallel.pp=2", "train.micro_batches=4"], kind="model-parallel")
@@ -196,19 +203,18 @@ def main() -> None:
     link, link_rows = measure_link()
     # this machine's device, from the single-process runs of the model at 64, 256 and 512 atoms per
     # step: t = t_0 + FLOPs / rate by least squares
-
     fit_rows = [next(r for r in rows if r["name"] == n) for n in ("width-256", "dp1-256", "dp1-512")]
     flops = np.array([r["flops_per_s_per_rank"] * r["step_s_p50"] for r in fit_rows])
     times = np.array([r["step_s_p50"] for r in fit_rows])
-    (overhead, inv_rate), *_ = np.linalg.lstsq(np.stack([np.ones_like(flops), flops], 1), times, rcond=None)
+    overhead, inv_rate = affine_fit(flops, times)
     if inv_rate <= 0 or overhead < 0:  # noisy runs: no fixed cost, the largest run's rate
         inv_rate, overhead = 1.0 / fit_rows[-1]["flops_per_s_per_rank"], 0.0
     rate, overhead = 1.0 / float(inv_rate), float(overhead)
     # cores one process keeps busy (its compute thread and the loader's prefetch thread): with world
     # processes on the machine's cores each gets cores / (world x busy) of what it had alone
     busy = float(np.median([r["cpu_utilisation"] for r in fit_rows]))
-    calibration = {"from": [r["name"] for r in fit_rows], "flops_per_s": rate,
-                   "overhead_s_per_micro_batch": float(overhead)}
+    calibration = {"from": [r["name"] for r in fit_rows], "flops_per_s": rate, "overhead_s_per_micro_batch": overhead,
+                   "cores_busy_per_process": busy}
     # the planner's framework term on this machine, measured once (dp1-256) and used for every row:
     # the rank's resident set after its warm-up steps less the training state it then holds
     # (parameters, gradients, AdamW moments): interpreter, libraries, compiled code, store, loader
@@ -221,8 +227,7 @@ def main() -> None:
     tiles = np.array([cpu_tile_elements(256, r["atoms_per_step"] * r["edges_per_atom"],
                                         r.get("chunk_elements", settings.chunk_elements)) for r in sweep], float)
     added = np.array([max(r["peak_bytes_per_rank"]) - max(r["rss_warm_bytes_per_rank"]) for r in sweep], float)
-    (_, per_element), *_ = np.linalg.lstsq(np.stack([np.ones_like(tiles), tiles], 1), added, rcond=None)
-    per_element = max(0.0, float(per_element))
+    per_element = max(0.0, affine_fit(tiles, added)[1])
     workspace_fit = {"from": [r["name"] for r in sweep], "tile_elements": tiles.tolist(),
                      "step_bytes_above_warm": added.tolist(), "bytes_per_tile_element": per_element}
     for r in rows:
@@ -267,7 +272,6 @@ def main() -> None:
                   "tp4-pp2": project(big, Workload(512, 30.0), h100, gpus, tp=4, pp=2, micro_batches=8, overlap=0.5,
                                      strong_global_atoms=global_atoms)}
     checked = [r for r in rows if "planner_error" in r]
-    calibration["cores_busy_per_process"] = busy
     summary = {
         "strong_efficiency_dp2": next(r["efficiency"] for r in rows if r["name"] == "dp2-strong"),
         "weak_efficiency_dp2": dp2["efficiency"],
