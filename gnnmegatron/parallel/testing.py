@@ -12,8 +12,9 @@ Forking straight from the test process is avoided: libgomp's thread pool is not 
 On success every rank passes a barrier before the process groups are destroyed, so no rank
 exits while another is still connecting a subgroup. Failure handling: a rank that raises
 writes its traceback to a file and exits non-zero; the parent then stops the other ranks
-(they may wait in a collective that will never complete) and raises ``DistributedTestError`` with every failed rank's traceback. A run that exceeds
-``timeout`` seconds is stopped the same way.
+(they may wait in a collective that will never complete) and raises ``DistributedTestError``
+with every failed rank's traceback. A run that exceeds ``timeout`` seconds is stopped the same
+way.
 """
 
 from __future__ import annotations
