@@ -16,20 +16,29 @@ on a generated EMT store (600 structures of at most 32 atoms, cutoff 5 Å), mode
 * **model parallelism**: tp = 2, pp = 2 (4 micro-batches), tp = 2 x dp = 2.
 * **width sweep**: the tpegnn family's block at hidden 128 to 2048 (4 blocks, 64 atoms per batch),
   one process: atoms/s, achieved FLOP/s and peak memory.
-* **planner**: every configuration's measured peak resident memory per rank against
-  ``estimate_memory`` for the measured atoms and edges per micro-batch. Its framework term (the
-  process: interpreter, libraries, compiled code, store and loader) is measured once, on dp1-256,
-  as the rank's resident set after its warm-up steps less the training state it then holds
-  (parameters, gradients, AdamW moments), and used for every row; its CPU workspace term (the fused
-  ops' ``[chunk, F]`` tiles) is fitted to dp1-256 rerun with 2^16 and 2^22 elements per chunk
-  (``chunk-*`` rows) besides the default 2^20; the other rows are predictions.
+* **planner**: every configuration's measured peak memory per rank against ``estimate_memory``
+  for the measured atoms and edges per micro-batch. The planner counts live tensors; the
+  resident set of a CPU process also holds what glibc keeps after ``free`` (more with many
+  micro-batches alive), so every configuration is rerun (same batches) with the allocator
+  returning freed blocks at once (``run_config(..., memory="live")``: the high-water mark of the
+  live tensors, as ``max_memory_allocated`` on a GPU) and the planner is checked against that
+  peak; the default run's resident peak and the allocator's share of it are reported beside.
+  The framework term (the process: interpreter, libraries, compiled code, store and loader) is
+  measured once, on dp1-256, as the rank's resident set after its warm-up steps less the training
+  state it then holds (parameters, gradients, AdamW moments), and used for every row; the CPU
+  workspace term (the fused ops' ``[chunk, F]`` tiles) is fitted to dp1-256 rerun with 2^16 and
+  2^22 elements per chunk (``chunk-*`` rows) besides the default 2^20; the other rows are
+  predictions.
 * **performance model**: every layout's measured step time against ``estimate_step`` with this
   machine's numbers: the FLOP rate and the fixed cost per micro-batch pass fitted by least squares
   to the three one-process runs of the model (64, 256 and 512 atoms per step: width-256, dp1-256,
   dp1-512; ``t = t_0 + FLOPs / rate``; those three are in-sample, the other layouts are
   predictions), ranks beyond the core count sharing the cores (each gets
-  ``cores / world`` of one), and the gloo loopback link's alpha and beta from a ping-pong
-  microbenchmark. The rest of the width sweep is not modelled (other GEMM sizes, another FLOP rate).
+  ``cores / world`` of one), the gloo loopback link's alpha and beta from a ping-pong
+  microbenchmark, and the part of the compute tensor parallelism does not divide from timing
+  tp rank 0's shard of the model against the whole model in one process
+  (``measure_tp_shard`` on batches of the store of 64, 256 and 512 atoms: the shard's time per atom
+  over the whole model's). The rest of the width sweep is not modelled (other GEMM sizes, another FLOP rate).
 * **projection**: ``project`` for tpegnn-1b on 8 to 1024 H100-class GPUs (assumed 200 TFLOP/s
   sustained, NVLink 4 inside 8-GPU nodes, InfiniBand NDR between them, half of the gradient
   all-reduce hidden behind the backward), 8 micro-batches of 512 atoms per replica; weak scaling,
@@ -49,13 +58,15 @@ from pathlib import Path
 import numpy as np
 from common import write_results
 
-from gnnmegatron.bench.harness import measure_link, run_config
+from gnnmegatron.bench.harness import measure_link, measure_tp_shard, run_config
 from gnnmegatron.bench.memory import Layout, Workload, cpu_tile_elements, estimate_memory
 from gnnmegatron.bench.perf import LINKS, Device, estimate_step, project
 from gnnmegatron.models import get_preset
 from gnnmegatron.ops.dispatch import settings
 
 PRESET = "tpegnn-small"
+OVERRIDES = {"tp2": ["parallel.tp=2"], "pp2-m4": ["parallel.pp=2", "train.micro_batches=4"],
+             "tp2-dp2": ["parallel.tp=2"]}
 
 
 def make_config(root: Path, store: Path, name: str, budget: int, hidden: int | None = None) -> Path:
@@ -99,7 +110,9 @@ def plot_scaling(plt, rows, ceiling, projection, cores):
     ax = axes[1]
     sel = [r for r in rows if r["kind"] == "width"]
     widths = [r["hidden"] for r in sel]
-    ax.plot(widths, [max(r["peak_bytes_per_rank"]) / 2**30 for r in sel], "o-", label="measured peak")
+    ax.plot(widths, [max(r["live_peak_bytes_per_rank"]) / 2**30 for r in sel], "o-", label="measured peak (live)")
+    ax.plot(widths, [max(r["peak_bytes_per_rank"]) / 2**30 for r in sel], "^:", alpha=0.6,
+            label="measured peak (resident, glibc's retained heap included)")
     ax.plot(widths, [r["planned_peak_bytes"] / 2**30 for r in sel], "s--", label="planner")
     ax.set(xscale="log", xlabel="hidden (tpegnn family, 4 blocks)", ylabel="GiB per rank",
            title="memory against model size")
@@ -188,9 +201,8 @@ def main() -> None:
             ceilings.append(both)
             ratios.append(paired["atoms_per_s"] / both)
         ceiling = float(np.median(ceilings))
-        run("tp2", 2, 256, ["parallel.tp=2"], kind="model-parallel")
-        run("pp2-m4", 2, 128, ["parallel.pp=2", "train.micro_batches=4"], kind="model-parallel")
-        run("tp2-dp2", 4, 256, ["parallel.tp=2"], kind="model-parallel")
+        for name, world, budget in (("tp2", 2, 256), ("pp2-m4", 2, 128), ("tp2-dp2", 4, 256)):
+            run(name, world, budget, OVERRIDES[name], kind="model-parallel")
         widths = (128, 256, 512) if args.quick else (128, 256, 512, 1024, 2048)
         for h in widths:
             run(f"width-{h}", 1, 64, hidden=h, kind="width")
@@ -198,6 +210,32 @@ def main() -> None:
         for ce in (1 << 16, 1 << 22):
             run(f"chunk-{ce}", 1, 256, kind="workspace", chunk_elements=ce,
                 env={"GNNMEGATRON_OPS_CHUNK_ELEMENTS": str(ce)})
+        # the planner's check: each configuration again, its allocator returning freed blocks at once
+        for r in rows:
+            if r["kind"] in ("ceiling", "ceiling-dp2"):
+                continue
+            env = {"GNNMEGATRON_OPS_CHUNK_ELEMENTS": str(r["chunk_elements"])} if r.get("chunk_elements") else None
+            live = run_config(make_config(root, store, r["name"] + "-live", r["budget_atoms"], r["hidden"]
+                                          if r["kind"] == "width" else None), r["world"],
+                              overrides=OVERRIDES.get(r["name"], []), steps=steps, warmup=warmup, env=env,
+                              memory="live")
+            r["live_peak_bytes_per_rank"] = live["peak_bytes_per_rank"]
+            r["live_rss_warm_bytes_per_rank"] = live["rss_warm_bytes_per_rank"]
+            r["allocator_retained_fraction"] = max(r["peak_bytes_per_rank"]) / max(live["peak_bytes_per_rank"]) - 1
+            print(r["name"], "live peak", live["peak_bytes_per_rank"], flush=True)
+        # the compute tensor parallelism does not divide: tp rank 0's shard against the whole model
+        from gnnmegatron.data.batch import collate
+        from gnnmegatron.data.store import GraphStore
+
+        source, batches, start = GraphStore(store), [], 0
+        for target in (64, 256, 512):  # the sizes of the device fit's runs
+            graphs, atoms = [], 0
+            while atoms < target - 16:
+                graphs.append(source[start + len(graphs)])
+                atoms += len(graphs[-1]["atomic_numbers"])
+            start += len(graphs)
+            batches.append(collate(graphs, 5.0))
+        shard = measure_tp_shard(get_preset(PRESET, execution="fused"), 2, batches, reps=3 if args.quick else 5)
 
     # planner and performance model against the measurements
     link, link_rows = measure_link()
@@ -213,20 +251,24 @@ def main() -> None:
     # cores one process keeps busy (its compute thread and the loader's prefetch thread): with world
     # processes on the machine's cores each gets cores / (world x busy) of what it had alone
     busy = float(np.median([r["cpu_utilisation"] for r in fit_rows]))
+    # the part of the size-proportional compute each tp rank repeats: the shard's time per atom against
+    # the whole model's (the fixed cost per pass is t_0, not divided by tp in the model either)
+    serial = shard["serial_fraction"]
     calibration = {"from": [r["name"] for r in fit_rows], "flops_per_s": rate, "overhead_s_per_micro_batch": overhead,
-                   "cores_busy_per_process": busy}
+                   "cores_busy_per_process": busy, "tp_shard": shard, "tp_serial_fraction": serial}
     # the planner's framework term on this machine, measured once (dp1-256) and used for every row:
     # the rank's resident set after its warm-up steps less the training state it then holds
     # (parameters, gradients, AdamW moments): interpreter, libraries, compiled code, store, loader
     calib = next(r for r in rows if r["name"] == "dp1-256")
     state = estimate_memory(get_preset(PRESET, execution="fused"), Layout(), Workload(256, 30.0, conservative=True))
-    framework = max(calib["rss_warm_bytes_per_rank"]) - (state.parameters + state.gradients + state.optimizer)
+    framework = max(calib["live_rss_warm_bytes_per_rank"]) - (state.parameters + state.gradients + state.optimizer)
     # the fused ops' tiles: the step's memory above the resident set after warm-up against the elements
     # of one [chunk, F] tile, over the chunk sweep (dp1-256 at 2^16, 2^20 (default), 2^22 elements)
     sweep = [r for r in rows if r["kind"] == "workspace"] + [calib]
     tiles = np.array([cpu_tile_elements(256, r["atoms_per_step"] * r["edges_per_atom"],
                                         r.get("chunk_elements", settings.chunk_elements)) for r in sweep], float)
-    added = np.array([max(r["peak_bytes_per_rank"]) - max(r["rss_warm_bytes_per_rank"]) for r in sweep], float)
+    added = np.array([max(r["live_peak_bytes_per_rank"]) - max(r["live_rss_warm_bytes_per_rank"]) for r in sweep],
+                     float)
     per_element = max(0.0, affine_fit(tiles, added)[1])
     workspace_fit = {"from": [r["name"] for r in sweep], "tile_elements": tiles.tolist(),
                      "step_bytes_above_warm": added.tolist(), "bytes_per_tile_element": per_element}
@@ -243,14 +285,16 @@ def main() -> None:
         mem = estimate_memory(cfg, layout, w, framework_bytes=framework, workspace_bytes_per_element=per_element)
         r["planned_peak_bytes"] = mem.total
         r["planned_split_gib"] = mem.as_gib()
-        measured = max(r["peak_bytes_per_rank"])
+        measured = max(r["live_peak_bytes_per_rank"])
         r["planner_error"] = (mem.total - measured) / measured
+        r["planner_error_resident"] = (mem.total - max(r["peak_bytes_per_rank"])) / max(r["peak_bytes_per_rank"])
         r["planner_in_sample"] = r["name"] == "dp1-256"
         if r["kind"] == "width" and r["hidden"] != 256:  # other GEMM sizes: the hidden-256 rate does not apply
             continue
         # ranks share the cores: each gets cores / (world x busy) of what one process had alone
         share = min(1.0, cores / (r["world"] * max(1.0, busy)))
-        dev = Device("cpu", rate * share, 24e9, per_node=cores, intra=link, inter=link, overhead_s=overhead / share)
+        dev = Device("cpu", rate * share, 24e9, per_node=cores, intra=link, inter=link, overhead_s=overhead / share,
+                     tp_serial_fraction=serial)
         est = estimate_step(cfg, layout, w, dev)
         r["modelled_step_s"] = est["step_s"]
         r["modelled_parts"] = {k: est[k] for k in ("compute_s", "bubble", "tp_s", "pp_s", "dp_s")}
@@ -285,6 +329,8 @@ def main() -> None:
         "model_calibration": calibration,
         "model_errors": {r["name"]: r["model_error"] for r in rows if "model_error" in r},
         "planner_errors": {r["name"]: r["planner_error"] for r in checked},
+        "planner_errors_against_resident_peak": {r["name"]: r["planner_error_resident"] for r in checked},
+        "allocator_retained_fraction": {r["name"]: r["allocator_retained_fraction"] for r in checked},
         "data_wait_fraction_max": max(r["data_wait_fraction"] for r in checked),
         "gloo_alpha_s": link.alpha, "gloo_beta_bytes_per_s": link.beta,
         "projection_tpegnn_1b_weak_efficiency_1024": projection["tp8"][-1]["weak_efficiency"],

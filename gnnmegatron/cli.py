@@ -211,7 +211,7 @@ def _cmd_plan(args) -> int:
 
     cfg = with_tp_default(get_preset(args.preset))
     device = Device(args.device_name, args.tflops * 1e12, parse_memory(args.gpu_mem), per_node=args.per_node,
-                    intra=LINKS[args.intra], inter=LINKS[args.inter])
+                    intra=LINKS[args.intra], inter=LINKS[args.inter], tp_serial_fraction=args.tp_serial_fraction)
     workload = Workload(args.atoms_per_gpu, args.edges_per_atom, conservative=cfg.force_mode == "conservative")
     rows = plan(cfg, args.gpus, device, workload, limit=args.limit)
     print(format_plan(args.preset, rows, args.gpus, device, workload))
@@ -221,7 +221,8 @@ def _cmd_plan(args) -> int:
 def _cmd_bench(args) -> int:
     from gnnmegatron.bench.harness import run_config
 
-    result = run_config(args.config, args.nproc, overrides=args.set, steps=args.steps, warmup=args.warmup)
+    result = run_config(args.config, args.nproc, overrides=args.set, steps=args.steps, warmup=args.warmup,
+                        memory=args.memory)
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).write_text(text)
@@ -372,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--tflops", type=float, default=200.0,
                     help="sustained TFLOP/s per device on this model (default 200: ~20%% of an H100's bf16 peak)")
     pl.add_argument("--per-node", type=int, default=8, help="devices per node (the tensor-parallel domain)")
+    pl.add_argument("--tp-serial-fraction", type=float, default=0.0,
+                    help="fraction of the compute every tensor-parallel rank repeats (default 0; measure it with "
+                         "gnnmegatron.bench.harness.measure_tp_shard)")
     pl.add_argument("--intra", default="nvlink4", choices=["nvlink4", "ib-ndr", "slingshot11"])
     pl.add_argument("--inter", default="ib-ndr", choices=["nvlink4", "ib-ndr", "slingshot11"])
     pl.add_argument("--device-name", default="GPU")
@@ -385,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--steps", type=int, default=5)
     be.add_argument("--warmup", type=int, default=2)
     be.add_argument("--out", default=None, help="also write the summary JSON here")
+    be.add_argument("--memory", choices=["resident", "live"], default="resident",
+                    help="CPU peak memory: the resident set (default) or the live tensors (glibc returns freed "
+                         "blocks >= 128 KiB at once; slower steps, for memory checks)")
     be.set_defaults(func=_cmd_bench)
 
     ck = sub.add_parser("checkpoint", help="inspect and export sharded checkpoints").add_subparsers(

@@ -14,12 +14,24 @@ per rank. Measured per step and rank:
   and its fraction of the device's peak (``device_peak_flops``: measured large-matmul rate on CPU,
   the datasheet number for known GPUs);
 * peak memory of the rank (CPU: the resident-set high-water mark, reset after warm-up; GPU:
-  ``torch.cuda.max_memory_allocated``), and on CPU the resident set at the rank's start (interpreter
+  ``torch.cuda.max_memory_allocated``: live tensors, not the caching allocator's reserve), and on CPU the resident set at the rank's start (interpreter
   and libraries), once its trainer is built (model, store, loader; optimizer state not yet
   allocated) and after the warm-up steps (where the peak's measurement starts);
 * collectives: bytes of the tensor-parallel collectives (``CommCounter``), bytes sent point to
   point by the pipeline, and the exposed seconds of the data-parallel gradient all-reduce (waiting
   in ``GradReducer.finish``; the rest overlaps the backward) and waiting in pipeline receives.
+
+On CPU the resident set also holds what glibc's allocator keeps after ``free``: transient
+blocks (the fused ops' per-chunk tiles) are served from the heap once the allocator's dynamic
+mmap threshold has risen past them, and holes between blocks that stay alive (saved activations)
+are not returned, so the high-water mark depends on allocation order (more with many
+micro-batches alive). ``run_config(..., memory="live")`` runs the ranks with a fixed
+``MALLOC_MMAP_THRESHOLD_`` of 128 KiB: every block of 128 KiB or more is its own mapping, returned
+when freed, and the high-water mark follows the live tensors, as ``max_memory_allocated`` does on
+a GPU (steps run slower: a memory measurement, not a timing one).
+
+``measure_tp_shard`` times one tensor-parallel rank's shard of a model against the whole model in
+one process: the part of the compute tensor parallelism does not divide (performance model).
 
 ``scaling(...)`` sweeps world sizes for strong scaling (fixed global batch: ``budget_atoms``
 divided over the replicas) and weak scaling (fixed per-replica batch), with efficiency against
@@ -40,7 +52,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["device_peak_flops", "layer_flops", "run_config", "worker"]
+__all__ = ["LIVE_MEMORY_ENV", "device_peak_flops", "layer_flops", "measure_tp_shard", "run_config", "worker"]
+
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # glibc: blocks >= 128 KiB mapped, unmapped on free
 
 GPU_PEAK_FLOPS = {  # dense fp32 / bf16 tensor-core peaks (datasheets)
     "H100": {"float32": 67e12, "bfloat16": 989e12},
@@ -193,12 +207,18 @@ def worker(spec: dict) -> dict:
 
 def run_config(config: str | Path, world: int, *, overrides: list[str] | None = None, steps: int = 5,
                warmup: int = 2, timeout: float = 3600, env: dict | None = None,
-               start_together: tuple[str, int] | None = None) -> dict[str, Any]:
+               start_together: tuple[str, int] | None = None, memory: str = "resident") -> dict[str, Any]:
     """Run ``config`` on ``world`` fresh processes and summarise (see the module docstring).
+
+    ``memory="live"``: the ranks' CPU allocator returns freed blocks of 128 KiB or more at once, so
+    the measured peak is that of the live tensors (slower steps; see the module docstring).
 
     ``start_together=(folder, n)``: this run is one of several run side by side (from threads of the
     caller) with ``n`` processes in all; each starts its measured steps only when all ``n`` have
     finished their warm-up."""
+    if memory not in ("resident", "live"):
+        raise ValueError(f"memory={memory!r}: use 'resident' (the process's resident set) or 'live'")
+    env = {**(LIVE_MEMORY_ENV if memory == "live" else {}), **(env or {})}
     with tempfile.TemporaryDirectory(prefix="gnnmegatron-bench-") as tmp:
         spec = {"config": str(config), "overrides": list(overrides or []), "steps": steps, "warmup": warmup,
                 "out": tmp, "start_together": list(start_together) if start_together else None}
@@ -208,11 +228,11 @@ def run_config(config: str | Path, world: int, *, overrides: list[str] | None = 
                "-m", "gnnmegatron.bench.harness", str(spec_path)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-                                   **(env or {})})
+                                   **env})
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark run of {config} on {world} processes failed:\n{proc.stderr[-3000:]}")
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
-    return summarise(ranks)
+    return {**summarise(ranks), "memory_mode": memory}
 
 
 def summarise(ranks: list[dict]) -> dict[str, Any]:
@@ -294,3 +314,67 @@ def measure_link(sizes=(1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22), reps: int 
     A = np.stack([np.ones_like(n), n], axis=1)
     (alpha, inv_beta), *_ = np.linalg.lstsq(A, t, rcond=None)
     return Link("gloo-loopback", max(float(alpha), 1e-7), 1.0 / max(float(inv_beta), 1e-15)), rows
+
+
+def measure_tp_shard(cfg, tp: int, batches: list[dict], *, reps: int = 5, warmup: int = 2) -> dict:
+    """Seconds of a training step's model work (forward, forces when the model is conservative, the
+    loss's backward) of the whole model and of tensor-parallel rank 0's shard, in this process, on
+    two or more ``batches`` of different sizes, and the part of the compute the shard does not divide.
+
+    The shard is built with a group-less layout (``bench.memory``): its collectives are no-ops and
+    its tensors have the real rank's shapes, so its time is that rank's compute without
+    communication. Whole and shard alternate, ``reps`` times after ``warmup`` on every batch; the
+    minimum of each is kept (the machine's noise only adds). The times are fitted as
+    ``t = fixed + per_atom x atoms`` for each; ``divided = per_atom(shard) / per_atom(whole)`` is
+    ``r + (1 - r) / tp`` of the performance model, so ``serial_fraction`` ``r`` is the size-
+    proportional compute each tp rank repeats (the fixed cost per pass is the model's ``t_0``).
+    """
+    import numpy as np
+
+    from gnnmegatron.models import AtomisticModel
+    from gnnmegatron.models.init import init_specs, materialize
+    from gnnmegatron.parallel import parallelize
+    from gnnmegatron.parallel.sharding import local_pieces
+
+    from .memory import _group_less
+
+    if tp < 2 or cfg.hidden % tp:
+        raise ValueError(f"measure_tp_shard: tp={tp} must be at least 2 and divide hidden={cfg.hidden}")
+    atoms = [int(b["atomic_numbers"].shape[0]) for b in batches]
+    if len(set(atoms)) < 2:
+        raise ValueError(f"measure_tp_shard: give batches of at least two sizes (atoms: {atoms})")
+    forces = cfg.force_mode == "conservative"
+
+    def build(size):
+        with torch.device("meta"):
+            model = AtomisticModel(cfg)
+        specs = init_specs(model)
+        if size > 1:
+            parallelize(model, _group_less(size, 1))
+        materialize(model, specs, 0, pieces=local_pieces(model))
+        return model.train()
+
+    def step(model, batch):
+        t0 = time.perf_counter()
+        out = model(batch, compute_forces=forces)
+        loss = out["energy"].sum() + (out["forces"].pow(2).sum() if forces else 0.0)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    models = {1: build(1), tp: build(tp)}
+    times = {size: [[] for _ in batches] for size in models}
+    for k in range(warmup + reps):
+        for j, batch in enumerate(batches):
+            for size, model in models.items():
+                t = step(model, batch)
+                if k >= warmup:
+                    times[size][j].append(t)
+    whole = [min(t) for t in times[1]]
+    shard = [min(t) for t in times[tp]]
+    x = np.array(atoms, dtype=np.float64)
+    slope = {name: float(np.polyfit(x, np.array(v), 1)[0]) for name, v in (("whole", whole), ("shard", shard))}
+    divided = slope["shard"] / slope["whole"] if slope["whole"] > 0 else float("nan")
+    serial = min(1.0, max(0.0, (tp * divided - 1) / (tp - 1))) if divided == divided else float("nan")
+    return {"tp": tp, "atoms": atoms, "whole_s": whole, "shard_s": shard, "divided": divided,
+            "serial_fraction": serial}

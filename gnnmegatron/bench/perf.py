@@ -2,7 +2,7 @@
 
 Step time of a ``(tp, pp, dp)`` layout, per replica step of ``m`` micro-batches::
 
-    t_step = (t_compute / (tp * pp) + m t_0 / pp) * (1 + bubble)   compute, split over the model-parallel ranks
+    t_step = (t_compute (r + (1 - r) / tp) / pp + m t_0 / pp) * (1 + bubble)   compute, split over the model-parallel ranks
            + t_tp                                           tensor-parallel collectives (not overlapped)
            + t_pp                                           pipeline point-to-point messages
            + (1 - overlap) * t_dp                           gradient all-reduce over dp, partly hidden
@@ -10,6 +10,11 @@ Step time of a ``(tp, pp, dp)`` layout, per replica step of ``m`` micro-batches:
 * ``t_compute``: analytic training FLOPs of the step's atoms and edges (``flops_per_step``) divided by
   the device's sustained FLOP/s (``Device.flops``): on CPU fitted to single-process steps of the
   same model (``benchmarks/scaling.py``), for a GPU given (e.g. 40 % of an H100's dense bf16 peak).
+* ``r``: the fraction of ``t_compute`` that every tensor-parallel rank repeats (``Device.tp_serial_fraction``:
+  per-edge geometry and radial basis, embeddings, the replicated heads and the coordinate update): on
+  CPU measured by timing one rank's shard of the model (built with a group-less layout, so its
+  collectives are no-ops and its compute is the real rank's) against the whole model in one
+  process (``gnnmegatron.bench.harness.measure_tp_shard``); 0 (perfectly sharded) unless given.
 * ``t_0``: a fixed cost per micro-batch pass through the model (``Device.overhead_s``: dispatch,
   launches, per-tensor loops), measured with the FLOP rate on CPU from single-process steps of
   different sizes (``t = t_0 + FLOPs / rate``); 0 for GPUs unless given.
@@ -69,7 +74,11 @@ class Device:
     (operator dispatch, kernel launches, the optimizer's per-tensor loop): measured on CPU from
     single-process steps of different sizes, 0 unless given for a GPU. It is divided over pipeline
     stages (each runs its share of the blocks) but not over tensor-parallel ranks (each dispatches
-    every operator of its blocks)."""
+    every operator of its blocks).
+
+    ``tp_serial_fraction``: the part of the FLOP-proportional compute that tensor parallelism does
+    not divide (each tp rank repeats it); measured on CPU with ``harness.measure_tp_shard``, 0
+    unless given for a GPU."""
 
     name: str
     flops: float
@@ -78,6 +87,12 @@ class Device:
     intra: Link = LINKS["nvlink4"]
     inter: Link = LINKS["ib-ndr"]
     overhead_s: float = 0.0
+    tp_serial_fraction: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.tp_serial_fraction <= 1.0:
+            raise ValueError(f"Device {self.name!r}: tp_serial_fraction={self.tp_serial_fraction} must be in [0, 1] "
+                             "(the fraction of the compute every tensor-parallel rank repeats)")
 
 
 def allreduce_time(nbytes: float, n: int, link: Link) -> float:
@@ -126,7 +141,8 @@ def estimate_step(cfg: ModelConfig, layout: Layout, workload: Workload, device: 
 
     m, n, e = layout.micro_batches, workload.atoms, workload.edges
     flops = flops_per_step(cfg, n * m, e * m, conservative=workload.conservative)
-    compute = flops / device.flops / (layout.tp * layout.pp) + device.overhead_s * m / layout.pp
+    r = device.tp_serial_fraction if layout.tp > 1 else 0.0
+    compute = flops / device.flops * (r + (1 - r) / layout.tp) / layout.pp + device.overhead_s * m / layout.pp
     v = layout.virtual_stages
     bubble = (layout.pp - 1) / (v * m + layout.pp - 1) if layout.pp > 1 else 0.0
     intra = device.intra if layout.tp <= device.per_node else device.inter

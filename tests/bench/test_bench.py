@@ -98,7 +98,11 @@ def test_harness_runs_a_config_in_fresh_processes(emt_store, tmp_path):
         "model": {"preset": "egnn-tiny", "layers": 2},
         "train": {"max_steps": 100, "eval_every": 1000, "checkpoint_every": 1000, "progress": False},
     }))
-    r = run_config(cfg, 2, overrides=["parallel.pp=2", "train.micro_batches=2"], steps=2, warmup=1)
+    with pytest.raises(ValueError, match="memory='heap'"):
+        run_config(cfg, 2, memory="heap")
+    # the live-memory mode (glibc returns freed blocks at once): the same measurements
+    r = run_config(cfg, 2, overrides=["parallel.pp=2", "train.micro_batches=2"], steps=2, warmup=1, memory="live")
+    assert r["memory_mode"] == "live"
     assert r["world"] == 2 and r["layout"] == {"tp": 1, "pp": 2, "dp": 1} and r["steps"] == 2
     assert r["atoms_per_s"] > 0 and r["pp_bytes_per_step"] > 0 and 0 <= r["data_wait_fraction"] < 1
     assert len(r["peak_bytes_per_rank"]) == 2 and min(r["peak_bytes_per_rank"]) > 2 ** 20
@@ -157,3 +161,35 @@ def test_cpu_workspace_of_the_fused_ops_tiles():
     assert estimate_memory(get_preset("tpegnn-small", execution="unfused"), Layout(), w).workspace == 0.0
     assert cpu.total == pytest.approx(cpu.parameters + cpu.gradients + cpu.optimizer + cpu.activations + cpu.buffers
                                       + cpu.framework + cpu.workspace)
+
+
+def test_tp_serial_fraction_is_the_compute_tensor_parallelism_does_not_divide():
+    cfg = get_preset("tpegnn-small", execution="fused")
+    w = Workload(256, 30.0)
+
+    def compute(r, tp):
+        return estimate_step(cfg, Layout(tp=tp), w, Device("cpu", 1e10, 8e9, tp_serial_fraction=r))["compute_s"]
+
+    one = compute(0.0, 1)
+    assert compute(0.0, 2) == pytest.approx(one / 2)
+    assert compute(1.0, 2) == pytest.approx(one)
+    assert compute(0.2, 4) == pytest.approx(one * (0.2 + 0.8 / 4))
+    assert compute(0.7, 1) == pytest.approx(one)
+    with pytest.raises(ValueError, match="tp_serial_fraction=1.5"):
+        Device("cpu", 1e10, 8e9, tp_serial_fraction=1.5)
+
+
+def test_measure_tp_shard_times_a_rank_shard_and_the_whole_model():
+    from gnnmegatron.bench.harness import measure_tp_shard
+    from gnnmegatron.bench.memory import _tiny_batch
+
+    cfg = get_preset("tpegnn-small", execution="fused", hidden=32, layers=2, message_groups=4)
+    batches = [_tiny_batch(n, cfg.cutoff, seed=0) for n in (16, 64)]
+    r = measure_tp_shard(cfg, 2, batches, reps=1, warmup=1)
+    assert r["tp"] == 2 and r["atoms"][0] < r["atoms"][1] and min(r["whole_s"] + r["shard_s"]) > 0
+    assert 0.0 <= r["serial_fraction"] <= 1.0
+    for tp in (1, 3):
+        with pytest.raises(ValueError, match=f"tp={tp}"):
+            measure_tp_shard(cfg, tp, batches)
+    with pytest.raises(ValueError, match="two sizes"):
+        measure_tp_shard(cfg, 2, batches[:1])
