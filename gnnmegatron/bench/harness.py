@@ -17,7 +17,8 @@ per rank. Measured per step and rank:
   ``torch.cuda.max_memory_allocated``: live tensors, not the caching allocator's reserve), and on CPU the resident set at the rank's start (interpreter
   and libraries), once its trainer is built (model, store, loader; optimizer state not yet
   allocated) and after the warm-up steps (where the peak's measurement starts);
-* collectives: bytes of the tensor-parallel collectives (``CommCounter``), bytes sent point to
+* collectives: bytes of the tensor-parallel collectives and the seconds spent in them (``CommCounter``;
+  on CPU the calls block, so this includes waiting for the other ranks), bytes sent point to
   point by the pipeline, and the exposed seconds of the data-parallel gradient all-reduce (waiting
   in ``GradReducer.finish``; the rest overlaps the backward) and waiting in pipeline receives.
 
@@ -193,7 +194,8 @@ def worker(spec: dict) -> dict:
         atoms = sum(int(b["num_atoms"].sum()) for b in micro)
         edges = sum(int(b["edge_index"].shape[1]) for b in micro)
         graphs = sum(int(b["num_atoms"].numel()) for b in micro)
-        rows.append({"step_s": wall, "cpu_s": cpu, "data_s": t_data, "dp_allreduce_s": dp_time[0], "tp_bytes": cc.total_bytes(),
+        rows.append({"step_s": wall, "cpu_s": cpu, "data_s": t_data, "dp_allreduce_s": dp_time[0],
+                     "tp_bytes": cc.total_bytes(), "tp_s": cc.total_seconds(),
                      "pp_bytes": (t.engine.channels.bytes_sent - sent0) if t.engine is not None else 0,
                      "pp_recv_wait_s": sum(w for *_, w, _e in t.engine.trace) if t.engine is not None else 0.0,
                      "atoms": atoms, "edges": edges, "graphs": graphs,
@@ -260,6 +262,7 @@ def summarise(ranks: list[dict]) -> dict[str, Any]:
         "cpu_utilisation": statistics.median(r["steps"][k].get("cpu_s", 0.0) / walls[k] for r in ranks
                                              for k in range(steps)),
         "dp_allreduce_s": statistics.median(dp),
+        "tp_collective_s": statistics.median(max(r["steps"][k].get("tp_s", 0.0) for r in ranks) for k in range(steps)),
         "tp_bytes_per_step": max(r["steps"][0]["tp_bytes"] for r in ranks),
         "pp_bytes_per_step": max(r["steps"][0]["pp_bytes"] for r in ranks),
         "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],

@@ -42,6 +42,8 @@ evenly by the group size (``F_local = F / g``), as in Megatron.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -76,19 +78,23 @@ def group_rank(group) -> int:
 # ----------------------------------------------------------------------------- primitives
 def _all_reduce(x: torch.Tensor, group, name: str, direction: str) -> torch.Tensor:
     out = x.clone(memory_format=torch.contiguous_format)
-    if _ACTIVE:
-        _record(name, "all_reduce", out, dist.get_world_size(group), direction)
+    if not _ACTIVE:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+    t0 = time.perf_counter()
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    _record(name, "all_reduce", out, dist.get_world_size(group), direction, time.perf_counter() - t0)
     return out
 
 
 def _all_gather(x: torch.Tensor, group, dim: int, name: str, direction: str) -> torch.Tensor:
     x = x.contiguous()
     size = dist.get_world_size(group)
-    if _ACTIVE:
-        _record(name, "all_gather", x, size, direction)
     parts = [torch.empty_like(x) for _ in range(size)]
+    t0 = time.perf_counter()
     dist.all_gather(parts, x, group=group)
+    if _ACTIVE:
+        _record(name, "all_gather", x, size, direction, time.perf_counter() - t0)
     return torch.cat(parts, dim=dim)
 
 

@@ -54,6 +54,9 @@ class CommRecord:
         group_size: ranks in the group.
         direction: "fwd" when issued by a forward, "bwd" when issued by a backward (first or
             higher order).
+        seconds: wall time this rank spent in the call. Collectives on CPU tensors (gloo) block:
+            the transfer plus waiting for the group's slower ranks. On CUDA tensors (NCCL) the call
+            only enqueues the collective on the stream, so this is the launch, not the transfer.
     """
 
     name: str
@@ -63,6 +66,7 @@ class CommRecord:
     bytes: int
     group_size: int
     direction: str
+    seconds: float = 0.0
 
 
 class CommCounter:
@@ -105,6 +109,10 @@ class CommCounter:
         """Sum of ``bytes`` over matching records (fields as in :meth:`select`)."""
         return sum(r.bytes for r in self.select(**fields))
 
+    def total_seconds(self, **fields) -> float:
+        """Sum of ``seconds`` over matching records (fields as in :meth:`select`)."""
+        return sum(r.seconds for r in self.select(**fields))
+
     def summary(self) -> dict[tuple[str, str, str], tuple[int, int]]:
         """``{(name, op, direction): (calls, bytes)}``."""
         out: dict[tuple[str, str, str], tuple[int, int]] = {}
@@ -122,7 +130,7 @@ class CommCounter:
         return "CommCounter(" + "; ".join(rows) + ")"
 
 
-def _record(name: str, op: str, tensor: torch.Tensor, group_size: int, direction: str) -> None:
+def _record(name: str, op: str, tensor: torch.Tensor, group_size: int, direction: str, seconds: float = 0.0) -> None:
     """Append one record to every active counter (call only when ``_ACTIVE`` is non-empty)."""
     rec = CommRecord(
         name=name,
@@ -132,6 +140,7 @@ def _record(name: str, op: str, tensor: torch.Tensor, group_size: int, direction
         bytes=tensor.numel() * tensor.element_size(),
         group_size=group_size,
         direction=direction,
+        seconds=seconds,
     )
     for counter in _ACTIVE:
         counter.records.append(rec)

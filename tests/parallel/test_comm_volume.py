@@ -122,6 +122,7 @@ def _count(tp: int, message: str = "node_split", groups=None) -> dict:
         (energy + forces.pow(2).sum()).backward()
     shapes = sorted({(r.name, r.op, r.direction, r.shape) for r in double.records})
     return {"N": N, "E": E, "first": first.summary(),
+                "first_seconds": [r.seconds for r in first.records], "first_total_seconds": first.total_seconds(),
                 "first_records": [(r.name, r.shape) for r in first.records],
                 "double_numel": [int(torch.Size(r.shape).numel()) for r in double.records],
                 "double_bytes": {d: double.total_bytes(direction=d) for d in ("fwd", "bwd")},
@@ -139,6 +140,9 @@ def test_block_communication_volume(tp):
             f"tp={tp} rank {rank} N={N} E={E} H={H}: measured {r['first']}\nexpected {expected}")
         fwd = sum(v[1] for k, v in r["first"].items() if k[2] == "fwd")
         assert fwd == 4 * (2 * N * H + 2 * E)
+        # gloo collectives block: each record carries the seconds its call took
+        assert all(t > 0 for t in r["first_seconds"])
+        assert r["first_total_seconds"] == pytest.approx(sum(r["first_seconds"]))
         # double backward: still node-sized or edge-scalar-sized only
         assert r["double_numel"], "double backward recorded nothing"
         assert all(n != E * H and n <= max(N * H, 2 * E) for n in r["double_numel"]), (
