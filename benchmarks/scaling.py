@@ -9,11 +9,14 @@ on a generated EMT store (600 structures of at most 32 atoms, cutoff 5 Å), mode
 
 * **strong scaling**: a fixed global batch of 512 atoms split over dp = 1, 2, 4 replicas; **weak
   scaling**: 256 atoms per replica at dp = 1, 2, 4. Efficiency = throughput(n) / (n x throughput(1)).
-  dp = 4 runs 4 processes on 2 cores (oversubscribed; marked). The machine's own ceiling for two
-  processes is measured by two independent single-process runs side by side (measured steps
-  starting together), alternated with a dp = 2 weak run in three rounds: the data-parallel
-  throughput at 2 processes is reported against it as the median of the rounds' ratios.
+  dp = 4 runs 4 processes on 2 cores (oversubscribed; marked).
 * **model parallelism**: tp = 2, pp = 2 (4 micro-batches), tp = 2 x dp = 2.
+* these nine layouts run in three rounds, one after the other in each (the shared machine's load
+  drifts); each row is its round with the median step time, every round's time is kept. The
+  machine's own ceiling for two processes is measured in every round right after the dp = 2 weak
+  run, by two independent single-process runs side by side (measured steps starting together):
+  the data-parallel throughput at 2 processes is reported against it as the median of the rounds'
+  ratios.
 * **width sweep**: the tpegnn family's block at hidden 128 to 2048 (4 blocks, 64 atoms per batch),
   one process: atoms/s, achieved FLOP/s and peak memory.
 * **planner**: every configuration's measured peak memory per rank against ``estimate_memory``
@@ -167,9 +170,11 @@ def main() -> None:
         store = root / "emt.zarr"
         generate_emt_dataset(store, EMTConfig(num_structures=600, seed=0, max_atoms=32), workers=1, progress=False)
 
-        def run(name, world, budget, overrides=(), hidden=None, kind="", env=None, **extra):
+        def measure(name, world, budget, overrides=(), hidden=None, env=None):
             cfg = make_config(root, store, name, budget, hidden)
-            r = run_config(cfg, world, overrides=list(overrides), steps=steps, warmup=warmup, env=env)
+            return run_config(cfg, world, overrides=list(overrides), steps=steps, warmup=warmup, env=env)
+
+        def add(name, world, budget, r, hidden=None, kind="", **extra):
             row = {"kind": kind, "name": name, "world": world, "budget_atoms": budget, "hidden": hidden or 256,
                    "oversubscribed": world > cores, **extra, **r}
             rows.append(row)
@@ -177,32 +182,46 @@ def main() -> None:
                   flush=True)
             return row
 
-        single = run("dp1-512", 1, 512, kind="strong")
-        for dp in (2, 4):
-            run(f"dp{dp}-strong", dp, 512 // dp, kind="strong")
-        weak1 = run("dp1-256", 1, 256, kind="weak")
-        for dp in (2, 4):
-            run(f"dp{dp}-weak", dp, 256, kind="weak")
-        # the machine's ceiling for two processes: two independent one-process runs at once (their
-        # measured steps start together, after both have warmed up), alternated with the dp = 2 weak
-        # run in three rounds, so that the shared machine's load drifts alike over both
+        def run(name, world, budget, overrides=(), hidden=None, kind="", env=None, **extra):
+            return add(name, world, budget, measure(name, world, budget, overrides, hidden, env), hidden, kind, **extra)
+
+        # the timed layouts, in rounds (the shared machine's load drifts: each row is the round with the
+        # median step time, every round's is kept); each round also measures the machine's ceiling for two
+        # processes right after its dp = 2 weak run: two independent one-process runs at once, their
+        # measured steps starting together after both have warmed up
+        timed = [("dp1-512", 1, 512, "strong"), ("dp2-strong", 2, 256, "strong"), ("dp4-strong", 4, 128, "strong"),
+                 ("dp1-256", 1, 256, "weak"), ("dp2-weak", 2, 256, "weak"), ("dp4-weak", 4, 256, "weak"),
+                 ("tp2", 2, 256, "model-parallel"), ("pp2-m4", 2, 128, "model-parallel"),
+                 ("tp2-dp2", 4, 256, "model-parallel")]
+        results = {name: [] for name, *_ in timed}
         ratios, ceilings = [], []
         for k in range(1 if args.quick else 3):
-            together = root / f"together{k}"
-            together.mkdir()
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                futures = [pool.submit(run_config, make_config(root, store, f"pair{k}-{i}", 256), 1, steps=steps,
-                                       warmup=warmup, start_together=(str(together), 2)) for i in range(2)]
-                pair = [f.result() for f in futures]
-            both = sum(p["atoms_per_s"] for p in pair)
-            rows.append({"kind": "ceiling", "name": f"two independent 1-process runs (round {k})", "world": 2,
-                         "atoms_per_s": both, "members": [p["atoms_per_s"] for p in pair]})
-            paired = run(f"dp2-weak-round{k}", 2, 256, kind="ceiling-dp2")
-            ceilings.append(both)
-            ratios.append(paired["atoms_per_s"] / both)
+            for name, world, budget, kind in timed:
+                results[name].append(measure(name, world, budget, OVERRIDES.get(name, ())))
+                print(f"round {k}", name, results[name][-1]["step_s_p50"], flush=True)
+                if name != "dp2-weak":
+                    continue
+                together = root / f"together{k}"
+                together.mkdir()
+                with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                    futures = [pool.submit(run_config, make_config(root, store, f"pair{k}-{i}", 256), 1, steps=steps,
+                                           warmup=warmup, start_together=(str(together), 2)) for i in range(2)]
+                    pair = [f.result() for f in futures]
+                both = sum(p["atoms_per_s"] for p in pair)
+                paired = results[name][-1]["atoms_per_s"]
+                rows.append({"kind": "ceiling", "name": f"two independent 1-process runs (round {k})", "world": 2,
+                             "atoms_per_s": both, "members": [p["atoms_per_s"] for p in pair],
+                             "dp2_weak_atoms_per_s": paired})
+                ceilings.append(both)
+                ratios.append(paired / both)
         ceiling = float(np.median(ceilings))
-        for name, world, budget in (("tp2", 2, 256), ("pp2-m4", 2, 128), ("tp2-dp2", 4, 256)):
-            run(name, world, budget, OVERRIDES[name], kind="model-parallel")
+        for name, world, budget, kind in timed:
+            ordered = sorted(results[name], key=lambda r: r["step_s_p50"])
+            add(name, world, budget, ordered[len(ordered) // 2], kind=kind, rounds=len(ordered),
+                step_s_p50_rounds=[r["step_s_p50"] for r in results[name]],
+                atoms_per_s_rounds=[r["atoms_per_s"] for r in results[name]])
+        single = next(r for r in rows if r["name"] == "dp1-512")
+        weak1 = next(r for r in rows if r["name"] == "dp1-256")
         widths = (128, 256, 512) if args.quick else (128, 256, 512, 1024, 2048)
         for h in widths:
             run(f"width-{h}", 1, 64, hidden=h, kind="width")
@@ -212,7 +231,7 @@ def main() -> None:
                 env={"GNNMEGATRON_OPS_CHUNK_ELEMENTS": str(ce)})
         # the planner's check: each configuration again, its allocator returning freed blocks at once
         for r in rows:
-            if r["kind"] in ("ceiling", "ceiling-dp2"):
+            if r["kind"] == "ceiling":
                 continue
             env = {"GNNMEGATRON_OPS_CHUNK_ELEMENTS": str(r["chunk_elements"])} if r.get("chunk_elements") else None
             live = run_config(make_config(root, store, r["name"] + "-live", r["budget_atoms"], r["hidden"]
@@ -273,7 +292,7 @@ def main() -> None:
     workspace_fit = {"from": [r["name"] for r in sweep], "tile_elements": tiles.tolist(),
                      "step_bytes_above_warm": added.tolist(), "bytes_per_tile_element": per_element}
     for r in rows:
-        if r["kind"] in ("ceiling", "ceiling-dp2", "workspace"):
+        if r["kind"] in ("ceiling", "workspace"):
             continue
         lay = r["layout"]
         m = 4 if r["name"].startswith("pp2") else 1
