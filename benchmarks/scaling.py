@@ -37,8 +37,9 @@ on a generated EMT store (600 structures of at most 32 atoms, cutoff 5 Å), mode
   to the three one-process runs of the model (64, 256 and 512 atoms per step: width-256, dp1-256,
   dp1-512; ``t = t_0 + FLOPs / rate``; those three are in-sample, the other layouts are
   predictions), ranks beyond the core count sharing the cores (each gets
-  ``cores / world`` of one), the gloo loopback link's alpha and beta from a ping-pong
-  microbenchmark, and the part of the compute tensor parallelism does not divide from timing
+  ``cores / world`` of one), the gloo links measured on this machine (collectives: a link fitted to
+  two-rank all-reduce times, ``measure_allreduce_link``; the pipeline's messages: a ping-pong,
+  ``measure_link``; a gloo all-reduce costs several one-way latencies), and the part of the compute tensor parallelism does not divide from timing
   tp rank 0's shard of the model against the whole model in one process
   (``measure_tp_shard`` on batches of the store of 64, 256 and 512 atoms: the shard's time per atom
   over the whole model's). The rest of the width sweep is not modelled (other GEMM sizes, another FLOP rate).
@@ -61,7 +62,7 @@ from pathlib import Path
 import numpy as np
 from common import write_results
 
-from gnnmegatron.bench.harness import measure_link, measure_tp_shard, run_config
+from gnnmegatron.bench.harness import measure_allreduce_link, measure_link, measure_tp_shard, run_config
 from gnnmegatron.bench.memory import Layout, Workload, cpu_tile_elements, estimate_memory
 from gnnmegatron.bench.perf import LINKS, Device, estimate_step, project
 from gnnmegatron.models import get_preset
@@ -254,10 +255,11 @@ def main() -> None:
                 atoms += len(graphs[-1]["atomic_numbers"])
             start += len(graphs)
             batches.append(collate(graphs, 5.0))
-        shard = measure_tp_shard(get_preset(PRESET, execution="fused"), 2, batches, reps=3 if args.quick else 5)
+        shard = measure_tp_shard(get_preset(PRESET, execution="fused"), 2, batches, reps=3 if args.quick else 8)
 
     # planner and performance model against the measurements
     link, link_rows = measure_link()
+    collective, collective_rows = measure_allreduce_link()
     # this machine's device, from the single-process runs of the model at 64, 256 and 512 atoms per
     # step: t = t_0 + FLOPs / rate by least squares
     fit_rows = [next(r for r in rows if r["name"] == n) for n in ("width-256", "dp1-256", "dp1-512")]
@@ -312,8 +314,8 @@ def main() -> None:
             continue
         # ranks share the cores: each gets cores / (world x busy) of what one process had alone
         share = min(1.0, cores / (r["world"] * max(1.0, busy)))
-        dev = Device("cpu", rate * share, 24e9, per_node=cores, intra=link, inter=link, overhead_s=overhead / share,
-                     tp_serial_fraction=serial)
+        dev = Device("cpu", rate * share, 24e9, per_node=cores, intra=collective, inter=collective, p2p=link,
+                     overhead_s=overhead / share, tp_serial_fraction=serial)
         est = estimate_step(cfg, layout, w, dev)
         r["modelled_step_s"] = est["step_s"]
         r["modelled_parts"] = {k: est[k] for k in ("compute_s", "bubble", "tp_s", "pp_s", "dp_s")}
@@ -352,6 +354,9 @@ def main() -> None:
         "allocator_retained_fraction": {r["name"]: r["allocator_retained_fraction"] for r in checked},
         "data_wait_fraction_max": max(r["data_wait_fraction"] for r in checked),
         "gloo_alpha_s": link.alpha, "gloo_beta_bytes_per_s": link.beta,
+        "gloo_allreduce_alpha_s": collective.alpha, "gloo_allreduce_beta_bytes_per_s": collective.beta,
+        "tp_collective_s_measured_vs_modelled": {r["name"]: [r.get("tp_collective_s"), r["modelled_parts"]["tp_s"]]
+                                                 for r in rows if r.get("modelled_parts", {}).get("tp_s")},
         "projection_tpegnn_1b_weak_efficiency_1024": projection["tp8"][-1]["weak_efficiency"],
         "projection_tpegnn_1b_strong_efficiency_1024": projection["tp8"][-1]["strong_efficiency"],
     }
@@ -363,7 +368,7 @@ def main() -> None:
                              "overlap_of_dp_allreduce_with_backward": 0.5, "atoms_per_micro_batch": 512,
                              "micro_batches": 8, "edges_per_atom": 30.0,
                              "strong_scaling_global_atoms": 512 * 8 * 128},
-             "projection": projection, "gloo_link_rows": link_rows}
+             "projection": projection, "gloo_link_rows": link_rows, "gloo_allreduce_rows": collective_rows}
     print(write_results("scaling", args.machine, rows, summary, plot, extra=extra))
     for k, v in summary.items():
         print(f"{k}: {v}")

@@ -53,7 +53,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["LIVE_MEMORY_ENV", "device_peak_flops", "layer_flops", "measure_tp_shard", "run_config", "worker"]
+__all__ = ["LIVE_MEMORY_ENV", "device_peak_flops", "layer_flops", "measure_allreduce_link", "measure_link",
+           "measure_tp_shard", "run_config", "worker"]
 
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # glibc: blocks >= 128 KiB mapped, unmapped on free
 
@@ -302,21 +303,51 @@ def _link_worker(sizes: list[int], reps: int) -> list[tuple[int, float]]:
     return out
 
 
-def measure_link(sizes=(1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22), reps: int = 20):
-    """Alpha (s) and beta (bytes/s) of point-to-point messages between two gloo processes on this
-    machine, fitted by least squares to one-way times of a ping-pong over message ``sizes``."""
-    import numpy as np
+def _allreduce_worker(sizes: list[int], reps: int) -> list[tuple[int, float]]:
+    import torch.distributed as dist
 
-    from gnnmegatron.parallel.testing import run_distributed
+    torch.set_num_threads(1)
+    out = []
+    for n in sizes:
+        buf = torch.ones(max(1, n // 4), dtype=torch.float32)
+        dist.all_reduce(buf)  # the first call of a size sets up gloo's buffers
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            dist.all_reduce(buf)
+        out.append((n, (time.perf_counter() - t0) / reps))
+    return out
+
+
+def _fit_link(name: str, rows, latencies: float):
+    """A ``Link`` from ``(bytes, seconds)`` rows fitted as ``t = latencies x alpha + bytes / beta``."""
+    import numpy as np
 
     from .perf import Link
 
-    rows = run_distributed(_link_worker, 2, list(sizes), reps, timeout=600, preload_megatron=False)[0]
     n = np.array([r[0] for r in rows], dtype=np.float64)
     t = np.array([r[1] for r in rows], dtype=np.float64)
-    A = np.stack([np.ones_like(n), n], axis=1)
-    (alpha, inv_beta), *_ = np.linalg.lstsq(A, t, rcond=None)
-    return Link("gloo-loopback", max(float(alpha), 1e-7), 1.0 / max(float(inv_beta), 1e-15)), rows
+    (a, inv_beta), *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n], axis=1), t, rcond=None)
+    return Link(name, max(float(a) / latencies, 1e-7), 1.0 / max(float(inv_beta), 1e-15))
+
+
+def measure_link(sizes=(1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22), reps: int = 20):
+    """Alpha (s) and beta (bytes/s) of point-to-point messages between two gloo processes on this
+    machine, fitted by least squares to one-way times of a ping-pong over message ``sizes``."""
+    from gnnmegatron.parallel.testing import run_distributed
+
+    rows = run_distributed(_link_worker, 2, list(sizes), reps, timeout=600, preload_megatron=False)[0]
+    return _fit_link("gloo-loopback", rows, 1.0), rows
+
+
+def measure_allreduce_link(sizes=(1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22), reps: int = 20):
+    """The link that makes the model's two-rank ring all-reduce (``2 alpha + S / beta``) match gloo's
+    measured all-reduce of ``sizes`` bytes between two processes on this machine: gloo's collectives
+    cost several one-way message latencies per call (its algorithm's phases and thread hand-offs)."""
+    from gnnmegatron.parallel.testing import run_distributed
+
+    rows = run_distributed(_allreduce_worker, 2, list(sizes), reps, timeout=600, preload_megatron=False)[0]
+    return _fit_link("gloo-allreduce", rows, 2.0), rows
 
 
 def measure_tp_shard(cfg, tp: int, batches: list[dict], *, reps: int = 5, warmup: int = 2) -> dict:
@@ -334,12 +365,7 @@ def measure_tp_shard(cfg, tp: int, batches: list[dict], *, reps: int = 5, warmup
     """
     import numpy as np
 
-    from gnnmegatron.models import AtomisticModel
-    from gnnmegatron.models.init import init_specs, materialize
-    from gnnmegatron.parallel import parallelize
-    from gnnmegatron.parallel.sharding import local_pieces
-
-    from .memory import _group_less
+    from .memory import build_rank_shard
 
     if tp < 2 or cfg.hidden % tp:
         raise ValueError(f"measure_tp_shard: tp={tp} must be at least 2 and divide hidden={cfg.hidden}")
@@ -347,15 +373,6 @@ def measure_tp_shard(cfg, tp: int, batches: list[dict], *, reps: int = 5, warmup
     if len(set(atoms)) < 2:
         raise ValueError(f"measure_tp_shard: give batches of at least two sizes (atoms: {atoms})")
     forces = cfg.force_mode == "conservative"
-
-    def build(size):
-        with torch.device("meta"):
-            model = AtomisticModel(cfg)
-        specs = init_specs(model)
-        if size > 1:
-            parallelize(model, _group_less(size, 1))
-        materialize(model, specs, 0, pieces=local_pieces(model))
-        return model.train()
 
     def step(model, batch):
         t0 = time.perf_counter()
@@ -365,7 +382,7 @@ def measure_tp_shard(cfg, tp: int, batches: list[dict], *, reps: int = 5, warmup
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    models = {1: build(1), tp: build(tp)}
+    models = {1: build_rank_shard(cfg, 1), tp: build_rank_shard(cfg, tp)}
     times = {size: [[] for _ in batches] for size in models}
     for k in range(warmup + reps):
         for j, batch in enumerate(batches):

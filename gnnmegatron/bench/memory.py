@@ -21,13 +21,19 @@
   assumed for a CUDA context on GPUs.
 * **workspace** (CPU, fused execution): the torch backend's per-chunk tiles. Its fused ops run the
   edges in chunks of ``chunk_elements / F`` edges with ``[chunk, F]`` buffers, and a force-training
-  step holds about 28 fp32 tiles at its peak (forward, backward and double backward together):
+  step holds about a dozen fp32 tiles at its peak (forward, backward and double backward together):
   ``CPU_WORKSPACE_BYTES_PER_ELEMENT`` bytes per element of one tile, ``min(E, chunk_elements / F) x F``
   elements, F the rank's hidden slice. Measured on the 2-core VM by sweeping
-  ``GNNMEGATRON_OPS_CHUNK_ELEMENTS`` (``benchmarks/scaling.py`` repeats the sweep and uses its own
-  fit). The Triton kernels keep their tiles on chip: no GPU workspace.
+  ``GNNMEGATRON_OPS_CHUNK_ELEMENTS`` with live-memory runs (``benchmarks/scaling.py`` repeats the
+  sweep and uses its own fit). The Triton kernels keep their tiles on chip: no GPU workspace.
 
-The numbers are bytes; ``plan`` ranks layouts that fit a memory budget with ``perf.estimate_step``.
+The numbers are bytes of live tensors, what ``torch.cuda.max_memory_allocated`` reports on a GPU
+(the caching allocator's reserve comes on top there). A CPU process's resident set is larger by
+what glibc's allocator keeps after ``free`` (freed tiles between tensors that stay alive): on the
+2-core VM 3-39 % above the live peak, most with many micro-batches alive
+(``benchmarks/results/scaling-cpu2.json``, ``allocator_retained_fraction``); ``harness.run_config(...,
+memory="live")`` measures the live peak on CPU. ``plan`` ranks layouts that fit a memory budget with
+``perf.estimate_step``.
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ import torch
 from gnnmegatron.models.config import ModelConfig
 from gnnmegatron.parallel.layout import ParallelLayout
 
-__all__ = ["Layout", "MemorySplit", "Workload", "activation_coefficients", "cpu_tile_elements", "estimate_memory",
-           "rank_parameters"]
+__all__ = ["Layout", "MemorySplit", "Workload", "activation_coefficients", "build_rank_shard", "cpu_tile_elements",
+           "estimate_memory", "rank_parameters"]
 
 GIB = 2 ** 30
 CUDA_CONTEXT_BYTES = 0.5 * GIB
@@ -127,6 +133,24 @@ def _group_less(tp: int, pp: int, tp_rank: int = 0, pp_rank: int = 0) -> Paralle
     return ParallelLayout(tp=tp, pp=pp, dp=1, rank=rank, world_size=tp * pp,
                           tp_ranks=tuple(range(pp_rank * tp, pp_rank * tp + tp)),
                           pp_ranks=tuple(tp_rank + tp * s for s in range(pp)), dp_ranks=(rank,))
+
+
+def build_rank_shard(cfg: ModelConfig, tp: int, seed: int = 0):
+    """Tensor-parallel rank 0's shard of ``cfg``'s model (the whole model for ``tp = 1``), built with a
+    group-less layout (collectives are no-ops, every shape the real rank's) and initialised, in
+    training mode."""
+    from gnnmegatron.models import AtomisticModel
+    from gnnmegatron.models.init import init_specs, materialize
+    from gnnmegatron.parallel import parallelize
+    from gnnmegatron.parallel.sharding import local_pieces
+
+    with torch.device("meta"):
+        model = AtomisticModel(cfg)
+    specs = init_specs(model)
+    if tp > 1:
+        parallelize(model, _group_less(tp, 1))
+    materialize(model, specs, seed, pieces=local_pieces(model))
+    return model.train()
 
 
 def rank_parameters(cfg: ModelConfig, layout: Layout) -> list[dict[str, int]]:
@@ -224,21 +248,10 @@ def _coefficients(cfg_json: str, tp: int, conservative: bool, stress: bool) -> t
 
 def _measure(cfg: ModelConfig, tp: int, stress: bool) -> np.ndarray:
     """Least-squares ``[a_N, a_E, c_N, c_E]`` of saved bytes on 2- and 3-block models (one width)."""
-    from gnnmegatron.models import AtomisticModel
-    from gnnmegatron.models.init import init_specs, materialize
-    from gnnmegatron.parallel import parallelize
-    from gnnmegatron.parallel.sharding import local_pieces
-
     rows = []
     for layers in (2, 3):  # the last block has no coordinate MLP: the fixed part absorbs that difference
         c = dataclasses.replace(cfg, layers=layers)
-        with torch.device("meta"):
-            model = AtomisticModel(c)
-        specs = init_specs(model)
-        if tp > 1:
-            parallelize(model, _group_less(tp, 1))
-        materialize(model, specs, 0, pieces=local_pieces(model))
-        model.train()
+        model = build_rank_shard(c, tp)
         # two sizes and two densities, so that atoms and edges vary independently
         for atoms, lattice in ((32, 3.4), (32, 4.2), (108, 3.4), (108, 4.2)):
             batch = _tiny_batch(atoms, c.cutoff, seed=atoms, lattice=lattice)

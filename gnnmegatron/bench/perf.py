@@ -2,7 +2,7 @@
 
 Step time of a ``(tp, pp, dp)`` layout, per replica step of ``m`` micro-batches::
 
-    t_step = (t_compute (r + (1 - r) / tp) / pp + m t_0 / pp) * (1 + bubble)   compute, split over the model-parallel ranks
+    t_step = (t_compute (r + (1 - r) / tp) / pp + m t_0 / pp) / (1 - bubble)   compute, split over the model-parallel ranks
            + t_tp                                           tensor-parallel collectives (not overlapped)
            + t_pp                                           pipeline point-to-point messages
            + (1 - overlap) * t_dp                           gradient all-reduce over dp, partly hidden
@@ -18,14 +18,17 @@ Step time of a ``(tp, pp, dp)`` layout, per replica step of ``m`` micro-batches:
 * ``t_0``: a fixed cost per micro-batch pass through the model (``Device.overhead_s``: dispatch,
   launches, per-tensor loops), measured with the FLOP rate on CPU from single-process steps of
   different sizes (``t = t_0 + FLOPs / rate``); 0 for GPUs unless given.
-* ``bubble``: ``(pp - 1) / (m + pp - 1)`` (``(pp - 1) / (v m + pp - 1)`` interleaved; conservative
-  forces run four pipelined sweeps, each with this bubble).
+* ``bubble``: the idle fraction of a pipelined step, ``(pp - 1) / (m + pp - 1)`` (``(pp - 1) / (v m + pp - 1)``
+  interleaved; conservative forces run four pipelined sweeps, each with this bubble): the step is
+  the busy time over ``1 - bubble``, i.e. ``(1 + (pp - 1) / (v m))`` times it.
 * ``t_tp``: the tensor-parallel block's collectives per block (``tp_bytes_per_block``: two N x H
   all-reduces per direction for the dense node_split block, one for the grouped block, plus E
   scalars; the force pass and its loss backward repeat them) as ring all-reduces on the
   intra-node link.
 * ``t_pp``: ``2 m`` messages of N x (H + 3) per stage boundary (four sweeps under conservative
-  forces) at the inter-stage link's alpha and beta.
+  forces) at the inter-stage link's alpha and beta (``Device.p2p`` where point-to-point messages
+  cost other than the collectives: gloo on CPU, where a two-rank all-reduce takes several times a
+  one-way message).
 * ``t_dp``: a ring all-reduce of the rank's gradients (or a tree all-reduce, whichever is faster)
   over the data-parallel link; ``overlap`` is the fraction hidden behind the backward pass.
 
@@ -78,7 +81,10 @@ class Device:
 
     ``tp_serial_fraction``: the part of the FLOP-proportional compute that tensor parallelism does
     not divide (each tp rank repeats it); measured on CPU with ``harness.measure_tp_shard``, 0
-    unless given for a GPU."""
+    unless given for a GPU.
+
+    ``intra`` / ``inter``: the links of the collectives inside and between nodes; ``p2p``: the link
+    of the pipeline's point-to-point messages where it differs from those (default: the same)."""
 
     name: str
     flops: float
@@ -88,6 +94,7 @@ class Device:
     inter: Link = LINKS["ib-ndr"]
     overhead_s: float = 0.0
     tp_serial_fraction: float = 0.0
+    p2p: Link | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.tp_serial_fraction <= 1.0:
@@ -153,7 +160,7 @@ def estimate_step(cfg: ModelConfig, layout: Layout, workload: Workload, device: 
         t_tp = per_block * m * cfg.layers / layout.pp
     t_pp = 0.0
     if layout.pp > 1:
-        link = device.intra if layout.tp * layout.pp <= device.per_node else device.inter
+        link = device.p2p or (device.intra if layout.tp * layout.pp <= device.per_node else device.inter)
         sweeps = 4 if workload.conservative else 2
         t_pp = sweeps * m * v * p2p_time(4.0 * n * (cfg.hidden + 3), link)
     if params is None:
@@ -161,7 +168,7 @@ def estimate_step(cfg: ModelConfig, layout: Layout, workload: Workload, device: 
     grad_bytes = 4.0 * params / (layout.tp * layout.pp)
     dp_link = device.intra if layout.world <= device.per_node else device.inter
     t_dp = allreduce_time(grad_bytes, layout.dp, dp_link)
-    step = compute * (1 + bubble) + t_tp + t_pp + (1 - overlap) * t_dp
+    step = compute / (1 - bubble) + t_tp + t_pp + (1 - overlap) * t_dp
     return {"step_s": step, "compute_s": compute, "bubble": bubble, "tp_s": t_tp, "pp_s": t_pp, "dp_s": t_dp,
             "atoms_per_s": layout.dp * m * n / step, "flops": flops}
 

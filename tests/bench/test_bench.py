@@ -32,6 +32,11 @@ def test_step_model_parts_and_scaling_projection():
     assert tp["compute_s"] == pytest.approx(one["compute_s"] / 4) and tp["tp_s"] > 0
     pp = estimate_step(cfg, Layout(pp=4, micro_batches=8), w, dev)
     assert pp["bubble"] == pytest.approx(3 / 11) and pp["pp_s"] > 0
+    # the bubble is the idle fraction of the step: busy time x (1 + (p - 1) / m)
+    busy = pp["step_s"] - pp["tp_s"] - pp["pp_s"] - pp["dp_s"]
+    assert busy == pytest.approx(pp["compute_s"] * (1 + 3 / 8))
+    slow_p2p = estimate_step(cfg, Layout(pp=4, micro_batches=8), w, Device("gpu", 100e12, 80e9, p2p=LINKS["slingshot11"]))
+    assert slow_p2p["pp_s"] > pp["pp_s"] and slow_p2p["tp_s"] == pp["tp_s"]
     rows = project(cfg, w, dev, [1, 8, 64, 1024])
     assert rows[0]["weak_efficiency"] == pytest.approx(1.0) and rows[0]["strong_efficiency"] == pytest.approx(1.0)
     assert all(0 < r["weak_efficiency"] <= 1.0 + 1e-12 for r in rows)
@@ -193,3 +198,14 @@ def test_measure_tp_shard_times_a_rank_shard_and_the_whole_model():
             measure_tp_shard(cfg, tp, batches)
     with pytest.raises(ValueError, match="two sizes"):
         measure_tp_shard(cfg, 2, batches[:1])
+
+
+def test_link_fits_recover_alpha_and_beta():
+    from gnnmegatron.bench.harness import _fit_link
+
+    sizes = [1 << 10, 1 << 16, 1 << 20, 1 << 22]
+    pingpong = _fit_link("p", [(n, 3e-4 + n / 4e9) for n in sizes], 1.0)
+    assert pingpong.alpha == pytest.approx(3e-4) and pingpong.beta == pytest.approx(4e9)
+    # a two-rank ring all-reduce costs 2 alpha + S / beta: the fit halves the intercept
+    ring = _fit_link("a", [(n, allreduce_time(n, 2, Link("x", 1e-3, 2e9))) for n in sizes], 2.0)
+    assert ring.alpha == pytest.approx(1e-3) and ring.beta == pytest.approx(2e9)
