@@ -30,7 +30,7 @@
 The numbers are bytes of live tensors, what ``torch.cuda.max_memory_allocated`` reports on a GPU
 (the caching allocator's reserve comes on top there). A CPU process's resident set is larger by
 what glibc's allocator keeps after ``free`` (freed tiles between tensors that stay alive): on the
-2-core VM 3-39 % above the live peak, most with many micro-batches alive
+2-core VM 4-32 % above the live peak, most with many micro-batches alive
 (``benchmarks/results/scaling-cpu2.json``, ``allocator_retained_fraction``); ``harness.run_config(...,
 memory="live")`` measures the live peak on CPU. ``plan`` ranks layouts that fit a memory budget with
 ``perf.estimate_step``.
@@ -54,7 +54,7 @@ __all__ = ["Layout", "MemorySplit", "Workload", "activation_coefficients", "buil
 GIB = 2 ** 30
 CUDA_CONTEXT_BYTES = 0.5 * GIB
 CPU_PROCESS_BYTES = 0.45 * GIB  # python + torch + numpy + zarr + gloo, measured: 0.40-0.47 GiB RSS at rank start
-CPU_WORKSPACE_BYTES_PER_ELEMENT = 112.0  # 28 fp32 [chunk, F] tiles alive at a force-training step's peak (measured)
+CPU_WORKSPACE_BYTES_PER_ELEMENT = 50.0  # ~12 fp32 [chunk, F] tiles alive at a force-training step's peak (live, measured)
 DP_BUCKET_BYTES = 25 * 2 ** 20
 
 
