@@ -204,9 +204,10 @@ def summarize(rows: list[dict]) -> dict:
 def plot(rows, plt, degree):
     ok = [r for r in rows if "error" not in r]
     hiddens = sorted({r["hidden"] for r in rows})
-    fig, axes = plt.subplots(2, len(STEPS), figsize=(7 * len(STEPS), 8), squeeze=False)
+    steps = [s for s in STEPS if any(r["step"] == s for r in ok)] or list(STEPS)  # a run of some steps only
+    fig, axes = plt.subplots(2, len(steps), figsize=(7 * len(steps), 8), squeeze=False)
     width = 0.8 / len(VARIANTS)
-    for col, step in enumerate(STEPS):
+    for col, step in enumerate(steps):
         for k, variant in enumerate(VARIANTS):
             xs, speed, mem = [], [], []
             for i, hidden in enumerate(hiddens):
