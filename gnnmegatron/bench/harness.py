@@ -7,19 +7,20 @@ per rank. Measured per step and rank:
 
 * step time (each step starts after a barrier; the slowest rank's time is the step's), the
   cores a rank keeps busy (process CPU time over wall time: the compute thread and the loader's
-  prefetch thread), and the time the step waited for its data (``next`` on the trainer's batch iterator: reading, collating,
-  neighbour lists);
+  prefetch thread), and the time the step waited for its data (``next`` on the trainer's batch
+  iterator: reading, collating, neighbour lists);
 * atoms and graphs processed (over all replicas) and the analytic training FLOPs of those atoms
   and edges (``flops_per_step``, printed per layer by ``layer_flops``): achieved FLOP/s per rank
   and its fraction of the device's peak (``device_peak_flops``: measured large-matmul rate on CPU,
   the datasheet number for known GPUs);
 * peak memory of the rank (CPU: the resident-set high-water mark, reset after warm-up; GPU:
-  ``torch.cuda.max_memory_allocated``: live tensors, not the caching allocator's reserve), and on CPU the resident set at the rank's start (interpreter
-  and libraries), once its trainer is built (model, store, loader; optimizer state not yet
-  allocated) and after the warm-up steps (where the peak's measurement starts);
-* collectives: bytes of the tensor-parallel collectives and the seconds spent in them (``CommCounter``;
-  on CPU the calls block, so this includes waiting for the other ranks), bytes sent point to
-  point by the pipeline, and the exposed seconds of the data-parallel gradient all-reduce (waiting
+  ``torch.cuda.max_memory_allocated``: live tensors, not the caching allocator's reserve), and on
+  CPU the resident set at the rank's start (interpreter and libraries), once its trainer is built
+  (model, store, loader; optimizer state not yet allocated) and after the warm-up steps (where the
+  peak's measurement starts);
+* collectives: bytes of the tensor-parallel collectives and the seconds spent in them
+  (``CommCounter``; on CPU the calls block, so this includes waiting for the other ranks), bytes
+  sent point to point by the pipeline, and the exposed seconds of the data-parallel gradient all-reduce (waiting
   in ``GradReducer.finish``; the rest overlaps the backward) and waiting in pipeline receives.
 
 On CPU the resident set also holds what glibc's allocator keeps after ``free``: transient

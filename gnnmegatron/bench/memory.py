@@ -54,7 +54,7 @@ __all__ = ["Layout", "MemorySplit", "Workload", "activation_coefficients", "buil
 GIB = 2 ** 30
 CUDA_CONTEXT_BYTES = 0.5 * GIB
 CPU_PROCESS_BYTES = 0.45 * GIB  # python + torch + numpy + zarr + gloo, measured: 0.40-0.47 GiB RSS at rank start
-CPU_WORKSPACE_BYTES_PER_ELEMENT = 50.0  # ~12 fp32 [chunk, F] tiles alive at a force-training step's peak (live, measured)
+CPU_WORKSPACE_BYTES_PER_ELEMENT = 50.0  # ~12 fp32 [chunk, F] tiles alive at a force-training step's peak (measured)
 DP_BUCKET_BYTES = 25 * 2 ** 20
 
 

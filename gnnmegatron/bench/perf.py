@@ -2,7 +2,7 @@
 
 Step time of a ``(tp, pp, dp)`` layout, per replica step of ``m`` micro-batches::
 
-    t_step = (t_compute (r + (1 - r) / tp) / pp + m t_0 / pp) / (1 - bubble)   compute, split over the model-parallel ranks
+    t_step = (t_compute (r + (1 - r) / tp) / pp + m t_0 / pp) / (1 - bubble)   compute over the model-parallel ranks
            + t_tp                                           tensor-parallel collectives (not overlapped)
            + t_pp                                           pipeline point-to-point messages
            + (1 - overlap) * t_dp                           gradient all-reduce over dp, partly hidden

@@ -35,7 +35,8 @@ def test_step_model_parts_and_scaling_projection():
     # the bubble is the idle fraction of the step: busy time x (1 + (p - 1) / m)
     busy = pp["step_s"] - pp["tp_s"] - pp["pp_s"] - pp["dp_s"]
     assert busy == pytest.approx(pp["compute_s"] * (1 + 3 / 8))
-    slow_p2p = estimate_step(cfg, Layout(pp=4, micro_batches=8), w, Device("gpu", 100e12, 80e9, p2p=LINKS["slingshot11"]))
+    slow_link = Device("gpu", 100e12, 80e9, p2p=LINKS["slingshot11"])
+    slow_p2p = estimate_step(cfg, Layout(pp=4, micro_batches=8), w, slow_link)
     assert slow_p2p["pp_s"] > pp["pp_s"] and slow_p2p["tp_s"] == pp["tp_s"]
     rows = project(cfg, w, dev, [1, 8, 64, 1024])
     assert rows[0]["weak_efficiency"] == pytest.approx(1.0) and rows[0]["strong_efficiency"] == pytest.approx(1.0)
