@@ -20,8 +20,9 @@ per rank. Measured per step and rank:
   peak's measurement starts);
 * collectives: bytes of the tensor-parallel collectives and the seconds spent in them
   (``CommCounter``; on CPU the calls block, so this includes waiting for the other ranks), bytes
-  sent point to point by the pipeline, and the exposed seconds of the data-parallel gradient all-reduce (waiting
-  in ``GradReducer.finish``; the rest overlaps the backward) and waiting in pipeline receives.
+  sent point to point by the pipeline, and the exposed seconds of the data-parallel gradient
+  all-reduce (waiting in ``GradReducer.finish``; the rest overlaps the backward) and waiting in
+  pipeline receives.
 
 On CPU the resident set also holds what glibc's allocator keeps after ``free``: transient
 blocks (the fused ops' per-chunk tiles) are served from the heap once the allocator's dynamic
