@@ -34,10 +34,11 @@ Peak memory: as ``benchmarks/kernels.py``, the RSS high-water mark of one step a
 its own process. A process that would need more memory than the machine has stops at its data limit
 (``RLIMIT_DATA``, ``--mem-limit-gb``) and its row records the error.
 
-Run (2-core CPU: about 1.5 hours; the machine needs ~16 GB free for the faithful unfused
-conservative step at hidden 256)::
+Run (2-core CPU: about 26 minutes at ``--repeats 2``, the committed run's setting, and longer at
+the default 3; the machine needs ~16 GB free for the faithful unfused conservative step at hidden
+256)::
 
-    OMP_NUM_THREADS=2 python benchmarks/egnn_blocks.py
+    OMP_NUM_THREADS=2 python benchmarks/egnn_blocks.py --repeats 2
 
 ``--quick``: 1000 atoms, hidden 64, one repeat (smoke test). Writes
 benchmarks/results/egnn_blocks-<machine>.json/.csv/.png.
