@@ -39,10 +39,11 @@ on a generated EMT store (600 structures of at most 32 atoms, cutoff 5 Å), mode
   predictions), ranks beyond the core count sharing the cores (each gets
   ``cores / world`` of one), the gloo links measured on this machine (collectives: a link fitted to
   two-rank all-reduce times, ``measure_allreduce_link``; the pipeline's messages: a ping-pong,
-  ``measure_link``; a gloo all-reduce costs several one-way latencies), and the part of the compute tensor parallelism does not divide from timing
-  tp rank 0's shard of the model against the whole model in one process
-  (``measure_tp_shard`` on batches of the store of 64, 256 and 512 atoms: the shard's time per atom
-  over the whole model's). The rest of the width sweep is not modelled (other GEMM sizes, another FLOP rate).
+  ``measure_link``; a gloo all-reduce costs several one-way latencies), and the part of the compute
+  tensor parallelism does not divide from timing tp rank 0's shard of the model against the whole
+  model in one process (``measure_tp_shard`` on batches of the store of 64, 256 and 512 atoms: the
+  shard's time per atom over the whole model's). The rest of the width sweep is not modelled (other
+  GEMM sizes, another FLOP rate).
 * **projection**: ``project`` for tpegnn-1b on 8 to 1024 H100-class GPUs (assumed 200 TFLOP/s
   sustained, NVLink 4 inside 8-GPU nodes, InfiniBand NDR between them, half of the gradient
   all-reduce hidden behind the backward), 8 micro-batches of 512 atoms per replica; weak scaling,
@@ -62,7 +63,7 @@ from pathlib import Path
 import numpy as np
 from common import write_results
 
-from gnnmegatron.bench.harness import measure_allreduce_link, measure_link, measure_tp_shard, run_config
+from gnnmegatron.bench.harness import affine_fit, measure_allreduce_link, measure_link, measure_tp_shard, run_config
 from gnnmegatron.bench.memory import Layout, Workload, cpu_tile_elements, estimate_memory
 from gnnmegatron.bench.perf import LINKS, Device, estimate_step, project
 from gnnmegatron.models import get_preset
@@ -85,13 +86,6 @@ def make_config(root: Path, store: Path, name: str, budget: int, hidden: int | N
     path = root / f"{name}.yaml"
     path.write_text(json.dumps(cfg))
     return path
-
-
-def affine_fit(x, y) -> tuple[float, float]:
-    """Least-squares intercept and slope of ``y = a + b x``."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
-    return float(a), float(b)
 
 
 def plot_scaling(plt, rows, ceiling, projection, cores):
@@ -171,9 +165,10 @@ def main() -> None:
         store = root / "emt.zarr"
         generate_emt_dataset(store, EMTConfig(num_structures=600, seed=0, max_atoms=32), workers=1, progress=False)
 
-        def measure(name, world, budget, overrides=(), hidden=None, env=None):
+        def measure(name, world, budget, overrides=(), hidden=None, env=None, memory="resident"):
             cfg = make_config(root, store, name, budget, hidden)
-            return run_config(cfg, world, overrides=list(overrides), steps=steps, warmup=warmup, env=env)
+            return run_config(cfg, world, overrides=list(overrides), steps=steps, warmup=warmup, env=env,
+                              memory=memory)
 
         def add(name, world, budget, r, hidden=None, kind="", **extra):
             row = {"kind": kind, "name": name, "world": world, "budget_atoms": budget, "hidden": hidden or 256,
@@ -235,10 +230,8 @@ def main() -> None:
             if r["kind"] == "ceiling":
                 continue
             env = {"GNNMEGATRON_OPS_CHUNK_ELEMENTS": str(r["chunk_elements"])} if r.get("chunk_elements") else None
-            live = run_config(make_config(root, store, r["name"] + "-live", r["budget_atoms"], r["hidden"]
-                                          if r["kind"] == "width" else None), r["world"],
-                              overrides=OVERRIDES.get(r["name"], []), steps=steps, warmup=warmup, env=env,
-                              memory="live")
+            live = measure(r["name"] + "-live", r["world"], r["budget_atoms"], OVERRIDES.get(r["name"], ()),
+                           r["hidden"] if r["kind"] == "width" else None, env, memory="live")
             r["live_peak_bytes_per_rank"] = live["peak_bytes_per_rank"]
             r["live_rss_warm_bytes_per_rank"] = live["rss_warm_bytes_per_rank"]
             r["allocator_retained_fraction"] = max(r["peak_bytes_per_rank"]) / max(live["peak_bytes_per_rank"]) - 1

@@ -55,8 +55,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["LIVE_MEMORY_ENV", "device_peak_flops", "layer_flops", "measure_allreduce_link", "measure_link",
-           "measure_tp_shard", "run_config", "worker"]
+__all__ = ["LIVE_MEMORY_ENV", "affine_fit", "device_peak_flops", "layer_flops", "measure_allreduce_link",
+           "measure_link", "measure_tp_shard", "run_config", "worker"]
 
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # glibc: blocks >= 128 KiB mapped, unmapped on free
 
@@ -321,16 +321,21 @@ def _allreduce_worker(sizes: list[int], reps: int) -> list[tuple[int, float]]:
     return out
 
 
-def _fit_link(name: str, rows, latencies: float):
-    """A ``Link`` from ``(bytes, seconds)`` rows fitted as ``t = latencies x alpha + bytes / beta``."""
+def affine_fit(x, y) -> tuple[float, float]:
+    """Least-squares intercept and slope of ``y = a + b x``."""
     import numpy as np
 
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
+    return float(a), float(b)
+
+
+def _fit_link(name: str, rows, latencies: float):
+    """A ``Link`` from ``(bytes, seconds)`` rows fitted as ``t = latencies x alpha + bytes / beta``."""
     from .perf import Link
 
-    n = np.array([r[0] for r in rows], dtype=np.float64)
-    t = np.array([r[1] for r in rows], dtype=np.float64)
-    (a, inv_beta), *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n], axis=1), t, rcond=None)
-    return Link(name, max(float(a) / latencies, 1e-7), 1.0 / max(float(inv_beta), 1e-15))
+    a, inv_beta = affine_fit([r[0] for r in rows], [r[1] for r in rows])
+    return Link(name, max(a / latencies, 1e-7), 1.0 / max(inv_beta, 1e-15))
 
 
 def measure_link(sizes=(1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22), reps: int = 20):
@@ -365,8 +370,6 @@ def measure_tp_shard(cfg, tp: int, batches: list[dict], *, reps: int = 5, warmup
     ``r + (1 - r) / tp`` of the performance model, so ``serial_fraction`` ``r`` is the size-
     proportional compute each tp rank repeats (the fixed cost per pass is the model's ``t_0``).
     """
-    import numpy as np
-
     from .memory import build_rank_shard
 
     if tp < 2 or cfg.hidden % tp:
@@ -394,8 +397,7 @@ def measure_tp_shard(cfg, tp: int, batches: list[dict], *, reps: int = 5, warmup
                     times[size][j].append(t)
     whole = [min(t) for t in times[1]]
     shard = [min(t) for t in times[tp]]
-    x = np.array(atoms, dtype=np.float64)
-    slope = {name: float(np.polyfit(x, np.array(v), 1)[0]) for name, v in (("whole", whole), ("shard", shard))}
+    slope = {name: affine_fit(atoms, v)[1] for name, v in (("whole", whole), ("shard", shard))}
     divided = slope["shard"] / slope["whole"] if slope["whole"] > 0 else float("nan")
     serial = min(1.0, max(0.0, (tp * divided - 1) / (tp - 1))) if divided == divided else float("nan")
     return {"tp": tp, "atoms": atoms, "whole_s": whole, "shard_s": shard, "divided": divided,

@@ -78,12 +78,10 @@ def group_rank(group) -> int:
 # ----------------------------------------------------------------------------- primitives
 def _all_reduce(x: torch.Tensor, group, name: str, direction: str) -> torch.Tensor:
     out = x.clone(memory_format=torch.contiguous_format)
-    if not _ACTIVE:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if _ACTIVE else 0.0
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    _record(name, "all_reduce", out, dist.get_world_size(group), direction, time.perf_counter() - t0)
+    if _ACTIVE:
+        _record(name, "all_reduce", out, dist.get_world_size(group), direction, time.perf_counter() - t0)
     return out
 
 
@@ -91,7 +89,7 @@ def _all_gather(x: torch.Tensor, group, dim: int, name: str, direction: str) -> 
     x = x.contiguous()
     size = dist.get_world_size(group)
     parts = [torch.empty_like(x) for _ in range(size)]
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if _ACTIVE else 0.0
     dist.all_gather(parts, x, group=group)
     if _ACTIVE:
         _record(name, "all_gather", x, size, direction, time.perf_counter() - t0)
