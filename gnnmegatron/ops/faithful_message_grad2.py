@@ -50,8 +50,8 @@ import torch
 
 from gnnmegatron.ops.activations import act_grads2
 from gnnmegatron.ops.dispatch import compute_dtype, first_layer_grads_, rows_add_, run_chunks
-from gnnmegatron.ops.faithful_message_torch import (_Buffers, _first_layer, act_grads2_, chunk_rows, chunks, rowdot,
-                                                    tp_reducer)
+from gnnmegatron.ops.faithful_message_torch import (_Buffers, _first_layer, act_grads2_, chunk_rows, chunks, node_table,
+                                                    rowdot, tp_reducer)
 
 Tensor = torch.Tensor
 OUTPUTS = ("gm", "gs", "P", "Q", "R", "C", "b1", "W2", "b2", "w", "Wc", "bc", "v")
@@ -293,6 +293,8 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v,
         widths.update(T3=F3, S3=F3, SS3=F3)
         stacked.update(ZZ3=F3, BB3=F3)
 
+    table = node_table(P, Q, b1)
+
     def new_state():
         acc = {k: (torch.zeros(shape, dtype=cdt, device=dev) if on else None) for k, (shape, on) in shapes.items()}
         return dict(acc=acc, buf=_Buffers(rows, widths, cdt, dev), stk=_Buffers(2 * rows, stacked, cdt, dev))
@@ -305,7 +307,7 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v,
         wc = w[idx].unsqueeze(1) if w is not None else None
         twc = tw[idx].unsqueeze(1) if tw is not None else None
         # ---- layer 1: z1, its tangent, a1 and a1' stacked in AA1
-        z1 = _first_layer(buf.get("Z1", c), buf.get("T1", c), P, Q, d, j, Rc, C, b1)
+        z1 = _first_layer(table, N, d, j, Rc, C)
         AA1 = stk.get("AA1", 2 * c)
         a1, da1 = AA1[:c], AA1[c:]
         if tR is not None:

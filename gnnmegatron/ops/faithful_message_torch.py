@@ -15,7 +15,10 @@ tensor parallelism (``tp``) they run in order on one thread, since each chunk al
 
 Per chunk the backward does the forward's two GEMMs again (``a1 W2^T``, ``a Wc^T``) and four of its
 own (``dz3 Wc``, ``dz3^T a``, ``dz2^T a1``, ``dz2 W2``); gradients nobody asked for are skipped
-(``needs``). The double backward is in ``faithful_message_grad2``.
+(``needs``). Between the GEMMs each pass over a tile counts (at hidden 256 the elementwise work is a
+third of a step): the first layer's two gathers and adds are one ``embedding_bag`` over the node table
+``[P + b1; Q]``, and each activation's backward is torch's one-pass kernel (``silu_backward`` and the
+like) applied to the incoming cotangent, where ``act'`` used to be built in a buffer first. The double backward is in ``faithful_message_grad2``.
 
 Shapes:
     N nodes, E edges, F1 first-layer width (P, Q, C, b1), F2 second-layer width (W2 [F2, F1]),
@@ -25,6 +28,7 @@ Shapes:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from gnnmegatron.ops.activations import act, act_and_grad
 from gnnmegatron.ops.dispatch import compute_dtype, first_layer_grads_, rows_add_, run_chunks, settings
@@ -40,24 +44,34 @@ def act_(name: str, z: torch.Tensor) -> torch.Tensor:
     return z.copy_(act(name, z))
 
 
-def act_grad_(name: str, z: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(act(z), act'(z))`` written into the buffers ``z`` and ``other`` (which one holds which is
-    returned; ``z``'s values are consumed)."""
+def act_out_(name: str, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``act(z)`` written into ``out`` (returned); ``z`` is kept (the backward reads it again)."""
+    aten = torch.ops.aten
     if name == "silu":
-        torch.sigmoid(z, out=other)          # other = s
-        z.mul_(other)                        # z = a = z s
-        other.addcmul_(other, z, value=-1.0)  # other = s - s a
-        other.add_(z)                        # other = s + a (1 - s) = silu'
-        return z, other
+        return aten.silu.out(z, out=out)
+    if name == "gelu":
+        return aten.gelu.out(z, out=out)
     if name == "tanh":
-        z.tanh_()
-        torch.mul(z, z, out=other)
-        other.neg_().add_(1.0)
-        return z, other
-    a, d = act_and_grad(name, z)
-    other.copy_(d)
-    z.copy_(a)
-    return z, other
+        return torch.tanh(z, out=out)
+    if name == "softplus":
+        return aten.softplus.out(z, 1.0, 20.0, out=out)
+    return out.copy_(act(name, z))
+
+
+def act_bwd_(name: str, g: torch.Tensor, z: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``g * act'(z)`` written into ``out`` (returned; it may be ``g`` or ``z``): torch's one-pass
+    activation backward kernels (``a = act(z)``, read by tanh's). One pass where computing ``act'``
+    into a buffer and multiplying took five."""
+    aten = torch.ops.aten
+    if name == "silu":
+        return aten.silu_backward.grad_input(g, z, grad_input=out)
+    if name == "gelu":
+        return aten.gelu_backward.grad_input(g, z, grad_input=out)
+    if name == "tanh":
+        return aten.tanh_backward.grad_input(g, a, grad_input=out)
+    if name == "softplus":
+        return aten.softplus_backward.grad_input(g, z, 1.0, 20.0, grad_input=out)
+    return torch.mul(g, act_and_grad(name, z)[1], out=out)
 
 
 def act_grads2_(name: str, z: torch.Tensor, a: torch.Tensor | None, d: torch.Tensor, dd: torch.Tensor,
@@ -118,14 +132,18 @@ def chunks(E: int, step: int, perm):
         yield slice(e0, e1) if perm is None else perm[e0:e1]
 
 
-def _first_layer(Z1, T, P, Q, d, j, Rc, C, b1):
-    """``Z1 = P[d] + Q[j] + Rc C + b1`` (T: scratch of Z1's shape)."""
-    torch.addmm(b1, Rc, C, out=Z1)
-    torch.index_select(P, 0, d, out=T)
-    Z1.add_(T)
-    torch.index_select(Q, 0, j, out=T)
-    Z1.add_(T)
-    return Z1
+def node_table(P, Q, b1):
+    """``[P + b1; Q]``, ``[N + N_Q, F1]``: the first layer's per-node rows in one table, so that a
+    chunk gathers and adds its two rows per edge in one pass (``_first_layer``)."""
+    return torch.cat([P + b1, Q])
+
+
+def _first_layer(table, n_p: int, d, j, Rc, C):
+    """``z1 = P[d] + Q[j] + b1 + Rc C`` (a new ``[chunk, F1]`` tensor) from ``table = node_table(P, Q,
+    b1)`` (``n_p`` rows of P): ``embedding_bag`` sums each edge's two table rows in one pass (two
+    ``index_select`` and two ``add_`` took twice as long), then the radial term is added in place."""
+    z1 = F.embedding_bag(torch.stack([d, j + n_p], 1), table, mode="sum")
+    return z1.addmm_(Rc, C)
 
 
 def _cast(cdt, *tensors):
@@ -224,15 +242,17 @@ def faithful_fwd_torch(P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, act
     W2t = W2.t()
     Wct = Wc.t() if coord else None
 
+    table = node_table(P, Q, b1)
+
     def new_state():
         return dict(m=torch.zeros((N, F2), dtype=cdt, device=dev),
-                    buf=_Buffers(rows, dict(Z1=F1, T=F1, Z2=F2, Z3=F3 if coord else 1), cdt, dev))
+                    buf=_Buffers(rows, dict(Z2=F2, Z3=F3 if coord else 1), cdt, dev))
 
     def body(st, idx):
         buf = st["buf"]
         d, j = dst[idx], src[idx]
         c = d.numel()
-        a1 = act_(activation, _first_layer(buf.get("Z1", c), buf.get("T", c), P, Q, d, j, R[idx], C, b1))
+        a1 = act_(activation, _first_layer(table, N, d, j, R[idx], C))
         a = act_(activation, second_layer(buf.get("Z2", c), a1, W2t, b2, reduce))
         if coord:
             a3 = act_(activation, torch.addmm(bc, a, Wct, out=buf.get("Z3", c)))
@@ -277,11 +297,12 @@ def faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc
     dR = torch.zeros((E, K), dtype=cdt, device=dev) if need["R"] else None
     dw = torch.zeros(E, dtype=cdt, device=dev) if need["w"] else None
     rows = chunk_rows(max(E, 1), F1, F2, F3)
-    widths = dict(Z1=F1, A1=F1, T=F1, Z2=F2, A=F2, G=F2)
+    widths = dict(A1=F1, T1=F1, Z2=F2, A=F2, G=F2)
     if coord:
-        widths.update(Z3=F3, A3=F3)
+        widths.update(Z3=F3, A3=F3, T3=F3)
     W2t = W2.t()
     Wct = Wc.t() if coord else None
+    table = node_table(P, Q, b1)
 
     def new_state():
         acc = {k: torch.zeros(shape, dtype=cdt, device=dev) for k, (shape, on) in shapes.items() if on}
@@ -292,9 +313,10 @@ def faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc
         d, j = dst[idx], src[idx]
         c = d.numel()
         Rc = R[idx]
-        z1 = _first_layer(buf.get("Z1", c), buf.get("T", c), P, Q, d, j, Rc, C, b1)
-        a1, d1 = act_grad_(activation, z1, buf.get("A1", c))
-        a, d2 = act_grad_(activation, second_layer(buf.get("Z2", c), a1, W2t, b2, reduce), buf.get("A", c))
+        z1 = _first_layer(table, N, d, j, Rc, C)
+        a1 = act_out_(activation, z1, buf.get("A1", c))
+        z2 = second_layer(buf.get("Z2", c), a1, W2t, b2, reduce)
+        a = act_out_(activation, z2, buf.get("A", c))
         g = torch.index_select(gm, 0, d, out=buf.get("G", c))
         if need["w"]:
             dw[idx] = rowdot(g, a)
@@ -302,23 +324,25 @@ def faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc
             g.mul_(w[idx].unsqueeze(1))
         if coord:
             gsc = gs[idx]
-            a3, dz3 = act_grad_(activation, torch.addmm(bc, a, Wct, out=buf.get("Z3", c)), buf.get("A3", c))
+            z3 = torch.addmm(bc, a, Wct, out=buf.get("Z3", c))
+            a3 = act_out_(activation, z3, buf.get("A3", c))
             if need["v"]:
                 acc["v"].addmv_(a3.t(), gsc)
-            dz3.mul_(v).mul_(gsc.unsqueeze(1))  # dz3 = gs v act'(z3)
+            gv = torch.mul(gsc.unsqueeze(1), v, out=buf.get("T3", c))
+            dz3 = act_bwd_(activation, gv, z3, a3, out=z3)  # dz3 = gs v act'(z3)
             if need["Wc"]:
                 acc["Wc"].addmm_(dz3.t(), a)
             if need["bc"]:
                 acc["bc"].add_(dz3.sum(0))
             g.addmm_(dz3, Wc)  # da = gm w + dz3 Wc
-        dz2 = g.mul_(d2)
+        dz2 = act_bwd_(activation, g, z2, a, out=g)
         if need["W2"]:
             acc["W2"].addmm_(dz2.t(), a1)
         if need["b2"]:
             acc["b2"].add_(dz2.sum(0))
         if not first:
             return
-        dz1 = torch.mm(dz2, W2, out=a1).mul_(d1)  # a1 is not needed any more
+        dz1 = act_bwd_(activation, torch.mm(dz2, W2, out=buf.get("T1", c)), z1, a1, out=z1)
         first_layer_grads_(dz1, acc, dR, idx, d, j, Rc, C)
 
     work = list(chunks(E, rows, perm)) if E > 0 and any(need.values()) else []
