@@ -51,7 +51,7 @@ import torch
 from gnnmegatron.ops.activations import act_grads2
 from gnnmegatron.ops.dispatch import compute_dtype, first_layer_grads_, rows_add_, run_chunks
 from gnnmegatron.ops.faithful_message_torch import (_Buffers, _first_layer, act_grads2_, chunk_rows, chunks, node_table,
-                                                    rowdot, tp_reducer)
+                                                    pair_rows, rowdot, tp_reducer)
 
 Tensor = torch.Tensor
 OUTPUTS = ("gm", "gs", "P", "Q", "R", "C", "b1", "W2", "b2", "w", "Wc", "bc", "v")
@@ -294,6 +294,7 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v,
         stacked.update(ZZ3=F3, BB3=F3)
 
     table = node_table(P, Q, b1)
+    ttable = node_table(tP, tQ) if (tP is not None and tQ is not None) else None  # the tangent's
 
     def new_state():
         acc = {k: (torch.zeros(shape, dtype=cdt, device=dev) if on else None) for k, (shape, on) in shapes.items()}
@@ -315,9 +316,12 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v,
         else:
             da1.zero_()
         T1 = buf.get("T1", c)
-        for t, rows_ in ((tP, d), (tQ, j)):
-            if t is not None:
-                da1.add_(torch.index_select(t, 0, rows_, out=T1))
+        if ttable is not None:
+            da1.add_(pair_rows(ttable, N, d, j))
+        else:
+            for t, rows_ in ((tP, d), (tQ, j)):
+                if t is not None:
+                    da1.add_(torch.index_select(t, 0, rows_, out=T1))
         S1, SS1 = buf.get("S1", c), buf.get("SS1", c)
         act_grads2_(activation, z1, a1, S1, SS1, T1)
         SS1.mul_(da1)                                  # ss1 z1'

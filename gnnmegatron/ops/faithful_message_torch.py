@@ -78,16 +78,13 @@ def act_grads2_(name: str, z: torch.Tensor, a: torch.Tensor | None, d: torch.Ten
                 tmp: torch.Tensor) -> None:
     """``act(z)``, ``act'(z)``, ``act''(z)`` into the buffers ``a`` (may be None: not wanted), ``d`` and
     ``dd``; ``tmp`` is scratch. ``z`` is read only."""
-    if name == "silu":
-        torch.sigmoid(z, out=d)                        # s
-        torch.mul(d, d, out=tmp)
-        tmp.neg_().add_(d)                             # s (1 - s)
-        torch.mul(d, -2.0, out=dd)
-        dd.add_(1.0).mul_(z).add_(2.0).mul_(tmp)       # s (1 - s) (2 + z (1 - 2 s))
-        torch.mul(z, d, out=tmp)                       # silu = z s
-        d.addcmul_(tmp, d, value=-1.0).add_(tmp)       # s + silu (1 - s)
-        if a is not None:
-            a.copy_(tmp)
+    if name == "silu":  # eight passes over the tile
+        A = a if a is not None else tmp
+        torch.sigmoid(z, out=d)                              # s
+        torch.addcmul(d, d, d, value=-1.0, out=dd)           # s (1 - s)
+        torch.mul(z, d, out=A)                               # silu = z s
+        d.addcmul_(A, d, value=-1.0).add_(A)                 # silu' = s + silu (1 - s)
+        dd.mul_(torch.add(z, A, alpha=-2.0, out=tmp).add_(2.0))  # silu'' = s (1 - s) (2 + z (1 - 2 s))
         return
     if name == "tanh":
         t = a if a is not None else tmp
@@ -132,18 +129,22 @@ def chunks(E: int, step: int, perm):
         yield slice(e0, e1) if perm is None else perm[e0:e1]
 
 
-def node_table(P, Q, b1):
-    """``[P + b1; Q]``, ``[N + N_Q, F1]``: the first layer's per-node rows in one table, so that a
-    chunk gathers and adds its two rows per edge in one pass (``_first_layer``)."""
-    return torch.cat([P + b1, Q])
+def node_table(P, Q, b1=None):
+    """``[P + b1; Q]``, ``[N + N_Q, F1]``: the first layer's per-node rows (or their tangents) in one
+    table, so that a chunk gathers and adds its two rows per edge in one pass (``pair_rows``)."""
+    return torch.cat([P + b1 if b1 is not None else P, Q])
+
+
+def pair_rows(table, n_p: int, d, j):
+    """``table[d] + table[n_p + j]`` (a new ``[chunk, F1]`` tensor): ``embedding_bag`` sums each edge's
+    two rows in one pass, where two ``index_select`` and two ``add_`` took twice as long."""
+    return F.embedding_bag(torch.stack([d, j + n_p], 1), table, mode="sum")
 
 
 def _first_layer(table, n_p: int, d, j, Rc, C):
     """``z1 = P[d] + Q[j] + b1 + Rc C`` (a new ``[chunk, F1]`` tensor) from ``table = node_table(P, Q,
-    b1)`` (``n_p`` rows of P): ``embedding_bag`` sums each edge's two table rows in one pass (two
-    ``index_select`` and two ``add_`` took twice as long), then the radial term is added in place."""
-    z1 = F.embedding_bag(torch.stack([d, j + n_p], 1), table, mode="sum")
-    return z1.addmm_(Rc, C)
+    b1)`` (``n_p`` rows of P)."""
+    return pair_rows(table, n_p, d, j).addmm_(Rc, C)
 
 
 def _cast(cdt, *tensors):

@@ -163,7 +163,8 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, tang
     """The double backward of a force (and stress) loss: cotangents on dP, dQ, dR and dw only, grad
     mode off. The formulas of ``fused_message_bwd2_torch`` without its ggC, ggb and ggv terms, in
     preallocated ``[chunk, F]`` buffers (no allocation per chunk)."""
-    from gnnmegatron.ops.faithful_message_torch import _Buffers, act_grads2_, chunks, rowdot
+    from gnnmegatron.ops.faithful_message_torch import (_Buffers, _first_layer, act_grads2_, chunks, node_table,
+                                                        pair_rows, rowdot)
 
     ggP, ggQ, ggR, ggw = tangents
     if w is None:
@@ -190,9 +191,12 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, tang
     dw = zeros(E, need["w"])
     rows = max(1, min(max(E, 1), settings.edges_per_chunk(F)))
 
+    table = node_table(P, Q, b)
+    gtable = node_table(ggP, ggQ) if (ggP is not None and ggQ is not None) else None
+
     def new_state():
         acc = {k: (torch.zeros(shape, dtype=cdt, device=dev) if on else None) for k, (shape, on) in shapes.items()}
-        return dict(acc=acc, buf=_Buffers(rows, dict(Z=F, A=F, D=F, DD=F, G=F, GM=F, H=F, g=F, T=F, tmp=F), cdt, dev))
+        return dict(acc=acc, buf=_Buffers(rows, dict(A=F, D=F, DD=F, G=F, GM=F, H=F, g=F, T=F, tmp=F), cdt, dev))
 
     def body(st, idx):
         acc, buf = st["acc"], st["buf"]
@@ -201,18 +205,23 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, tang
         c = d.numel()
         Rc = R[idx]
         tmp = buf.get("tmp", c)
-        z = torch.addmm(b, Rc, C, out=buf.get("Z", c))
-        z.add_(torch.index_select(P, 0, d, out=tmp)).add_(torch.index_select(Q, 0, j, out=tmp))
+        z = _first_layer(table, N, d, j, Rc, C)
         a, a1, a2 = buf.get("A", c), buf.get("D", c), buf.get("DD", c)
         act_grads2_(activation, z, a, a1, a2, tmp)
-        G = buf.get("G", c)  # the direction: ggP_i + ggQ_j + ggR_e C
-        if ggR is not None:
-            torch.mm(ggR[idx], C, out=G)
+        # the direction: ggP_i + ggQ_j + ggR_e C
+        if gtable is not None:
+            G = pair_rows(gtable, N, d, j)
+            if ggR is not None:
+                G.addmm_(ggR[idx], C)
         else:
-            G.zero_()
-        for t, rows_ in ((ggP, d), (ggQ, j)):
-            if t is not None:
-                G.add_(torch.index_select(t, 0, rows_, out=tmp))
+            G = buf.get("G", c)
+            if ggR is not None:
+                torch.mm(ggR[idx], C, out=G)
+            else:
+                G.zero_()
+            for t, rows_ in ((ggP, d), (ggQ, j)):
+                if t is not None:
+                    G.add_(torch.index_select(t, 0, rows_, out=tmp))
         gmr = torch.index_select(gm, 0, d, out=buf.get("GM", c))
         H = torch.mul(a1, G, out=buf.get("H", c))
         g = torch.mul(gmr, w[idx].unsqueeze(1), out=buf.get("g", c)) if w is not None else \
