@@ -103,8 +103,9 @@ def act_grads2_(name: str, z: torch.Tensor, a: torch.Tensor | None, d: torch.Ten
 
 
 def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``(x * y).sum(1)`` without the [c, F] temporary."""
-    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(x.shape[0])
+    """``(x * y).sum(1)`` (``linalg.vecdot``: a third of the time of the batched ``[1, F] x [F, 1]``
+    products at F = 256, a quarter at 512 and 1024, on the 2-core CPU)."""
+    return torch.linalg.vecdot(x, y)
 
 
 class _Buffers:

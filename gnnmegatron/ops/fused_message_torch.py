@@ -100,7 +100,7 @@ def _bwd_body_buffered(bufs, gm, gs, P, Q, dst, src, R, C, b, w, v, activation: 
     torch.index_select(gm, 0, dst, out=t)
     dw = None
     if w is not None:
-        dw = torch.bmm(t.unsqueeze(1), a.unsqueeze(2)).view(c)  # row-wise gm_i . a_ij without a temporary
+        dw = torch.linalg.vecdot(t, a)  # row-wise gm_i . a_ij
         t.mul_(w.unsqueeze(1))
     if v is not None:
         t.addr_(gs, v)
