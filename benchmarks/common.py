@@ -127,7 +127,12 @@ def time_then_memory(script: str, spec: dict, timeout: float, memory: bool = Tru
     runs with the default allocator behaviour). A failed memory phase becomes ``memory_error``."""
     row = spawn_worker(script, dict(spec, phase="time"), timeout)
     if memory and "error" not in row:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-        mem = spawn_worker(script, dict(spec, phase="memory"), timeout, env)
-        row.update(mem if "error" not in mem else {"memory_error": mem["error"]})
+        row.update(memory_phase(script, spec, timeout))
     return row
+
+
+def memory_phase(script: str, spec: dict, timeout: float) -> dict:
+    """The worker's memory phase alone (as in ``time_then_memory``); an error becomes ``memory_error``."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    mem = spawn_worker(script, dict(spec, phase="memory"), timeout, env)
+    return mem if "error" not in mem else {"memory_error": mem["error"]}

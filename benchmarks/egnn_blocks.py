@@ -14,7 +14,7 @@ Two steps:
   ``create_graph`` (inside the forward), then the backward of ``sum E^2 + sum |F|^2`` (the double
   backward).
 
-Variants (each a separate process, twice: timing, then memory):
+Variants (each in separate processes: one per timing round, one for memory):
 
 * ``faithful-unfused``: HydraGNN's E_GCL as written (concatenate [h_i, h_j, rbf], edge MLP on E rows,
   scatter-sum), the study's model; the reference.
@@ -26,21 +26,28 @@ Variants (each a separate process, twice: timing, then memory):
 * ``node_split-unfused`` / ``node_split-fused``: the tensor-parallel-native block of
   docs/architecture.md, unfused and through ``fused_message_aggregate``.
 
-Time: median (and min) of ``--repeats`` steps after one warm-up step (which includes torch.compile's
-compile of the node_split chunk bodies); ``forward_s`` is the model call (for ``conservative`` it
-includes the force backward), ``backward_s`` the loss backward. atoms/s = atoms / step time.
+Time: every variant of a (hidden, step) is timed once per round, each time in a fresh process (one
+warm-up step, which includes torch.compile's compile of the node_split chunk bodies, then
+``--repeats`` timed steps, median), ``--rounds`` rounds in alternating order; a row's timing fields
+are its median round's, and every round is kept (``rounds_step_s``, ...). The speed-ups are the
+median over rounds of the ratio within a round: on the shared 2-core machine the speed drifts by
+tens of percent over the half hour a single pass takes, so variants timed minutes apart compare
+more fairly than a pass's first and last rows. ``forward_s`` is the model call (for
+``conservative`` it includes the force backward), ``backward_s`` the loss backward. atoms/s = atoms
+/ step time (median round).
+
 Peak memory: as ``benchmarks/kernels.py``, the RSS high-water mark of one step above the RSS before it
 (sampled every 0.5 ms, glibc with a fixed 128 KiB mmap threshold so freed tensors leave the RSS), in
 its own process. A process that would need more memory than the machine has stops at its data limit
 (``RLIMIT_DATA``, ``--mem-limit-gb``) and its row records the error.
 
-Run (2-core CPU: about 26 minutes at ``--repeats 2``, the committed run's setting, and longer at
-the default 3; the machine needs ~16 GB free for the faithful unfused conservative step at hidden
+Run (2-core CPU: about 50 minutes with the defaults, three rounds of one timed step, the committed
+run's setting; the machine needs ~16 GB free for the faithful unfused conservative step at hidden
 256)::
 
-    OMP_NUM_THREADS=2 python benchmarks/egnn_blocks.py --repeats 2
+    OMP_NUM_THREADS=2 python benchmarks/egnn_blocks.py
 
-``--quick``: 1000 atoms, hidden 64, one repeat (smoke test). Writes
+``--quick``: 1000 atoms, hidden 64, one repeat, one round (smoke test). Writes
 benchmarks/results/egnn_blocks-<machine>.json/.csv/.png.
 """
 
@@ -53,7 +60,7 @@ import resource
 import statistics
 import time
 
-from common import time_then_memory, write_results
+from common import memory_phase, time_then_memory, write_results
 from kernels import RssSampler
 
 VARIANTS = ("faithful-unfused", "faithful-split", "faithful-fused", "node_split-unfused", "node_split-fused")
@@ -148,14 +155,56 @@ def worker(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver side
-def run_variant(spec: dict, timeout: float) -> dict:
-    row = dict(spec)
-    t0 = time.time()
-    row["load_average_1min_before"] = os.getloadavg()[0]
-    row.update(time_then_memory(__file__, spec, timeout))
-    row["load_average_1min_after"] = os.getloadavg()[0]
-    row["wall_s"] = round(time.time() - t0, 1)
-    return row
+def run_group(specs: list[dict], rounds: int, timeout: float) -> list[dict]:
+    """The variants of one (hidden, step): ``rounds`` timing rounds, then one memory process each.
+
+    Round r times every variant once, each in a fresh process, in the listed order in even rounds
+    and reversed in odd ones, so that a drift of the shared machine's speed within a round falls on
+    both ends alike. A row keeps every round (``rounds_*``) and takes its timing fields from its
+    median round; ``summarize`` takes each speed-up as the median over rounds of the ratio within a
+    round (variants timed minutes apart rather than up to half an hour)."""
+    per = {s["variant"]: [] for s in specs}
+    loads = {s["variant"]: [] for s in specs}
+    wall = {s["variant"]: 0.0 for s in specs}
+    for r in range(rounds):
+        for spec in (specs if r % 2 == 0 else specs[::-1]):
+            start = time.time()
+            loads[spec["variant"]].append(os.getloadavg()[0])
+            per[spec["variant"]].append(time_then_memory(__file__, spec, timeout, memory=False))
+            wall[spec["variant"]] += time.time() - start
+    rows = []
+    for spec in specs:
+        v = spec["variant"]
+        row = dict(spec, rounds=rounds, load_average_1min_before=statistics.median(loads[v]))
+        done = [t for t in per[v] if "error" not in t]
+        start = time.time()
+        if not done:
+            row.update(per[v][0])
+        else:
+            row.update(sorted(done, key=lambda t: t["step_s"])[(len(done) - 1) // 2])  # the median round
+            for k in ("step_s", "cpu_s", "forward_s", "backward_s"):
+                row[f"rounds_{k}"] = [t.get(k) for t in per[v]]
+            row["rounds_load_average_1min"] = loads[v]
+            row.update(memory_phase(__file__, spec, timeout))
+        row["load_average_1min_after"] = os.getloadavg()[0]
+        row["wall_s"] = round(wall[v] + time.time() - start, 1)
+        rows.append(row)
+    return rows
+
+
+def _ratio(base: dict, row: dict, field: str, fallback: float) -> float:
+    """Median over rounds of ``base[field] / row[field]`` within each round (both timed in it), or
+    ``fallback`` for rows without matching rounds."""
+    a, b = base.get(f"rounds_{field}"), row.get(f"rounds_{field}")
+    pairs = [(x, y) for x, y in zip(a or [], b or []) if x is not None and y]
+    if not pairs or len(a) != len(b):
+        return fallback
+    return statistics.median(x / y for x, y in pairs)
+
+
+def _best(row: dict) -> float:
+    """The row's fastest step over all its rounds."""
+    return min([x for x in row.get("rounds_step_s") or [] if x] + [row["step_min_s"]])
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -176,10 +225,11 @@ def summarize(rows: list[dict]) -> dict:
                 out[f"{key}_{name}_atoms_per_s"] = round(r["atoms_per_s"], 1)
                 out[f"{key}_{name}_peak_mem_gib"] = round(r["peak_mem_bytes"] / 2**30, 3)
                 if base is not None:
-                    out[f"{key}_{name}_speedup"] = round(r["atoms_per_s"] / base["atoms_per_s"], 2)
+                    # median over rounds of the ratio within a round (run_group); a row without rounds: its own
+                    out[f"{key}_{name}_speedup"] = round(_ratio(base, r, "step_s", r["atoms_per_s"] / base["atoms_per_s"]), 2)
                     # the same ratio from the steps' process CPU time (less sensitive to other jobs)
-                    out[f"{key}_{name}_cpu_time_speedup"] = round(base["cpu_s"] / r["cpu_s"], 2)
-                    out[f"{key}_{name}_best_step_speedup"] = round(base["step_min_s"] / r["step_min_s"], 2)
+                    out[f"{key}_{name}_cpu_time_speedup"] = round(_ratio(base, r, "cpu_s", base["cpu_s"] / r["cpu_s"]), 2)
+                    out[f"{key}_{name}_best_step_speedup"] = round(_best(base) / _best(r), 2)
                     out[f"{key}_{name}_memory_ratio"] = round(base["peak_mem_bytes"] / max(1, r["peak_mem_bytes"]), 2)
             if base is not None:
                 out[f"{key}_faithful_unfused_atoms_per_s"] = round(base["atoms_per_s"], 1)
@@ -244,7 +294,9 @@ def main(argv=None):
                     help="atoms per structure: one number, or HIDDEN:ATOMS pairs (256:8000,512:2000) so that the "
                          "unfused reference still fits in memory at the larger widths")
     ap.add_argument("--degree", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1, help="timed steps per process (after one warm-up step)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timing rounds: every variant of a (hidden, step) once per round, each in its own process")
     ap.add_argument("--mem-limit-gb", type=float, default=None,
                     help="data limit per process (default: MemAvailable at start minus 1 GiB)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per process")
@@ -255,7 +307,7 @@ def main(argv=None):
         print(json.dumps(worker(json.loads(args.worker))))
         return
     if args.quick:
-        args.atoms, args.hidden, args.repeats = "1000", "64", 1
+        args.atoms, args.hidden, args.repeats, args.rounds = "1000", "64", 1, 1
     hiddens = [int(h) for h in args.hidden.split(",")]
     if ":" in args.atoms:
         atoms_of = {int(h): int(n) for h, n in (pair.split(":") for pair in args.atoms.split(","))}
@@ -275,18 +327,20 @@ def main(argv=None):
     rows = []
     for hidden in hiddens:
         for step in args.steps.split(","):
-            for variant in args.variants.split(","):
-                spec = dict(variant=variant, step=step, hidden=hidden, N=atoms_of[hidden], degree=args.degree, layers=2,
-                            K=16, repeats=args.repeats, dtype="float32", mem_limit_bytes=limit)
-                key = {k: spec[k] for k in ("variant", "step", "hidden", "N", "degree")}
-                cached = next((r for r in done if {k: r.get(k) for k in key} == key), None)
-                row = cached if cached is not None else run_variant(spec, args.timeout)
+            specs = [dict(variant=variant, step=step, hidden=hidden, N=atoms_of[hidden], degree=args.degree, layers=2,
+                          K=16, repeats=args.repeats, dtype="float32", mem_limit_bytes=limit)
+                     for variant in args.variants.split(",")]
+            keys = ("variant", "step", "hidden", "N", "degree", "repeats")
+            cached = [next((r for r in done if all(r.get(k) == spec[k] for k in keys)
+                            and r.get("rounds") == args.rounds), None) for spec in specs]
+            group = cached if all(c is not None for c in cached) else run_group(specs, args.rounds, args.timeout)
+            for row, was in zip(group, cached if group is cached else [None] * len(group)):
                 rows.append(row)
-                if cached is None and args.rows_cache:
+                if was is None and args.rows_cache:
                     with open(args.rows_cache, "a") as f:
                         f.write(json.dumps(row) + "\n")
                 shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-                         if k in ("variant", "step", "hidden", "step_s", "forward_s", "backward_s", "atoms_per_s",
+                         if k in ("variant", "step", "hidden", "step_s", "rounds_step_s", "atoms_per_s",
                                   "peak_mem_bytes", "error", "memory_error", "wall_s")}
                 print(json.dumps(shown), flush=True)
     summary = summarize(rows)
@@ -297,11 +351,13 @@ def main(argv=None):
         "first": "forward + backward of sum(E^2) (energy loss; loss on the node features through the energy head)",
         "conservative": "forward with forces = -dE/dx (autograd.grad, create_graph) + backward of "
                         "sum(E^2) + sum(|F|^2) (double backward)",
-        "time": "median (step_s) and minimum (step_min_s) of the row's `repeats` steps after one warm-up step "
-                "(warm-up includes torch.compile of the node_split chunk bodies); forward_s = model call "
+        "time": "each variant timed once per round in a fresh process (warm-up step, then the median of `repeats` "
+                "steps), `rounds` rounds in alternating variant order; row = its median round (all rounds in "
+                "rounds_step_s, rounds_cpu_s, ...); summary speed-ups = median over rounds of the ratio within the round. "
+                "Warm-up includes torch.compile of the node_split chunk bodies; forward_s = model call "
                 "(conservative: includes the force backward), backward_s = loss backward; cpu_s = process CPU time "
-                "of the step (both threads); load_average_1min_before/after: the shared machine's load around the "
-                "row (other users' jobs share the 2 cores)",
+                "of the step (both threads); load averages: the shared machine's load around the row "
+                "(other users' jobs share the 2 cores)",
         "peak_mem_bytes": "peak RSS during one step (after a warm-up step) minus the RSS just before it, sampled "
                           "every 0.5 ms, in a separate process per variant with MALLOC_MMAP_THRESHOLD_=131072",
         "mem_limit_bytes": "RLIMIT_DATA of every process: a variant above it fails with an out-of-memory error "
