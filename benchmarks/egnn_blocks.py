@@ -41,7 +41,7 @@ Peak memory: as ``benchmarks/kernels.py``, the RSS high-water mark of one step a
 its own process. A process that would need more memory than the machine has stops at its data limit
 (``RLIMIT_DATA``, ``--mem-limit-gb``) and its row records the error.
 
-Run (2-core CPU: about 50 minutes with the defaults, three rounds of one timed step, the committed
+Run (2-core CPU: about 40 minutes with the defaults, three rounds of one timed step, the committed
 run's setting; the machine needs ~16 GB free for the faithful unfused conservative step at hidden
 256)::
 
