@@ -26,7 +26,7 @@ from gnnmegatron.data.batch import collate
 from gnnmegatron.models import AtomisticModel, ModelConfig
 from gnnmegatron.models.egnn import EGCL, edge_vectors
 from gnnmegatron.models.radial import PolynomialEnvelope
-from gnnmegatron.parallel import init_layout
+from gnnmegatron.parallel import destroy_layout, init_layout
 from gnnmegatron.parallel.egnn_tp import TPEGCL
 
 
@@ -120,6 +120,11 @@ def main() -> None:
               f"{len(g1)} gradients; max relative difference {worst[0]:.2e} ({worst[1]})", flush=True)
     assert set(g1) == set(g2), sorted(set(g1) ^ set(g2))
     assert worst[0] < 1e-10, f"tensor-parallel model differs from the single-device one: {worst}"
+    # Every rank is done with every group before any is torn down, and the layout's groups go before
+    # the default one: a gloo group destroyed while its peer still uses it (or left to the interpreter's
+    # exit) can abort the process ("terminate called without an active exception").
+    dist.barrier()
+    destroy_layout(layout)
     dist.destroy_process_group()
 
 
