@@ -226,9 +226,11 @@ def summarize(rows: list[dict]) -> dict:
                 out[f"{key}_{name}_peak_mem_gib"] = round(r["peak_mem_bytes"] / 2**30, 3)
                 if base is not None:
                     # median over rounds of the ratio within a round (run_group); a row without rounds: its own
-                    out[f"{key}_{name}_speedup"] = round(_ratio(base, r, "step_s", r["atoms_per_s"] / base["atoms_per_s"]), 2)
+                    speedup = _ratio(base, r, "step_s", r["atoms_per_s"] / base["atoms_per_s"])
+                    out[f"{key}_{name}_speedup"] = round(speedup, 2)
                     # the same ratio from the steps' process CPU time (less sensitive to other jobs)
-                    out[f"{key}_{name}_cpu_time_speedup"] = round(_ratio(base, r, "cpu_s", base["cpu_s"] / r["cpu_s"]), 2)
+                    cpu = _ratio(base, r, "cpu_s", base["cpu_s"] / r["cpu_s"])
+                    out[f"{key}_{name}_cpu_time_speedup"] = round(cpu, 2)
                     out[f"{key}_{name}_best_step_speedup"] = round(_best(base) / _best(r), 2)
                     out[f"{key}_{name}_memory_ratio"] = round(base["peak_mem_bytes"] / max(1, r["peak_mem_bytes"]), 2)
             if base is not None:
@@ -333,10 +335,11 @@ def main(argv=None):
             keys = ("variant", "step", "hidden", "N", "degree", "repeats")
             cached = [next((r for r in done if all(r.get(k) == spec[k] for k in keys)
                             and r.get("rounds") == args.rounds), None) for spec in specs]
-            group = cached if all(c is not None for c in cached) else run_group(specs, args.rounds, args.timeout)
-            for row, was in zip(group, cached if group is cached else [None] * len(group)):
+            fresh = any(c is None for c in cached)
+            group = run_group(specs, args.rounds, args.timeout) if fresh else cached
+            for row in group:
                 rows.append(row)
-                if was is None and args.rows_cache:
+                if fresh and args.rows_cache:
                     with open(args.rows_cache, "a") as f:
                         f.write(json.dumps(row) + "\n")
                 shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
@@ -353,7 +356,8 @@ def main(argv=None):
                         "sum(E^2) + sum(|F|^2) (double backward)",
         "time": "each variant timed once per round in a fresh process (warm-up step, then the median of `repeats` "
                 "steps), `rounds` rounds in alternating variant order; row = its median round (all rounds in "
-                "rounds_step_s, rounds_cpu_s, ...); summary speed-ups = median over rounds of the ratio within the round. "
+                "rounds_step_s, rounds_cpu_s, ...); summary speed-ups = median over rounds of the ratio within "
+                "the round. "
                 "Warm-up includes torch.compile of the node_split chunk bodies; forward_s = model call "
                 "(conservative: includes the force backward), backward_s = loss backward; cpu_s = process CPU time "
                 "of the step (both threads); load averages: the shared machine's load around the row "

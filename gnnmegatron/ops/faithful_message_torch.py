@@ -16,9 +16,10 @@ tensor parallelism (``tp``) they run in order on one thread, since each chunk al
 Per chunk the backward does the forward's two GEMMs again (``a1 W2^T``, ``a Wc^T``) and four of its
 own (``dz3 Wc``, ``dz3^T a``, ``dz2^T a1``, ``dz2 W2``); gradients nobody asked for are skipped
 (``needs``). Between the GEMMs each pass over a tile counts (at hidden 256 the elementwise work is a
-third of a step): the first layer's two gathers and adds are one ``embedding_bag`` over the node table
-``[P + b1; Q]``, and each activation's backward is torch's one-pass kernel (``silu_backward`` and the
-like) applied to the incoming cotangent, where ``act'`` used to be built in a buffer first. The double backward is in ``faithful_message_grad2``.
+large part of a step): the first layer's gathers and adds are one ``embedding_bag`` over the node
+table ``[P + b1; Q]`` (``pair_rows``), and each activation's backward is torch's one-pass kernel
+(``silu_backward`` and the like) applied to the incoming cotangent (``act_bwd_``), with no ``act'``
+tile of its own. The double backward is in ``faithful_message_grad2``.
 
 Shapes:
     N nodes, E edges, F1 first-layer width (P, Q, C, b1), F2 second-layer width (W2 [F2, F1]),
