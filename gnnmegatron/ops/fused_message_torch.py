@@ -148,6 +148,15 @@ def _run(kind: str, work: int, bufs, *args):
         return (_fwd_body if kind == "fwd" else _bwd_body)(*args)
 
 
+def _at_offset0(compiled: bool, *tensors):
+    """The whole-node and weight tensors for the compiled bodies, each starting at storage offset 0
+    (``_run`` copies any other argument per chunk; node_split's P and Q are column slices of one
+    ``[N, 2F]`` product, so they would be copied whole in every chunk): copied once here."""
+    if not compiled:
+        return tensors
+    return tuple(t.clone() if t is not None and t.storage_offset() else t for t in tensors)
+
+
 def _buffers(count: int, E: int, F: int, like: torch.Tensor, inputs) -> list[torch.Tensor] | None:
     """Reusable [chunk, F] buffers for the eager bodies, or None (half inputs, or compiling)."""
     if E == 0 or any(t is not None and t.dtype != like.dtype for t in inputs):
@@ -178,6 +187,7 @@ def fused_message_fwd_torch(P, Q, dst, src, perm, R, C, b, w, v, activation):
     s = torch.empty(E if v is not None else 0, dtype=cdt, device=P.device)
     work = E * F
     eager = _buffers(2, E, F, C, (P, Q, R, w)) is not None  # buffered eager bodies: chunks over workers
+    P, Q, C, b, v = _at_offset0(not eager and settings.want_compile(work), P, Q, C, b, v)
 
     def new_state():
         return dict(m=m if not eager else torch.zeros((N, F), dtype=cdt, device=P.device),
@@ -220,6 +230,7 @@ def fused_message_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activat
     dv = torch.zeros(F, dtype=cdt, device=dev) if (need_v and v is not None) else None
     work = E * F
     eager = _buffers(4, E, F, Cc, (P, Q, R, w, gm)) is not None  # buffered eager bodies: chunks over workers
+    gmc, P, Q, Cc, bc, vc = _at_offset0(not eager and settings.want_compile(work), gmc, P, Q, Cc, bc, vc)
     sums = dict(P=dP, Q=dQ, C=dC, v=dv)
 
     def new_state():

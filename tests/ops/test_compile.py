@@ -111,7 +111,9 @@ def test_module_using_the_ops_compiles_on_cpu():
 def test_compiled_chunk_bodies_compile_once_over_many_chunks(monkeypatch):
     """The chunk bodies compiled (``settings.compile = "always"``) over 7 sorted chunks (slices at
     7 storage offsets), with and without w and v, forward, backward and a force-style double backward: no recompile-limit
-    failure (the eager fallback and its warning) and the eager bodies' results."""
+    failure (the eager fallback and its warning) and the eager bodies' results. Q is a column slice of one
+    ``[n, 16]`` tensor (as node_split's P and Q are): the bodies get it at storage offset 0, copied once
+    per call rather than once per chunk."""
     import warnings
 
     import gnnmegatron.ops.fused_message_torch as fmt
@@ -119,10 +121,18 @@ def test_compiled_chunk_bodies_compile_once_over_many_chunks(monkeypatch):
     ei, n = make_graph("ragged", True, seed=3)
     E = ei.shape[1]
     g = torch.Generator().manual_seed(1)
-    P, Q = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+    P, Q = torch.randn(n, 8, generator=g), torch.randn(n, 16, generator=g)[:, 8:]
     R, C, b = torch.randn(E, 3, generator=g), torch.randn(3, 8, generator=g), torch.randn(8, generator=g)
     w, v = torch.rand(E, generator=g), torch.randn(8, generator=g)
     monkeypatch.setattr(settings, "chunk_edges", 6)  # 7 chunks: slices at 7 storage offsets
+    node_offsets = []
+    real_run = fmt._run
+
+    def run_spy(kind, work, bufs, *args):
+        node_offsets.extend(a.storage_offset() for a in args if torch.is_tensor(a) and a.shape == (n, 8))
+        return real_run(kind, work, bufs, *args)
+
+    monkeypatch.setattr(fmt, "_run", run_spy)
 
     def run(mode):
         monkeypatch.setattr(settings, "compile", mode)
@@ -137,11 +147,13 @@ def test_compiled_chunk_bodies_compile_once_over_many_chunks(monkeypatch):
         return out
 
     eager = run("never")
+    node_offsets.clear()
     monkeypatch.setattr(fmt, "_compiled", {})
     monkeypatch.setattr(fmt, "_compile_failed", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         compiled = run("always")
     assert not fmt._compile_failed and set(fmt._compiled) == {"fwd", "bwd"}
+    assert node_offsets and not any(node_offsets), "a whole-node tensor reached the compiled bodies off offset 0"
     for a, e in zip(compiled, eager):
         assert_close_scaled(a, e, torch.float32, "compiled chunk bodies")
