@@ -113,10 +113,16 @@ _compiled: dict[str, object] = {}
 _compile_failed = False
 
 
+def _compiles(work: int) -> bool:
+    """Whether the chunk bodies of a call of ``work`` = E x F run compiled: ``settings`` asks for it,
+    compile has not failed, and the call is not itself being traced by ``torch.compile``."""
+    return not _compile_failed and settings.want_compile(work) and not torch.compiler.is_compiling()
+
+
 def _body(kind: str, work: int):
-    """The eager body, or its compiled twin when ``settings`` asks for it and compile works."""
+    """The eager body, or its compiled twin when the call compiles (``_compiles``)."""
     eager = _fwd_body if kind == "fwd" else _bwd_body
-    if _compile_failed or not settings.want_compile(work) or torch.compiler.is_compiling():
+    if not _compiles(work):
         return eager
     if kind not in _compiled:
         _compiled[kind] = torch.compile(eager, dynamic=True, fullgraph=True)
@@ -148,11 +154,12 @@ def _run(kind: str, work: int, bufs, *args):
         return (_fwd_body if kind == "fwd" else _bwd_body)(*args)
 
 
-def _at_offset0(compiled: bool, *tensors):
+def _at_offset0(work: int, *tensors):
     """The whole-node and weight tensors for the compiled bodies, each starting at storage offset 0
     (``_run`` copies any other argument per chunk; node_split's P and Q are column slices of one
-    ``[N, 2F]`` product, so they would be copied whole in every chunk): copied once here."""
-    if not compiled:
+    ``[N, 2F]`` product, so they would be copied whole in every chunk): copied once here. Unchanged
+    when the bodies run eager, which take any offset."""
+    if not _compiles(work):
         return tensors
     return tuple(t.clone() if t is not None and t.storage_offset() else t for t in tensors)
 
@@ -187,7 +194,7 @@ def fused_message_fwd_torch(P, Q, dst, src, perm, R, C, b, w, v, activation):
     s = torch.empty(E if v is not None else 0, dtype=cdt, device=P.device)
     work = E * F
     eager = _buffers(2, E, F, C, (P, Q, R, w)) is not None  # buffered eager bodies: chunks over workers
-    P, Q, C, b, v = _at_offset0(not eager and settings.want_compile(work), P, Q, C, b, v)
+    P, Q, C, b, v = _at_offset0(work, P, Q, C, b, v)
 
     def new_state():
         return dict(m=m if not eager else torch.zeros((N, F), dtype=cdt, device=P.device),
@@ -230,7 +237,7 @@ def fused_message_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activat
     dv = torch.zeros(F, dtype=cdt, device=dev) if (need_v and v is not None) else None
     work = E * F
     eager = _buffers(4, E, F, Cc, (P, Q, R, w, gm)) is not None  # buffered eager bodies: chunks over workers
-    gmc, P, Q, Cc, bc, vc = _at_offset0(not eager and settings.want_compile(work), gmc, P, Q, Cc, bc, vc)
+    gmc, P, Q, Cc, bc, vc = _at_offset0(work, gmc, P, Q, Cc, bc, vc)
     sums = dict(P=dP, Q=dQ, C=dC, v=dv)
 
     def new_state():
