@@ -102,14 +102,15 @@ def _split_edge_messages(self, h, edge_index, rbf):
     return self.edge_mlp[3](self.edge_mlp[2](self.edge_mlp[1](z)))
 
 
-def worker(spec: dict) -> dict:
+def build_step(spec: dict):
+    """``(step, model, batch)`` for a spec's variant, hidden, atoms, degree, layers, K and step kind:
+    ``step()`` runs one training step (zeroed gradients, forward, loss, backward) and returns its
+    (forward, total) seconds."""
     import torch
 
     from gnnmegatron.models import AtomisticModel, ModelConfig
     from gnnmegatron.models.egnn import EGCL
 
-    if spec.get("mem_limit_bytes"):
-        resource.setrlimit(resource.RLIMIT_DATA, (spec["mem_limit_bytes"], spec["mem_limit_bytes"]))
     message, mode = spec["variant"].split("-")
     if mode == "split":
         EGCL.edge_messages = _split_edge_messages
@@ -131,6 +132,14 @@ def worker(spec: dict) -> dict:
         loss.backward()
         t2 = time.perf_counter()
         return t1 - t0, t2 - t0
+
+    return step, model, batch
+
+
+def worker(spec: dict) -> dict:
+    if spec.get("mem_limit_bytes"):
+        resource.setrlimit(resource.RLIMIT_DATA, (spec["mem_limit_bytes"], spec["mem_limit_bytes"]))
+    step, model, batch = build_step(spec)
 
     t_warm = time.perf_counter()
     step()

@@ -68,28 +68,12 @@ def step_worker(spec: dict) -> dict:
     import torch
     from torch.profiler import profile
 
-    from egnn_blocks import make_batch
-    from gnnmegatron.models import AtomisticModel, ModelConfig
+    from egnn_blocks import build_step
     from gnnmegatron.ops.dispatch import settings
 
     torch.set_num_threads(1)
     settings.chunk_workers = 1
-    batch, cutoff = make_batch(spec["N"], spec["degree"])
-    torch.manual_seed(0)
-    mode = spec["variant"].split("-")[1]
-    cfg = ModelConfig(hidden=spec["hidden"], layers=2, num_rbf=16, cutoff=cutoff, message="faithful",
-                      execution="fused" if mode == "fused" else "unfused", ops_backend="torch")
-    model = AtomisticModel(cfg).train()
-    conservative = spec["step"] == "conservative"
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(batch, compute_forces=conservative)
-        loss = out["energy"].pow(2).sum()
-        if conservative:
-            loss = loss + out["forces"].pow(2).sum()
-        loss.backward()
-
+    step, _, batch = build_step(dict(spec, layers=2, K=16))
     step()
     with profile(record_shapes=True) as prof:
         step()
@@ -128,7 +112,7 @@ def sgemm_worker(spec: dict) -> dict:
                        for s, r in zip(spec["shapes"], rates)])
 
 
-def plot(rows, summary):
+def plot(rows):
     def fig_fn(plt):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         steps = sorted({r["step"] for r in rows if "step" in r})
@@ -207,7 +191,7 @@ def main(argv=None):
             summary[f"sgemm_{m}x{k}{'T' if t else ''}x{n}_median_gflops"] = round(r["median_gflops"], 1)
     for k, v in summary.items():
         print(f"{k}: {v}")
-    path = write_results("egnn_gemm_share", args.machine, rows, summary, plot(rows, summary),
+    path = write_results("egnn_gemm_share", args.machine, rows, summary, plot(rows),
                          extra=dict(method=__doc__.split("\n\n")[1].replace("\n", " ")))
     print(f"wrote {path}")
 
