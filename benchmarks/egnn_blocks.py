@@ -267,20 +267,22 @@ def plot(rows, plt, degree):
     ok = [r for r in rows if "error" not in r]
     hiddens = sorted({r["hidden"] for r in rows})
     steps = [s for s in STEPS if any(r["step"] == s for r in ok)] or list(STEPS)  # a run of some steps only
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]  # a run of some variants only
     fig, axes = plt.subplots(2, len(steps), figsize=(7 * len(steps), 8), squeeze=False)
-    width = 0.8 / len(VARIANTS)
+    width = 0.8 / len(variants)
     for col, step in enumerate(steps):
-        for k, variant in enumerate(VARIANTS):
+        for k, variant in enumerate(variants):
             xs, speed, mem = [], [], []
             for i, hidden in enumerate(hiddens):
                 r = next((r for r in ok if r["variant"] == variant and r["step"] == step and r["hidden"] == hidden),
                          None)
                 if r is not None:
-                    xs.append(i + (k - len(VARIANTS) / 2 + 0.5) * width)
+                    xs.append(i + (k - len(variants) / 2 + 0.5) * width)
                     speed.append(r["atoms_per_s"])
                     mem.append(r.get("peak_mem_bytes", 0) / 2**30)
-            axes[0][col].bar(xs, speed, width, label=variant)
-            axes[1][col].bar(xs, mem, width, label=variant)
+            color = f"C{VARIANTS.index(variant)}"  # one colour per variant in every run's plot
+            axes[0][col].bar(xs, speed, width, label=variant, color=color)
+            axes[1][col].bar(xs, mem, width, label=variant, color=color)
         for row, label in ((0, "atoms / s"), (1, "peak working memory (GiB)")):
             ax = axes[row][col]
             atoms = {r["hidden"]: r["N"] for r in rows}
