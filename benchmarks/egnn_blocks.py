@@ -49,6 +49,15 @@ run's setting; the machine needs ~16 GB free for the faithful unfused conservati
 
 ``--quick``: 1000 atoms, hidden 64, one repeat, one round (smoke test). Writes
 benchmarks/results/egnn_blocks-<machine>.json/.csv/.png.
+
+GPU (``--device cuda``): the same variants and steps on the GPU, every op on the triton backend (the
+fused blocks' kernels, the unfused blocks' segment sums), 8000 atoms at every width by default (the
+issue's shape; the unfused conservative step at hidden 1024 needs about 50 GB there), CUDA-synchronised
+timings, and peak memory as ``torch.cuda.max_memory_allocated`` over one step minus the allocation
+before it, in the timing process after its timed steps (exact per process: no separate memory
+process); ``--machine`` defaults to the GPU kind (``h100``, ``h200``)::
+
+    python benchmarks/egnn_blocks.py --device cuda --variants faithful-unfused,faithful-fused --rounds 2
 """
 
 from __future__ import annotations
@@ -70,7 +79,7 @@ TARGETS = {"faithful_fused_speedup": 2.0, "faithful_fused_memory_ratio": 4.0, "n
 
 
 # ----------------------------------------------------------------------------- worker side
-def make_batch(N: int, degree: int, seed: int = 0):
+def make_batch(N: int, degree: int, seed: int = 0, device: str = "cpu"):
     """One non-periodic structure: N random atoms (density 0.05 / Å^3), each receiving edges from
     its ``degree`` nearest neighbours; returns (batch dict, cutoff just above the longest edge)."""
     import torch
@@ -88,7 +97,7 @@ def make_batch(N: int, degree: int, seed: int = 0):
                  cell=torch.zeros(1, 3, 3), pbc=torch.zeros(1, 3, dtype=torch.bool),
                  batch=torch.zeros(N, dtype=torch.long), edge_index=torch.stack([dst, src]),
                  edge_shift=torch.zeros(dst.numel(), 3))
-    return batch, 1.02 * longest
+    return {k: v.to(device) for k, v in batch.items()}, 1.02 * longest
 
 
 def _split_edge_messages(self, h, edge_index, rbf):
@@ -114,37 +123,57 @@ def build_step(spec: dict):
     message, mode = spec["variant"].split("-")
     if mode == "split":
         EGCL.edge_messages = _split_edge_messages
-    batch, cutoff = make_batch(spec["N"], spec["degree"])
+    device = spec.get("device", "cpu")
+    cuda = device == "cuda"
+    batch, cutoff = make_batch(spec["N"], spec["degree"], device=device)
     torch.manual_seed(0)
     cfg = ModelConfig(hidden=spec["hidden"], layers=spec["layers"], num_rbf=spec["K"], cutoff=cutoff,
-                      message=message, execution="fused" if mode == "fused" else "unfused", ops_backend="torch")
-    model = AtomisticModel(cfg).train()
+                      message=message, execution="fused" if mode == "fused" else "unfused",
+                      ops_backend="triton" if cuda else "torch")
+    model = AtomisticModel(cfg).to(device).train()
     conservative = spec["step"] == "conservative"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     def step():
         model.zero_grad(set_to_none=True)
+        sync()
         t0 = time.perf_counter()
         out = model(batch, compute_forces=conservative)
         loss = out["energy"].pow(2).sum()
         if conservative:
             loss = loss + out["forces"].pow(2).sum()
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         return t1 - t0, t2 - t0
 
     return step, model, batch
 
 
+def _cuda_peak(step) -> dict:
+    """Peak CUDA allocation of one step above the allocation before it."""
+    import torch
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    return dict(peak_mem_bytes=torch.cuda.max_memory_allocated() - before, allocated_before_step_bytes=before)
+
+
 def worker(spec: dict) -> dict:
-    if spec.get("mem_limit_bytes"):
+    cuda = spec.get("device") == "cuda"
+    if spec.get("mem_limit_bytes") and not cuda:
         resource.setrlimit(resource.RLIMIT_DATA, (spec["mem_limit_bytes"], spec["mem_limit_bytes"]))
     step, model, batch = build_step(spec)
 
     t_warm = time.perf_counter()
     step()
     warmup_s = time.perf_counter() - t_warm
-    if spec["phase"] == "memory":
+    if spec["phase"] == "memory" and not cuda:
         with RssSampler() as sampler:
             step()
         return dict(peak_mem_bytes=sampler.peak - sampler.base, rss_before_step_bytes=sampler.base,
@@ -157,8 +186,13 @@ def worker(spec: dict) -> dict:
         fwd.append(f_s)
         total.append(t_s)
     step_s = statistics.median(total)
-    return dict(step_s=step_s, step_min_s=min(total), forward_s=statistics.median(fwd),
-                backward_s=statistics.median(t - f for t, f in zip(total, fwd)), cpu_s=statistics.median(cpu),
+    row = _cuda_peak(step) if cuda else {}
+    if cuda:
+        import torch
+        row.update(device_name=torch.cuda.get_device_name())
+    return dict(row, step_s=step_s, step_min_s=min(total), forward_s=statistics.median(fwd),
+                backward_s=statistics.median(t - f for t, f in zip(total, fwd)),
+                cpu_s=None if cuda else statistics.median(cpu),
                 atoms_per_s=spec["N"] / step_s, warmup_s=warmup_s, E=int(batch["edge_index"].shape[1]),
                 parameters=sum(p.numel() for p in model.parameters()))
 
@@ -194,7 +228,8 @@ def run_group(specs: list[dict], rounds: int, timeout: float) -> list[dict]:
             for k in ("step_s", "cpu_s", "forward_s", "backward_s"):
                 row[f"rounds_{k}"] = [t.get(k) for t in per[v]]
             row["rounds_load_average_1min"] = loads[v]
-            row.update(memory_phase(__file__, spec, timeout))
+            if "peak_mem_bytes" not in row:  # CPU: RSS in a process of its own (GPU: measured in the timing one)
+                row.update(memory_phase(__file__, spec, timeout))
         row["load_average_1min_after"] = os.getloadavg()[0]
         row["wall_s"] = round(wall[v] + time.time() - start, 1)
         rows.append(row)
@@ -237,9 +272,9 @@ def summarize(rows: list[dict]) -> dict:
                     # median over rounds of the ratio within a round (run_group); a row without rounds: its own
                     speedup = _ratio(base, r, "step_s", r["atoms_per_s"] / base["atoms_per_s"])
                     out[f"{key}_{name}_speedup"] = round(speedup, 2)
-                    # the same ratio from the steps' process CPU time (less sensitive to other jobs)
-                    cpu = _ratio(base, r, "cpu_s", base["cpu_s"] / r["cpu_s"])
-                    out[f"{key}_{name}_cpu_time_speedup"] = round(cpu, 2)
+                    if r.get("cpu_s") and base.get("cpu_s"):  # CPU runs: the ratio of process CPU times too
+                        cpu = _ratio(base, r, "cpu_s", base["cpu_s"] / r["cpu_s"])  # (less sensitive to other jobs)
+                        out[f"{key}_{name}_cpu_time_speedup"] = round(cpu, 2)
                     out[f"{key}_{name}_best_step_speedup"] = round(_best(base) / _best(r), 2)
                     out[f"{key}_{name}_memory_ratio"] = round(base["peak_mem_bytes"] / max(1, r["peak_mem_bytes"]), 2)
             if base is not None:
@@ -296,16 +331,24 @@ def plot(rows, plt, degree):
     return fig
 
 
+def _gpu_kind() -> str:
+    import torch
+    name = torch.cuda.get_device_name()
+    return "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--machine", default=f"cpu{os.cpu_count()}")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--machine", default=None, help="results name suffix (default: cpu<cores> or the GPU kind)")
     ap.add_argument("--hidden", default="256,512,1024")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--steps", default=",".join(STEPS))
-    ap.add_argument("--atoms", default="256:8000,512:2000,1024:1000",
+    ap.add_argument("--atoms", default=None,
                     help="atoms per structure: one number, or HIDDEN:ATOMS pairs (256:8000,512:2000) so that the "
-                         "unfused reference still fits in memory at the larger widths")
+                         "unfused reference still fits in memory at the larger widths (default: "
+                         "256:8000,512:2000,1024:1000 on the CPU, 8000 on the GPU)")
     ap.add_argument("--degree", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=1, help="timed steps per process (after one warm-up step)")
     ap.add_argument("--rounds", type=int, default=3,
@@ -321,6 +364,10 @@ def main(argv=None):
         return
     if args.quick:
         args.atoms, args.hidden, args.repeats, args.rounds = "1000", "64", 1, 1
+    if args.atoms is None:
+        args.atoms = "8000" if args.device == "cuda" else "256:8000,512:2000,1024:1000"
+    if args.machine is None:
+        args.machine = f"cpu{os.cpu_count()}" if args.device == "cpu" else _gpu_kind()
     hiddens = [int(h) for h in args.hidden.split(",")]
     if ":" in args.atoms:
         atoms_of = {int(h): int(n) for h, n in (pair.split(":") for pair in args.atoms.split(","))}
@@ -329,7 +376,9 @@ def main(argv=None):
             ap.error(f"--atoms names no atom count for hidden {missing}: give HIDDEN:ATOMS for every --hidden")
     else:
         atoms_of = {h: int(args.atoms) for h in hiddens}
-    if args.mem_limit_gb is None:
+    if args.device == "cuda":
+        limit = None  # no RLIMIT_DATA on a GPU process (the CUDA runtime maps large host ranges)
+    elif args.mem_limit_gb is None:
         avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
         limit = avail - (1 << 30)
     else:
@@ -341,10 +390,10 @@ def main(argv=None):
     for hidden in hiddens:
         for step in args.steps.split(","):
             specs = [dict(variant=variant, step=step, hidden=hidden, N=atoms_of[hidden], degree=args.degree, layers=2,
-                          K=16, repeats=args.repeats, dtype="float32", mem_limit_bytes=limit)
+                          K=16, repeats=args.repeats, dtype="float32", mem_limit_bytes=limit, device=args.device)
                      for variant in args.variants.split(",")]
-            keys = ("variant", "step", "hidden", "N", "degree", "repeats")
-            cached = [next((r for r in done if all(r.get(k) == spec[k] for k in keys)
+            keys = ("variant", "step", "hidden", "N", "degree", "repeats", "device")
+            cached = [next((r for r in done if all(r.get(k, "cpu" if k == "device" else None) == spec[k] for k in keys)
                             and r.get("rounds") == args.rounds), None) for spec in specs]
             fresh = any(c is None for c in cached)
             group = run_group(specs, args.rounds, args.timeout) if fresh else cached
@@ -359,9 +408,10 @@ def main(argv=None):
                 print(json.dumps(shown), flush=True)
     summary = summarize(rows)
     extra = {"method": {
-        "model": "AtomisticModel, " + ", ".join(f"hidden {h}: {n} atoms x {args.degree} neighbours (E = {n * args.degree})"
-                                                 for h, n in atoms_of.items()) + "; "
-                 "2 EGCL blocks (the first updates coordinates), K=16 Bessel functions, float32, ops_backend torch",
+        "model": "AtomisticModel, " + ", ".join(f"hidden {h}: {n} atoms x {args.degree} neighbours "
+                                                 f"(E = {n * args.degree})" for h, n in atoms_of.items()) + "; "
+                 "2 EGCL blocks (the first updates coordinates), K=16 Bessel functions, float32, ops_backend "
+                 + ("triton (CUDA)" if args.device == "cuda" else "torch"),
         "first": "forward + backward of sum(E^2) (energy loss; loss on the node features through the energy head)",
         "conservative": "forward with forces = -dE/dx (autograd.grad, create_graph) + backward of "
                         "sum(E^2) + sum(|F|^2) (double backward)",
@@ -373,15 +423,17 @@ def main(argv=None):
                 "(conservative: includes the force backward), backward_s = loss backward; cpu_s = process CPU time "
                 "of the step (both threads); load averages: the shared machine's load around the row "
                 "(other users' jobs share the 2 cores)",
-        "peak_mem_bytes": "peak RSS during one step (after a warm-up step) minus the RSS just before it, sampled "
-                          "every 0.5 ms, in a separate process per variant with MALLOC_MMAP_THRESHOLD_=131072",
+        "peak_mem_bytes": ("torch.cuda.max_memory_allocated over one step (after the timed steps) minus the "
+                           "allocation before it, in the timing process" if args.device == "cuda" else
+                           "peak RSS during one step (after a warm-up step) minus the RSS just before it, sampled "
+                           "every 0.5 ms, in a separate process per variant with MALLOC_MMAP_THRESHOLD_=131072"),
         "mem_limit_bytes": "RLIMIT_DATA of every process: a variant above it fails with an out-of-memory error "
                            "instead of swapping or taking the shared machine down",
         "faithful-split": "benchmark-only step in between: faithful block with P = h A^T, Q = h B^T per node, "
                           "gathered, the rest unfused (autograd keeps its [E, H] tensors)",
     }}
     out = write_results("egnn_blocks", args.machine, rows, summary, lambda plt: plot(rows, plt, args.degree),
-                        extra=extra)
+                        device=args.device, extra=extra)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 
