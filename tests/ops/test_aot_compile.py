@@ -5,7 +5,7 @@ every kernel compiled on every target, and the committed resource table is this 
 
 Set ``GNNMEGATRON_KERNEL_RESOURCES_OUT=benchmarks/results/kernel_resources.json`` to let the
 test (re)write the committed table; by default it writes to a temporary directory. About two
-minutes on 2 cores with a cold triton cache (330 compiles), seconds with a warm one.
+minutes on 2 cores with a cold triton cache (318 compiles), seconds with a warm one.
 """
 
 import json
