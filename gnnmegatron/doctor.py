@@ -253,13 +253,30 @@ def environment() -> str:
     return ", ".join(parts)
 
 
+def _write_json(json_path, env: str, rows: list[Row], finished: bool) -> None:
+    tmp = f"{json_path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"environment": env, "finished": finished, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    os.replace(tmp, json_path)  # a reader (or a run stopped part-way) never sees a half-written file
+
+
 def main(quick=False, devices=None, json_path=None) -> int:
-    print(environment(), flush=True)
-    rows = run(devices=devices, quick=quick)
+    env = environment()
+    print(env, flush=True)
+    done = []
+
+    def progress(row):  # each row as it finishes (a GPU's first rows autotune and compile: minutes)
+        done.append(row)
+        print(f"  {row.result} {row.op} {row.device} {row.backend} {row.dtype} {row.shape}"
+              + ("" if row.max_error is None else f" err {row.max_error:.1e}") + (f" {row.note}" if row.note else ""),
+              flush=True)
+        if json_path:
+            _write_json(json_path, env, done, finished=False)
+
+    rows = run(devices=devices, quick=quick, progress=progress)
     print(format_table(rows))
     failed = [r for r in rows if r.result == "FAIL"]
     print(f"{len(rows) - len(failed)} of {len(rows)} rows pass" + (f", {len(failed)} FAIL" if failed else ""))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"environment": environment(), "rows": [asdict(r) for r in rows]}, f, indent=1)
+        _write_json(json_path, env, rows, finished=True)
     return 1 if failed else 0

@@ -1,5 +1,7 @@
 """``gnnmegatron doctor``: the table on this machine's devices, and a wrong backend is caught."""
 
+import json
+
 import torch
 
 from gnnmegatron import doctor
@@ -19,6 +21,27 @@ def test_doctor_passes_on_cpu_and_prints_the_table(capsys):
     assert main(["doctor", "--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "fused_message_aggregate[grad2]" in out and "rows pass" in out and "FAIL" not in out
+    assert "  PASS faithful_message_aggregate[grad2] cpu torch float32 small err" in out  # a line per finished row
+
+
+def test_doctor_json_is_written_row_by_row(tmp_path, monkeypatch):
+    """The JSON is rewritten after every row (a run stopped part-way keeps its rows), whole at the end."""
+    path = tmp_path / "doctor.json"
+    seen = []
+    real = doctor._write_json
+
+    def spy(json_path, env, rows, finished):
+        real(json_path, env, rows, finished)
+        seen.append((len(json.loads(path.read_text())["rows"]), finished))
+
+    monkeypatch.setattr(doctor, "_write_json", spy)
+    assert doctor.main(quick=True, devices=["cpu"], json_path=str(path)) == 0
+    doc = json.loads(path.read_text())
+    partial = [n for n, finished in seen if not finished]  # one more row each time
+    assert partial == list(range(1, len(partial) + 1)) and len(partial) >= len(doctor.OPS), seen
+    assert seen[-1] == (len(doc["rows"]), True) and doc["finished"], seen
+    assert [r["result"] for r in doc["rows"]].count("PASS") >= len(doctor.OPS)
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_doctor_reports_a_wrong_backend(monkeypatch, capsys):
