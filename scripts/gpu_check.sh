@@ -13,12 +13,14 @@
 #   3. `gnnmegatron doctor --quick` on cuda: every op's triton and torch backends against the float64
 #      reference, float32 and bfloat16, first and second order, deterministic mode bit-identical
 #   4. benchmarks/egnn_blocks.py --device cuda: faithful unfused vs fused, first-order and conservative
-#      steps, hidden 1024, 512 and 256 on 8000 atoms x 30 neighbours, two rounds of five timed steps
+#      steps, hidden 1024, 512 and 256 on 8000 atoms x 30 neighbours, one round of five timed steps
+#      (12 processes, each autotuning afresh)
 #   5. the doctor at its medium shape too
 #   6. benchmarks/kernels.py --device cuda --quick (the node_split fused op against its baselines)
-# Writes OUTDIR/gpu_check.log (everything printed), OUTDIR/doctor-*.json, egnn_blocks' finished rows
-# (OUTDIR/egnn_blocks-rows.jsonl) and copies of the benchmarks' JSON/PNG (which also land in
-# benchmarks/results/ under the GPU's name): at most 8 files. Exit status: 1
+# Writes five files to OUTDIR: gpu_check.log (everything printed), doctor-small.json and
+# doctor-medium.json (rewritten after every row, so a run stopped part-way keeps its rows),
+# egnn_blocks-rows.jsonl (the benchmark's finished row groups) and benchmarks.tar.gz (this run's
+# benchmark JSON/CSV/PNG, which also land in benchmarks/results/ under the GPU's name). Exit status: 1
 # if a step failed, 3 if one was skipped for time, 2 without a CUDA device, else 0.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -27,9 +29,9 @@ BUDGET="${GPU_CHECK_BUDGET_S:-540}"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
+mkdir -p "$OUTDIR" || exit 1
+OUTDIR="$(cd "$OUTDIR" && pwd)"  # relative to the caller's directory
 cd "$ROOT" || exit 1
-mkdir -p "$OUTDIR"
-OUTDIR="$(cd "$OUTDIR" && pwd)"
 LOG="$OUTDIR/gpu_check.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1
@@ -67,20 +69,22 @@ step environment 60 bash -c "nvidia-smi; $PYTHON -c 'import sys, torch, triton; 
 print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); \
 print(\"triton\", triton.__version__); print(torch.cuda.get_device_name())'"
 if ! "$PYTHON" -c "import gnnmegatron.kernels" > /dev/null 2>&1; then
-  step install 180 "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
+  # setup.py's python_requires names the Python versions CI tests; a GPU machine's may be newer
+  step install 180 "$PYTHON" -m pip install -q --no-deps --no-build-isolation --ignore-requires-python -e "$ROOT"
 fi
 DOCTOR="import sys; from gnnmegatron import doctor; \
 sys.exit(doctor.main(quick=QUICK, devices=['cuda'], json_path=sys.argv[1]))"
 step "doctor (small shapes)" 240 "$PYTHON" -c "${DOCTOR/QUICK/True}" "$OUTDIR/doctor-small.json"
 # finished (hidden, step) groups go to the rows cache at once: a rerun after a timeout resumes there
 step "egnn_blocks (faithful, hidden 1024/512/256)" 330 "$PYTHON" benchmarks/egnn_blocks.py --device cuda \
-  --variants faithful-unfused,faithful-fused --hidden 1024,512,256 --rounds 2 --repeats 5 --timeout 240 \
+  --variants faithful-unfused,faithful-fused --hidden 1024,512,256 --rounds 1 --repeats 5 --timeout 240 \
   --rows-cache "$OUTDIR/egnn_blocks-rows.jsonl"
 step "doctor (small and medium shapes)" 180 "$PYTHON" -c "${DOCTOR/QUICK/False}" "$OUTDIR/doctor-medium.json"
 step "kernels (quick)" 180 "$PYTHON" benchmarks/kernels.py --device cuda --quick
 # this run's benchmark files only: newer than the stamp made at the start
-find benchmarks/results -maxdepth 1 \( -name 'egnn_blocks-*' -o -name 'kernels-*' \) -newer "$STAMP" \
-  \( -name '*.json' -o -name '*.png' \) -exec cp {} "$OUTDIR"/ \;
-rm -f "$STAMP"
+LIST="$(mktemp)"
+find benchmarks/results -maxdepth 1 -type f -newer "$STAMP" -printf '%f\n' > "$LIST"
+if [[ -s "$LIST" ]]; then tar -czf "$OUTDIR/benchmarks.tar.gz" -C benchmarks/results -T "$LIST"; fi
+rm -f "$STAMP" "$LIST"
 say "finished with status $STATUS; files: $(ls "$OUTDIR" | tr '\n' ' ')"
 exit "$STATUS"
