@@ -269,7 +269,7 @@ def drop_zero(t: torch.Tensor | None, limit: int = 1 << 16) -> torch.Tensor | No
     return t
 
 
-def run_chunks(work: list, body, new_state, parallel: bool = True) -> list:
+def run_chunks(work: list, body, new_state, parallel: bool = True, device: torch.device | None = None) -> list:
     """Run ``body(state, item)`` over the chunks ``work``; returns the per-worker states.
 
     A chunk's many small ops (gathers, elementwise, ``[chunk, H]`` GEMMs), each its own intra-op
@@ -281,9 +281,11 @@ def run_chunks(work: list, body, new_state, parallel: bool = True) -> list:
     assignment), and callers add the states' partial sums in worker order, so results do not depend
     on timing. Per-edge outputs are written by their chunk's worker only. ``parallel=False`` (e.g.
     collectives inside the body, which every rank must issue in the same order) runs them in order
-    on the calling thread.
+    on the calling thread, as do the chunks of tensors on a GPU (``device``): there the calling thread
+    only queues kernels, and more threads would queue them on the same stream with more buffers.
     """
-    workers = settings.workers(len(work)) if parallel else 1
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    workers = settings.workers(len(work)) if (parallel and on_cpu) else 1
     if workers <= 1:
         state = new_state()
         for item in work:

@@ -398,7 +398,8 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v,
                 acc["C"].addmm_(tR[idx].t(), torch.mul(S1, GG1[c:], out=T1))
 
     with torch.no_grad():
-        states = run_chunks(list(chunks(E, rows, perm)) if E > 0 else [], body, new_state, parallel=reduce is None)
+        states = run_chunks(list(chunks(E, rows, perm)) if E > 0 else [], body, new_state, parallel=reduce is None,
+                            device=dev)
         acc = states[0]["acc"]
         for st in states[1:]:  # fixed order: results do not depend on the workers' timing
             for k, t in st["acc"].items():

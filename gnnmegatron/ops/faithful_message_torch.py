@@ -265,7 +265,8 @@ def faithful_fwd_torch(P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc, v, act
         rows_add_(st["m"], d, a)
 
     with torch.no_grad():
-        states = run_chunks(list(chunks(E, rows, perm)), body, new_state, parallel=reduce is None)
+        states = run_chunks(list(chunks(E, rows, perm)), body, new_state, parallel=reduce is None,
+                            device=dev)
         m = states[0]["m"]
         for st in states[1:]:
             m.add_(st["m"])
@@ -350,7 +351,7 @@ def faithful_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b1, W2, b2, w, Wc, bc
 
     work = list(chunks(E, rows, perm)) if E > 0 and any(need.values()) else []
     with torch.no_grad():
-        states = run_chunks(work, body, new_state, parallel=reduce is None)
+        states = run_chunks(work, body, new_state, parallel=reduce is None, device=dev)
         acc = states[0]["acc"]
         for st in states[1:]:  # fixed order: results do not depend on the workers' timing
             for k, t in st["acc"].items():

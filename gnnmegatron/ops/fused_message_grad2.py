@@ -249,7 +249,7 @@ def _bwd2_geometry(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activation, tang
                 acc["C"].addmm_(ggR[idx].t(), g.mul_(a1))  # dz = g a'
 
     with torch.no_grad():
-        states = run_chunks(list(chunks(E, rows, perm)) if E > 0 else [], body, new_state)
+        states = run_chunks(list(chunks(E, rows, perm)) if E > 0 else [], body, new_state, device=dev)
         acc = states[0]["acc"]
         for st in states[1:]:  # fixed order: results do not depend on the workers' timing
             for k, t in st["acc"].items():

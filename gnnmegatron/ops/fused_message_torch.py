@@ -209,7 +209,7 @@ def fused_message_fwd_torch(P, Q, dst, src, perm, R, C, b, w, v, activation):
             s[idx] = s_c
 
     with torch.no_grad():
-        states = run_chunks(list(_chunks(E, F, perm)), body, new_state, parallel=eager)
+        states = run_chunks(list(_chunks(E, F, perm)), body, new_state, parallel=eager, device=P.device)
         if eager:
             m = states[0]["m"]
             for st in states[1:]:  # fixed order: results do not depend on the workers' timing
@@ -256,7 +256,7 @@ def fused_message_bwd_torch(gm, gs, P, Q, dst, src, perm, R, C, b, w, v, activat
             acc["v"].add_(dv_c)
 
     with torch.no_grad():
-        states = run_chunks(list(_chunks(E, F, perm)), body, new_state, parallel=eager)
+        states = run_chunks(list(_chunks(E, F, perm)), body, new_state, parallel=eager, device=P.device)
         if eager:
             for k, t in states[0]["acc"].items():  # the shared tensors: workers' sums in a fixed order
                 sums[k].copy_(t)

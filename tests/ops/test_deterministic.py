@@ -133,3 +133,21 @@ def test_large_k_falls_back_to_torch_only_when_the_backend_was_not_asked_for(mon
     assert torch.allclose(m, m_ref) and torch.allclose(s, s_ref)
     with pytest.raises(ValueError, match="K <= 64"):
         fused_message_aggregate(P, Q, ei, R, C, b, w, v, backend="triton")
+
+
+def test_chunk_loops_run_on_the_calling_thread_for_gpu_tensors(monkeypatch):
+    """``run_chunks`` spreads CPU chunks over its workers; for tensors on a GPU the calling thread
+    queues every chunk's kernels itself (no worker threads, one state)."""
+    import threading
+
+    from gnnmegatron.ops import dispatch
+
+    monkeypatch.setattr(dispatch.settings, "chunk_workers", 2)
+
+    def body(state, item):
+        state.append((item, threading.get_ident()))
+
+    cpu = dispatch.run_chunks(list(range(6)), body, list, device=torch.device("cpu"))
+    assert [[i for i, _ in s] for s in cpu] == [[0, 2, 4], [1, 3, 5]]
+    gpu = dispatch.run_chunks(list(range(6)), body, list, device=torch.device("cuda"))
+    assert gpu == [[(i, threading.get_ident()) for i in range(6)]]
