@@ -52,6 +52,14 @@ def machine_info(device: str = "cpu") -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+def gpu_kind() -> str:
+    """Short name of the GPU for result file names: ``h200``, ``h100``, else the name's last word."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
     out = {}

@@ -69,8 +69,8 @@ import resource
 import statistics
 import time
 
-from common import memory_phase, time_then_memory, write_results
-from kernels import RssSampler
+from common import gpu_kind, memory_phase, time_then_memory, write_results
+from kernels import memory_row
 
 VARIANTS = ("faithful-unfused", "faithful-split", "faithful-fused", "node_split-unfused", "node_split-fused")
 STEPS = ("first", "conservative")
@@ -155,15 +155,6 @@ def build_step(spec: dict):
     return step, model, batch
 
 
-def _cuda_peak(step) -> dict:
-    """Peak CUDA allocation of one step above the allocation before it."""
-    import torch
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    return dict(peak_mem_bytes=torch.cuda.max_memory_allocated() - before, allocated_before_step_bytes=before)
-
-
 def worker(spec: dict) -> dict:
     cuda = spec.get("device") == "cuda"
     if spec.get("mem_limit_bytes") and not cuda:
@@ -174,10 +165,7 @@ def worker(spec: dict) -> dict:
     step()
     warmup_s = time.perf_counter() - t_warm
     if spec["phase"] == "memory" and not cuda:
-        with RssSampler() as sampler:
-            step()
-        return dict(peak_mem_bytes=sampler.peak - sampler.base, rss_before_step_bytes=sampler.base,
-                    ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return memory_row(step, cuda=False)
     fwd, total, cpu = [], [], []
     for _ in range(spec["repeats"]):
         c0 = time.process_time()
@@ -186,7 +174,7 @@ def worker(spec: dict) -> dict:
         fwd.append(f_s)
         total.append(t_s)
     step_s = statistics.median(total)
-    row = _cuda_peak(step) if cuda else {}
+    row = memory_row(step, cuda=True) if cuda else {}
     if cuda:
         import torch
         row.update(device_name=torch.cuda.get_device_name())
@@ -331,12 +319,6 @@ def plot(rows, plt, degree):
     return fig
 
 
-def _gpu_kind() -> str:
-    import torch
-    name = torch.cuda.get_device_name()
-    return "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -367,7 +349,7 @@ def main(argv=None):
     if args.atoms is None:
         args.atoms = "8000" if args.device == "cuda" else "256:8000,512:2000,1024:1000"
     if args.machine is None:
-        args.machine = f"cpu{os.cpu_count()}" if args.device == "cpu" else _gpu_kind()
+        args.machine = f"cpu{os.cpu_count()}" if args.device == "cpu" else gpu_kind()
     hiddens = [int(h) for h in args.hidden.split(",")]
     if ":" in args.atoms:
         atoms_of = {int(h): int(n) for h, n in (pair.split(":") for pair in args.atoms.split(","))}

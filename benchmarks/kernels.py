@@ -58,7 +58,7 @@ import statistics
 import threading
 import time
 
-from common import time_then_memory, write_results
+from common import gpu_kind, time_then_memory, write_results
 
 HEADLINE = dict(N=65536, E=2_000_000, F=256, K=32)
 GRAD2 = dict(N=16384, E=16384 * 24, F=128, K=32)  # the conservative-force step
@@ -203,7 +203,7 @@ def worker(spec: dict) -> dict:
     step()  # warm-up: allocator, autotuning, torch.compile
     warmup_s = time.perf_counter() - t_warm
     if spec.get("phase") == "memory":
-        return _memory_row(spec, step, cuda)
+        return memory_row(step, cuda)
     fwd, total = [], []
     for _ in range(spec.get("repeats", 3)):
         f_s, t_s = step()
@@ -215,7 +215,7 @@ def worker(spec: dict) -> dict:
     row.update(fwd_s=statistics.median(fwd), fwd_bwd_s=statistics.median(total), fwd_bwd_min_s=min(total),
                warmup_s=warmup_s)
     if cuda:
-        row.update(_memory_row(spec, step, cuda))
+        row.update(memory_row(step, cuda))
         if spec["method"] == "fused-triton":
             from gnnmegatron.kernels.fused_message import fused_message_bytes
             nbytes = fused_message_bytes(N, E, F, K, h.element_size(), has_w=True)
@@ -226,8 +226,10 @@ def worker(spec: dict) -> dict:
     return row
 
 
-def _memory_row(spec, step, cuda) -> dict:
-    """Peak working memory of one step (see the module docstring)."""
+def memory_row(step, cuda) -> dict:
+    """Peak working memory of one ``step()`` (see the module docstring): on a GPU the CUDA allocator's
+    peak above the allocation before it, on the CPU the sampled RSS high-water mark above the RSS
+    before it."""
     import torch
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -326,8 +328,7 @@ def main(argv=None):
     if args.machine:
         machine = args.machine
     elif device == "cuda":
-        name = torch.cuda.get_device_name()
-        machine = "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
+        machine = gpu_kind()
     else:
         machine = f"cpu{os.cpu_count()}"
     methods = available_methods(device)
