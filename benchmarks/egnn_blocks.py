@@ -52,7 +52,8 @@ benchmarks/results/egnn_blocks-<machine>.json/.csv/.png.
 
 GPU (``--device cuda``): the same variants and steps on the GPU, every op on the triton backend (the
 fused blocks' kernels, the unfused blocks' segment sums), 8000 atoms at every width by default (the
-issue's shape; the unfused conservative step at hidden 1024 needs about 50 GB there), CUDA-synchronised
+issue's shape; the unfused conservative step at hidden 1024 should need about 50 GB there, eight
+times its 6.2 GiB on 1000 atoms on the CPU), CUDA-synchronised
 timings, and peak memory as ``torch.cuda.max_memory_allocated`` over one step minus the allocation
 before it, in the timing process after its timed steps (exact per process: no separate memory
 process); ``--machine`` defaults to the GPU kind (``h100``, ``h200``)::
