@@ -5,7 +5,7 @@
     gnnmegatron data import MPtrj_2022.9_full.json --format mptrj --workers 8 --out data/mptrj.zarr
     gnnmegatron data info data/emt.zarr [--verify]
     gnnmegatron model info egnn-h800-l3                         # parameter counts (or --list)
-    gnnmegatron predict runs/demo data/emt.zarr --split test    # batched inference with errors
+    gnnmegatron predict runs/demo data/emt.zarr --source emt --split test   # batched inference, errors
     gnnmegatron evaluate runs/demo data/emt.zarr --split test   # validation metrics + baselines, parity plot
     torchrun --standalone --nproc_per_node=1 -m gnnmegatron.cli pretrain --config CONFIG.yaml
 """

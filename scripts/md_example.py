@@ -2,8 +2,8 @@
 
 The README example. After ``make demo`` (which trains ``runs/demo``)::
 
-    .venv/bin/python scripts/md_example.py                       # runs/demo, 1 ps, prints + writes md_example.json
-    .venv/bin/python scripts/md_example.py --model runs/demo/checkpoints/step_00001200 --device cuda
+    .venv/bin/python scripts/md_example.py --source emt          # runs/demo, 1 ps, prints + writes md_example.json
+    .venv/bin/python scripts/md_example.py --model runs/demo/checkpoints/step_00001200 --source emt --device cuda
 
 Steps:
 
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="runs/demo", help="run directory or checkpoint (default: runs/demo)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    parser.add_argument("--source", default=None,
+                        help="for a model trained on several sources: the one whose energies to use (the demo "
+                             "model's EMT metals: emt)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (small cells: 1 is fastest)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lattice", type=float, default=3.7, help="starting fcc lattice constant (Å)")
@@ -136,14 +139,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from gnnmegatron.inference import GNNMegatronCalculator, ModelLoadError
+    from gnnmegatron.inference import GNNMegatronCalculator, ModelLoadError, UnknownSourceError
     from gnnmegatron.inference.loading import describe
 
     torch.set_num_threads(args.threads)
     try:
-        calc = GNNMegatronCalculator(args.model, device=args.device, dtype=args.dtype, skin=args.skin)
+        calc = GNNMegatronCalculator(args.model, device=args.device, dtype=args.dtype, skin=args.skin,
+                                     source=args.source)
     except ModelLoadError as exc:
         sys.exit(f"error: {exc}\n(train the demo model first with `make demo`, or pass --model)")
+    except UnknownSourceError as exc:
+        sys.exit(f"error: {exc}\n(pass --source NAME; the demo model's EMT metals are --source emt)")
     print(f"model: {describe(calc.info)}")
     atoms = build_alloy(args.lattice, seed=args.seed)
     atoms.calc = calc
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model_step": calc.info.step,
         "device": args.device,
         "dtype": args.dtype,
+        "source": calc.source,
         "structure": {"formula": atoms.get_chemical_formula(), "atoms": len(atoms), "lattice_A": args.lattice,
                       "seed": args.seed},
         "relax": r,

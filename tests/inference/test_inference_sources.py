@@ -85,3 +85,24 @@ def test_single_source_models_take_no_source_name():
     GNNMegatronCalculator(model)
     with pytest.raises(UnknownSourceError, match="trained on one store and has no named sources"):
         GNNMegatronCalculator(model, source="metals")
+
+
+def test_md_example_takes_a_source(run, tmp_path):
+    """scripts/md_example.py on a multi-source model: --source picks the energies; without it the script
+    stops with the model's sources and how to choose one."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("md_example", Path(__file__).parents[2] / "scripts" / "md_example.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run_dir, _, _ = run
+    with pytest.raises(SystemExit, match=r"several sources .*\['metals', 'dft'\].*--source NAME"):
+        script.main(["--model", str(run_dir), "--out", ""])
+    with pytest.raises(SystemExit, match=r"unknown source 'emt'.*\['metals', 'dft'\]"):
+        script.main(["--model", str(run_dir), "--source", "emt", "--out", ""])
+    out = tmp_path / "md.json"
+    result = script.main(["--model", str(run_dir), "--source", "metals", "--relax-steps", "2", "--md-steps", "4",
+                          "--log-every", "2", "--out", str(out)])
+    assert result["source"] == "metals" and json.loads(out.read_text()) == result
+    assert result["md"]["steps"] == 4
