@@ -21,12 +21,7 @@ __all__ = ["init_weights", "load_ema", "load_model", "load_rest", "resume_path"]
 
 def resume_path(trainer, resume: str) -> tuple[Path | None, str]:
     folder = trainer.run_dir / "checkpoints"
-    if resume == "overwrite":
-        if trainer.rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)
-            (trainer.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        if dist.is_initialized():
-            dist.barrier()
+    if resume == "overwrite":  # deleted by clear_run once the new run is set up (a failed setup keeps them)
         return None, ""
     if resume == "never":
         if folder.is_dir() and any(folder.iterdir()):
@@ -40,6 +35,17 @@ def resume_path(trainer, resume: str) -> tuple[Path | None, str]:
         raise ckpt.CheckpointError(f"--resume {path}: not a complete checkpoint directory (expected "
                                    f"{trainer.run_dir}/checkpoints/step_XXXXXXXX with .metadata and meta.json)")
     return path, ""
+
+
+def clear_run(trainer) -> None:
+    """``--resume overwrite``: deletes the run's checkpoints and metrics. The trainer calls it at the end
+    of its setup, so a run that cannot start (a missing store, a config error, another model's
+    ``init_from``) leaves the previous run as it was."""
+    if trainer.rank == 0:
+        shutil.rmtree(trainer.run_dir / "checkpoints", ignore_errors=True)
+        (trainer.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def load_model(trainer, path: Path) -> dict[str, Any]:

@@ -69,7 +69,8 @@ class Trainer:
             the newest by step when the pointer is missing or broken; a run directory holding
             checkpoint files none of which is complete is refused), ``"never"`` starts fresh
             (refusing a run directory that holds checkpoints), ``"overwrite"`` deletes the run's
-            checkpoints and metrics and starts fresh, or a path to a checkpoint directory.
+            checkpoints and metrics (once this run is set up: a run that cannot start deletes nothing)
+            and starts fresh, or a path to a checkpoint directory.
             Any of them may have been written under another parallel layout.
     """
 
@@ -135,6 +136,8 @@ class Trainer:
                                          autocast_dtype=self.autocast_dtype, dtype=self.dtype)
         if loaded is not None:
             start.load_rest(self, resume_path, loaded, note)
+        if resume == "overwrite":
+            start.clear_run(self)
         self.is_logger = self.groups.is_logger
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
                                      resume_step=self.step if resume_path is not None else None) \

@@ -298,6 +298,26 @@ def test_a_run_with_only_incomplete_checkpoints_is_refused(emt_store, tmp_path):
     assert _steps(run) == [2]
 
 
+def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(emt_store, tmp_path):
+    """--resume overwrite with a mistake in the new config (a missing store, another model for
+    init_from) refuses to start and leaves the previous run's checkpoints and metrics in place."""
+    from gnnmegatron.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(_cfg(emt_store, run, max_steps=2), resume="never").fit()
+    metrics = (run / "metrics.jsonl").read_text()
+    with pytest.raises(Exception, match="typo.zarr"):
+        Trainer(_cfg(tmp_path / "typo.zarr", run, max_steps=2), resume="overwrite")
+    bad = _cfg(emt_store, run, max_steps=2, init_from=str(run))
+    bad.model["hidden"] = 24
+    with pytest.raises(CheckpointError):
+        Trainer(bad, resume="overwrite")
+    assert _steps(run) == [2] and (run / "metrics.jsonl").read_text() == metrics
+    Trainer(_cfg(emt_store, run, max_steps=2), resume="overwrite")  # a run that starts does delete them
+    assert not (run / "checkpoints").exists()
+    assert not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text() == ""
+
+
 KILLED_SAVE = """
 import os, signal, sys
 from gnnmegatron.training import sharded_checkpoint as sc
