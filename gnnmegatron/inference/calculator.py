@@ -105,10 +105,10 @@ class GNNMegatronCalculator(Calculator):
         if not (isinstance(skin, (int, float)) and skin >= 0):
             raise ValueError(f"skin must be a number >= 0 Å, got {skin!r}")
         super().__init__(**kwargs)
-        from gnnmegatron.inference.loading import load_model, resolve_dtype, resolve_source
+        from gnnmegatron.inference.loading import check_device, load_model, resolve_dtype, resolve_source
         from gnnmegatron.models import AtomisticModel
 
-        self.device = torch.device(device)
+        self.device = check_device(device)
         if isinstance(model, (str, Path)):
             self.model, self.info = load_model(model, device=self.device, dtype=dtype, trust=trust, weights=weights,
                                                best=best)
@@ -183,12 +183,25 @@ class GNNMegatronCalculator(Calculator):
         self.neighbor_list_builds += 1
 
     def _edges(self, pos64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidates with 0 < |r_ij| < cutoff at the current positions (float64, as collate does)."""
+        """Candidates with 0 < |r_ij| < cutoff at the current positions (float64, as collate does).
+
+        Raises ValueError for two atoms (or an atom and a periodic image) closer than
+        ``MIN_DISTANCE``, which the stores refuse too: the model has no meaningful energy there."""
+        from gnnmegatron.data.schema import MIN_DISTANCE
+
         nl = self._nl
         ei = nl["edge_index"]
         vec = pos64[ei[1]] - pos64[ei[0]] + nl["offset"]
         d2 = vec.square().sum(dim=1)
-        keep = (d2 < self.cutoff * self.cutoff) & (d2 > 0)
+        self_pair = (ei[0] == ei[1]) & (nl["edge_shift"] == 0).all(dim=1)
+        close = (d2 < MIN_DISTANCE * MIN_DISTANCE) & ~self_pair
+        if bool(close.any()):
+            k = int(torch.nonzero(close)[0, 0])
+            i, j = int(ei[0, k]), int(ei[1, k])
+            image = "" if i != j else " (its own periodic image)"
+            raise ValueError(f"atoms {i} and {j}{image} are {float(d2[k].sqrt()):.3g} Å apart, closer than "
+                             f"{MIN_DISTANCE} Å: the structure is broken (a diverged simulation or duplicated atoms)")
+        keep = (d2 < self.cutoff * self.cutoff) & ~self_pair
         return ei[:, keep], nl["edge_shift"][keep]
 
     def graph(self, atoms) -> dict[str, torch.Tensor]:
@@ -202,6 +215,13 @@ class GNNMegatronCalculator(Calculator):
         numbers = np.asarray(atoms.numbers, dtype=np.int64)
         cell = np.asarray(atoms.cell.array, dtype=np.float64)
         pbc = np.asarray(atoms.pbc, dtype=bool).reshape(3)
+        bad = ~np.isfinite(positions).all(axis=1)
+        if bad.any():  # checked on every call: a reused neighbour list would not see it
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"positions of atom {i} are not finite ({positions[i].tolist()}; {int(bad.sum())} "
+                             f"atom(s) in all): the structure is broken (a diverged simulation?)")
+        if not np.isfinite(cell[pbc]).all():
+            raise ValueError(f"the cell is not finite along a periodic axis: {cell.tolist()}")
         self.check_elements(numbers)
         if self._needs_build(positions, numbers, cell, pbc):
             self._build(positions, numbers, cell, pbc)

@@ -115,6 +115,8 @@ def evaluate_checkpoint(model_path, stores: list[str] | None = None, *, split: s
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"out {out} is a directory; give the JSON file to write (the PNG goes beside it)")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_model(model_path, device=device, dtype=dtype, weights=weights, best=best)
     cfg = model.cfg
@@ -134,7 +136,10 @@ def evaluate_checkpoint(model_path, stores: list[str] | None = None, *, split: s
         idx = _indices(info, store_path, split, name if multi else None)
         points = parity.setdefault(name, {"e_pred": [], "e_ref": [], "f_pred": [], "f_ref": []})
         structures = (s for start in range(0, len(idx), 1024) for s in store.get_many(idx[start:start + 1024]))
+        known = info.source_elements(name if multi else None)
         for chunk in batches_by_atoms(structures, batch_atoms):
+            if known is not None:
+                _check_elements(chunk, set(known), store_path)
             batch = collate([dict(s, source=sid) for s in chunk], cfg.cutoff, dtype=mdtype, device=device)
             periodic = bool(batch["pbc"].all().item())
             with torch.no_grad():
@@ -170,6 +175,22 @@ def evaluate_checkpoint(model_path, stores: list[str] | None = None, *, split: s
         out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         result["out"] = str(out)
     return result
+
+
+def _check_elements(structures: list[dict], known: set[int], store_path) -> None:
+    """UnknownElementError for the first structure holding an element the model never saw: its errors
+    there would say nothing about the model (``predict`` and the calculator refuse them too)."""
+    from ase.data import chemical_symbols
+
+    from gnnmegatron.inference.calculator import UnknownElementError, format_elements
+
+    for s in structures:
+        bad = sorted(set(np.asarray(s["atomic_numbers"]).tolist()) - known)
+        if bad:
+            raise UnknownElementError(
+                f"graph {s.get('index')} of {store_path} contains {format_elements(bad)}, which the model has never "
+                f"seen (it knows {', '.join(chemical_symbols[z] for z in sorted(known))}); evaluate it on stores "
+                f"of the elements it was trained on")
 
 
 def _parity_plot(parity: dict[str, dict[str, list]], path: Path, result: dict[str, Any]) -> Path:

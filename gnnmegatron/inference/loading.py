@@ -332,6 +332,20 @@ def _model_config(state: dict, path: Path):
                              f"describe a gnnmegatron AtomisticModel ({exc})") from exc
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, refusing a CUDA device this torch cannot use (a CPU build, no GPU, an
+    index past the GPUs present) with a message instead of torch's assertion deep in ``.to()``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device {str(device)!r} asked for, but {why}; use device 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA "
+                             f"device(s) are visible")
+    return dev
+
+
 def load_model(path_or_run_dir: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | str | None = torch.float64, *, trust: bool = False, weights: str | None = None,
                best: bool = False):
@@ -359,6 +373,7 @@ def load_model(path_or_run_dir: str | Path, device: str | torch.device = "cpu",
     from gnnmegatron.training.model_card import find_model_card
     from gnnmegatron.models import AtomisticModel
 
+    device = check_device(device)
     state, resolved, fmt = read_checkpoint(path_or_run_dir, trust=trust, weights=weights, best=best)
     cfg = _model_config(state, resolved)
     dtype = resolve_dtype(dtype, state.get("config"))

@@ -96,10 +96,22 @@ def iter_input_structures(inputs, *, indices: Sequence[int] | None = None, index
             raise FileNotFoundError(f"input {path} does not exist; give a graph store or an ASE-readable file")
         if indices is not None:
             raise ValueError("indices= selects graphs of a graph store; for files use index= (ASE syntax)")
+        from gnnmegatron.data.formats.ase_files import parse_index
+
+        parse_index(index)  # a bad selection is an error naming it, before the model runs
 
         def from_file():
-            for k, (_, atoms) in enumerate(iter_frames(str(inputs), index=index, format=format)):
-                yield dict(atoms_to_structure(atoms), index=k)
+            from ase.io.formats import UnknownFileTypeError
+
+            try:
+                for k, (_, atoms) in enumerate(iter_frames(str(inputs), index=index, format=format)):
+                    yield dict(atoms_to_structure(atoms), index=k)
+            except (UnknownFileTypeError, OSError, StopIteration) as exc:  # ASE's readers: unknown type, bad frame
+                kind = "unknown file type" if isinstance(exc, UnknownFileTypeError) else type(exc).__name__
+                what = (f"a directory that is not a graph store (`gnnmegatron data info {inputs}` says why) and "
+                        f"cannot be read by ASE" if path.is_dir() else "cannot be read as an ASE file")
+                raise ValueError(f"input {inputs}: {what} ({kind}: {exc}); give a graph store or an ASE-readable "
+                                 f"file (format={format or 'from the name'})") from None
         return from_file(), None, f"file {inputs} (index {index!r})"
     if isinstance(inputs, Iterable):
         items = list(inputs)
@@ -260,15 +272,17 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
     from gnnmegatron.data.batch import collate
     from gnnmegatron.inference.calculator import UnknownElementError, format_elements
     from gnnmegatron.training.losses import ErrorAccumulator
-    from gnnmegatron.inference.loading import describe, load_model, resolve_dtype, resolve_source
+    from gnnmegatron.inference.loading import check_device, describe, load_model, resolve_dtype, resolve_source
     from gnnmegatron.models import AtomisticModel
 
     out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"out_path {out_path} is a directory; give the .npz file to write")
     if out_path.suffix != ".npz":
         raise ValueError(f"out_path must end in .npz (the summary is written beside it as .json), got {out_path}")
     if not (isinstance(batch_atoms, int) and batch_atoms >= 1):
         raise ValueError(f"batch_atoms must be an integer >= 1, got {batch_atoms!r}")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(model_path, AtomisticModel):
         model = model_path.to(device=device, dtype=resolve_dtype(dtype or "float32")).eval()
         info, known, model_desc = None, None, "AtomisticModel object"

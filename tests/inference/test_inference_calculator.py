@@ -174,6 +174,28 @@ def test_unknown_element_refused_with_its_symbol(tiny_run):
         atoms.get_forces()
 
 
+def test_broken_structures_refused_even_with_a_reused_neighbour_list(tiny_run):
+    """NaN positions and atoms on top of each other are errors naming the atoms, also after earlier
+    calls (when the cached neighbour list would otherwise be reused without looking)."""
+    atoms = cu_au_cell()
+    calc = GNNMegatronCalculator(tiny_run.run_dir)
+    atoms.calc = calc
+    e0 = atoms.get_potential_energy()
+    pos = atoms.positions.copy()
+    pos[2, 0] = np.nan
+    atoms.positions = pos
+    with pytest.raises(ValueError, match=r"positions of atom 2 are not finite"):
+        atoms.get_potential_energy()
+    pos = atoms.positions.copy()
+    pos[2] = pos[5] + 0.01  # within half the skin of nothing: a fresh list is built, the pair is caught
+    atoms.positions = pos
+    with pytest.raises(ValueError, match=r"atoms (2 and 5|5 and 2) are 0.0173 Å apart, closer than 0.1 Å"):
+        atoms.get_forces()
+    atoms = cu_au_cell()
+    atoms.calc = calc
+    assert atoms.get_potential_energy() == pytest.approx(e0, rel=1e-12)  # the calculator still works
+
+
 def test_stress_refused_for_direct_models_and_non_periodic_atoms():
     atoms = cu_au_cell()
     atoms.calc = GNNMegatronCalculator(random_model(force_mode="direct"), dtype=torch.float32)

@@ -37,3 +37,29 @@ def test_evaluate_errors_name_the_problem(tiny_run, emt_store, tmp_path, capsys)
     assert "no moving average" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "nowhere"), str(emt_store)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_elements_the_model_never_saw(tiny_run, tmp_path, capsys):
+    """An oxide store for a model of EMT metals: an error naming the graph, the store and the elements,
+    not errors that say nothing about the model."""
+    import ase.io
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from gnnmegatron.data.importers import import_ase
+
+    frames = []
+    for k in range(4):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        if k >= 2:
+            atoms.numbers = [29, 29, 8, 29]  # O in the last two structures
+        atoms.calc = SinglePointCalculator(atoms, energy=-3.0 * len(atoms), forces=[[0.0, 0.0, 0.0]] * len(atoms))
+        frames.append(atoms)
+    ase.io.write(tmp_path / "oxide.extxyz", frames)
+    store = tmp_path / "oxide.zarr"
+    import_ase(str(tmp_path / "oxide.extxyz"), store, progress=False)
+    out = tmp_path / "x.json"
+    assert main(["evaluate", str(tiny_run.run_dir), str(store), "--split", "all", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"graph 2 of {store} contains O (Z=8), which the model has never seen" in err
+    assert not out.exists() and not out.with_suffix(".png").exists()
