@@ -97,10 +97,27 @@ class SourceConfig:
             raise ConfigError(f"{where}: max_val_graphs must be >= 0, got {self.max_val_graphs}")
         if self.emt_energy_offsets is not None and self.emt is None:
             raise ConfigError(f"{where}: emt_energy_offsets applies to generated EMT data; give emt too")
+        _check_emt(self.emt, f"{where}.emt")
         if isinstance(self.import_from, str):
             self.import_from = [self.import_from]
         if self.import_from is not None and self.emt is not None:
             raise ConfigError(f"{where}: give either emt (generate) or import_from (import files), not both")
+
+
+def _check_emt(emt, where: str) -> None:
+    """``emt:`` (the embedded EMT generator's settings) names only ``EMTConfig`` fields."""
+    if emt is None:
+        return
+    import dataclasses
+
+    from gnnmegatron.data.emt import EMTConfig
+
+    if not isinstance(emt, dict):
+        raise ConfigError(f"{where} must be a mapping of EMT generator settings, got {emt!r}")
+    fields = [f.name for f in dataclasses.fields(EMTConfig)]
+    unknown = sorted(set(emt) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {unknown}; the EMT generator takes {fields}")
 
 
 def _check_splits(splits, where: str) -> tuple[float, float, float]:
@@ -171,6 +188,7 @@ class DataConfig:
             self._check_sources()
         elif self.store is None:
             self.store = "data/emt.zarr"
+        _check_emt(self.emt, "data.emt")
         if not 0 < self.train_fraction <= 1:
             raise ConfigError(f"data.train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.cutoff <= 0:
@@ -588,7 +606,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {key} is not a section")
-        node[keys[-1]] = _parse_scalar(text)
+        try:
+            node[keys[-1]] = _parse_scalar(text)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or exc
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
     return values
 
 
@@ -599,7 +621,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     values = apply_overrides(values, overrides or [])

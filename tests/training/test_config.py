@@ -74,3 +74,18 @@ def test_yaml_exponent_strings_become_numbers():
     assert cfg.optim.lr == 1e-3 and cfg.optim.warmup_steps == 5
     with pytest.raises(ConfigError, match=r"optim.lr must be a number, got 'fast'"):
         config_from_dict({"optim": {"lr": "fast"}})
+
+
+def test_yaml_errors_and_unknown_emt_settings_name_their_place(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [1,2\n")
+    with pytest.raises(ConfigError, match=r"config file .*broken.yaml is not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match=r"override 'data.splits=\[0.9': the value is not valid YAML"):
+        apply_overrides({}, ["data.splits=[0.9"])
+    with pytest.raises(ConfigError, match=r"data.emt: unknown setting\(s\) \['num_structure'\].*'num_structures'"):
+        config_from_dict({"data": {"emt": {"num_structure": 50}}})
+    with pytest.raises(ConfigError, match=r"data.sources entry 'b'.emt: unknown setting\(s\) \['sede'\]"):
+        config_from_dict({"data": {"sources": [{"store": "a.zarr"},
+                                               {"store": "b.zarr", "name": "b", "emt": {"sede": 1}}]}})
+    assert config_from_dict({"data": {"emt": {"num_structures": 50, "seed": 3}}}).data.emt["seed"] == 3
