@@ -94,6 +94,10 @@ class GraphStore:
             raise StoreError(f"store {p} does not exist; create it with `gnnmegatron data import` "
                              "or GraphStoreWriter")
         attrs = _read_attrs(p)
+        meta = next((p / f for f in ("zarr.json", ".zattrs", ".zgroup") if (p / f).is_file()), None)
+        if attrs is None and meta is not None:
+            raise StoreError(f"{p}: its group metadata {meta} cannot be read (not valid JSON, or not a zarr group); "
+                             f"the store is corrupt, re-import the data")
         if attrs is None or attrs.get("format") != STORE_FORMAT:
             raise StoreError(f"{p} is not a gnnmegatron graph store (no zarr group with "
                              f"format={STORE_FORMAT!r}); create it with GraphStoreWriter")
@@ -111,10 +115,15 @@ class GraphStore:
             return
         self._parts = None
         group = zarr.open_group(str(p), mode="r")
-        try:
-            self._arrays = {name: group[name] for name in ARRAYS}
-        except KeyError as e:
-            raise StoreError(f"store {p} lacks array {e}; it is corrupt, re-import the data") from None
+        self._arrays = {}
+        for name in ARRAYS:
+            try:
+                self._arrays[name] = group[name]
+            except KeyError:
+                raise StoreError(f"store {p} lacks array '{name}'; it is corrupt, re-import the data") from None
+            except (ValueError, TypeError) as e:  # unreadable metadata (zarr.json / .zarray): JSON or schema errors
+                raise StoreError(f"store {p}: the metadata of array '{name}' ({p / name}) cannot be read "
+                                 f"({type(e).__name__}: {e}); the store is corrupt, re-import the data") from None
         G, N = int(attrs["num_graphs"]), int(attrs["num_atoms"])
         for name, spec in ARRAYS.items():
             arr = self._arrays[name]

@@ -4,9 +4,9 @@
 of every shard file of every array and checks that each chunk the index points to lies inside
 the file: a truncated or missing shard file is found without decompressing anything.
 ``full=True`` (``--verify``) reads and decodes every chunk: checksums (CRC32C of every chunk and
-shard index), decompression, chunk sizes, and the fill-value sentinels that mark data that was
-never written (NaN positions/forces/energies/cells/stresses, atomic number 0, offset/source -1)
-within each array's length.
+shard index), decompression, chunk sizes, infinite floats, and the fill-value sentinels that mark
+data that was never written (NaN positions/forces/energies/cells/stresses, atomic number 0,
+offset/source -1) within each array's length.
 """
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ def _check_array(root: Path, name: str, arr, full: bool, problems: list, counts:
                     continue
                 spec = ARRAYS[name]
                 if spec.dtype.startswith("float"):
+                    inf = np.isinf(got)
+                    if inf.any():
+                        problems.append(f"{root}/{name}: chunk {k} holds an infinite value at row "
+                                        f"{k * rd.inner + int(np.argwhere(inf)[0][0])}; no importer writes one, "
+                                        f"re-import the data")
                     bad = np.isnan(got)
                 elif name == "atomic_numbers":
                     bad = got == 0
@@ -86,8 +91,8 @@ def _check_array(root: Path, name: str, arr, full: bool, problems: list, counts:
                 else:
                     bad = np.zeros(1, dtype=bool)
                 if bad.any():
-                    problems.append(f"{root}/{name}: chunk {k} holds never-written (fill) values "
-                                    f"at row {k * rd.inner + int(np.argwhere(bad)[0][0])}")
+                    problems.append(f"{root}/{name}: chunk {k} holds fill values (never written, or NaN "
+                                    f"written) at row {k * rd.inner + int(np.argwhere(bad)[0][0])}")
 
 
 def check_store(path, full: bool = False) -> dict:

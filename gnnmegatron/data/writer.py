@@ -235,7 +235,7 @@ class GraphStoreWriter:
         if not self.path.exists():
             return
         if not self.overwrite:
-            raise StoreError(f"store {self.path} already exists; pass overwrite=True to replace it "
+            raise StoreError(f"store {self.path} already exists; pass overwrite=True (--overwrite) to replace it "
                              "or choose another path")
         attrs = _read_attrs(self.path)
         if self.path.is_file() or not attrs or attrs.get("format") != STORE_FORMAT:

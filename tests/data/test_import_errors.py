@@ -109,3 +109,16 @@ def test_data_info_checks_shard_files_and_verify_reads_every_chunk(capsys, input
     f.write_bytes(f.read_bytes()[:-50])  # truncated shard file
     rc, err = _run(capsys, "info", out)
     assert rc == 2 and "shard-00000/forces: shard file 0" in err and "truncated" in err
+
+
+def test_verify_finds_an_infinite_energy(capsys, inputs):
+    """A store edited outside the writers (an infinite energy written with zarr): --verify names the
+    array and the row."""
+    import zarr
+
+    out = inputs / "ok.zarr"
+    assert main(["data", "import", str(inputs / "ok.extxyz"), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    zarr.open_array(str(out / "shard-00000" / "energy"), mode="r+")[0] = float("inf")
+    rc, err = _run(capsys, "info", out, "--verify")
+    assert rc == 2 and "shard-00000/energy: chunk 0 holds an infinite value at row 0" in err

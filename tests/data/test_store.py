@@ -356,6 +356,18 @@ def test_corrupt_graph_array_and_offsets_raise_at_open(tmp_path):
         GraphStore(path)
 
 
+def test_unreadable_metadata_names_the_store_and_array(tmp_path):
+    path = tmp_path / "s.zarr"
+    write(path, dataset(count=5))
+    (path / "energy" / "zarr.json").write_text('{"shape": [')
+    with pytest.raises(StoreError, match=r"metadata of array 'energy' .*energy\) cannot be read.*re-import"):
+        GraphStore(path)
+    write(path, dataset(count=5), overwrite=True)
+    (path / "zarr.json").write_text('{"zarr_format": 3, "attributes": {')
+    with pytest.raises(StoreError, match=r"group metadata .*zarr.json cannot be read.*re-import"):
+        GraphStore(path)
+
+
 def test_reader_refuses_missing_foreign_and_unknown_version(tmp_path):
     with pytest.raises(StoreError, match="does not exist"):
         GraphStore(tmp_path / "nope.zarr")
