@@ -285,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = data.add_parser("info", help="print a store's metadata and check its files")
     info.add_argument("path")
-    info.add_argument("--verify", action="store_true", help="read and decode every chunk (checksums, truncation, "
-                                                            "never-written data, infinite values); exit 2 if anything is wrong")
+    info.add_argument("--verify", action="store_true",
+                      help="read and decode every chunk (checksums, truncation, never-written data, infinite "
+                           "values); exit 2 if anything is wrong")
     info.set_defaults(func=_cmd_data_info)
 
     join = data.add_parser("join", help="one dataset over several stores/datasets (a manifest, no copying)")
