@@ -55,6 +55,23 @@ def iter_frames(path: str, index=":", format: str | None = None) -> Iterator[tup
     slice or integer index), "item K of index=..." otherwise, and "row id=R (item K)" for databases.
     """
     sel = _parse_index(index)
+    count = 0
+    for count, item in enumerate(_iter_selected(path, sel, index, format), 1):
+        yield item
+    if count == 0 and not (isinstance(sel, slice) and sel == slice(None)):
+        raise NoFrameSelected(path, f"index {index!r} selects no frame of it (past its last frame?); "
+                                    f"':' takes them all")
+
+
+class NoFrameSelected(ValueError):
+    """An explicit frame selection (``index``) that selects nothing of a file."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def _iter_selected(path: str, sel, index, format) -> Iterator[tuple[str, Atoms]]:
     if is_ase_database(path):
         yield from _iter_db(path, sel)
         return

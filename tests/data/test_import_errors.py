@@ -122,3 +122,14 @@ def test_verify_finds_an_infinite_energy(capsys, inputs):
     zarr.open_array(str(out / "shard-00000" / "energy"), mode="r+")[0] = float("inf")
     rc, err = _run(capsys, "info", out, "--verify")
     assert rc == 2 and "shard-00000/energy: chunk 0 holds an infinite value at row 0" in err
+
+
+def test_an_index_past_the_last_frame_is_an_error_not_an_empty_store(capsys, inputs):
+    from gnnmegatron.data.importers import NoFrameSelected, iter_frames
+
+    out = inputs / "none.zarr"
+    rc, err = _run(capsys, "import", inputs / "ok.extxyz", "--index", "5", "--out", out, "--no-progress")
+    assert rc == 2 and "index '5' selects no frame of it" in err and not out.exists()
+    with pytest.raises(NoFrameSelected, match=r"ok.extxyz: index '7:9' selects no frame"):
+        list(iter_frames(str(inputs / "ok.extxyz"), index="7:9"))
+    assert len(list(iter_frames(str(inputs / "ok.extxyz"), index="0"))) == 1

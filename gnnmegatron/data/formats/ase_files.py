@@ -88,7 +88,7 @@ class AseFormat(SourceFormat):
         return [{"file": str(f), "source": k, "work": 1, "unit": "files"} for k, f in enumerate(files)]
 
     def read(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
-        from gnnmegatron.data.importers import atoms_to_structure, iter_frames
+        from gnnmegatron.data.importers import NoFrameSelected, atoms_to_structure, iter_frames
 
         path = task["file"]
         label = "first frame"
@@ -101,6 +101,8 @@ class AseFormat(SourceFormat):
                 break
             except DataImportError:
                 raise
+            except NoFrameSelected as e:
+                raise InputError(path, e.reason) from None
             except Exception as e:  # ASE raises many types; name the file and frame instead
                 where = _failed_frame(opts.index, k, label)
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
