@@ -65,7 +65,8 @@ def checkpoint_summary(path: str | Path, tensors: bool = False) -> str:
         f"  tensors: {info['tensor_counts']} (model = weights and buffers, optim = AdamW state"
         + (", ema = moving average of the weights)" if "ema" in info["tensor_counts"] else ")"),
         f"  files: {len(info['files'])} shard files, {info['bytes'] / 2**20:.2f} MiB: "
-        + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in info["files"].items()),
+        + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in info["files"].items())
+        + f"; all {info['stored_items']} stored byte ranges present",
     ]
     if tensors:
         for key, t in sorted(info["tensors"].items()):

@@ -485,22 +485,50 @@ def load_full_state(path: Path, weights: str = "raw") -> dict[str, Any]:
             "weights": "ema" if use_ema else "raw", "ema": ema if weights == "both" and has_ema else None}
 
 
+def check_storage(path: Path, metadata=None) -> int:
+    """Checks, without reading tensor data, that every byte range the DCP metadata points to lies in an
+    existing shard file (a deleted or truncated ``.distcp`` file is found here, not at load time).
+    Returns the number of storage items; raises ``CheckpointError`` naming the files otherwise."""
+    metadata = metadata if metadata is not None else _metadata(path)
+    sizes: dict[str, int | None] = {}
+    problems: dict[str, str] = {}
+    items = getattr(metadata, "storage_data", None) or {}
+    for info in items.values():
+        name = getattr(info, "relative_path", None)
+        if name is None:
+            continue
+        if name not in sizes:
+            f = Path(path) / name
+            sizes[name] = f.stat().st_size if f.is_file() else None
+        end = int(info.offset) + int(info.length)
+        if sizes[name] is None:
+            problems[name] = "missing"
+        elif end > sizes[name] and name not in problems:
+            problems[name] = f"truncated ({sizes[name]} bytes, data up to byte {end})"
+    if problems:
+        listed = ", ".join(f"{k} {v}" for k, v in sorted(problems.items()))
+        raise CheckpointError(f"{path}: shard file(s) damaged: {listed}; resume from an earlier checkpoint")
+    return len(items)
+
+
 def checkpoint_info(path: Path) -> dict[str, Any]:
     """What a sharded checkpoint holds: ``meta.json`` plus per-tensor shapes, chunk counts and bytes per file."""
     path = Path(path)
     info = read_meta(path)
-    md = _metadata(path).state_dict_metadata
+    md_all = _metadata(path)
+    md = md_all.state_dict_metadata
     tensors = {}
     for key, m in md.items():
         if hasattr(m, "chunks"):
             tensors[key] = {"shape": list(m.size), "dtype": str(m.properties.dtype).replace("torch.", ""),
                             "chunks": len(m.chunks)}
     files = {p.name: p.stat().st_size for p in sorted(path.glob("*.distcp"))}
+    stored = check_storage(path, md_all)
     groups: dict[str, int] = {}
     for key, t in tensors.items():
         groups[key.split("/", 1)[0]] = groups.get(key.split("/", 1)[0], 0) + 1
     return {"path": str(path), **info, "tensors": tensors, "tensor_counts": groups, "files": files,
-            "bytes": sum(files.values())}
+            "bytes": sum(files.values()), "stored_items": stored}
 
 
 class AsyncSaver:

@@ -27,6 +27,7 @@ def test_checkpoint_info_and_export(emt_store, tmp_path, capsys):
     assert "step 2" in text and "tp=1 pp=1 dp=1" in text and "egnn-tiny" in text
     assert "model/embedding.weight: [101, 32] float32 in 1 chunk(s)" in text
     assert "optim/backbone.blocks.0.edge_mlp.0.weight/exp_avg" in text and "__0_0.distcp" in text
+    assert "stored byte ranges present" in text
     out = tmp_path / "model.pt"
     assert main(["checkpoint", "export", str(tmp_path / "run" / "checkpoints"), "--out", str(out)]) == 0
     state = torch.load(out, weights_only=False)
@@ -42,3 +43,16 @@ def test_checkpoint_commands_refuse_what_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["checkpoint", "export", str(tmp_path / "empty"), "--out", str(tmp_path / "m.pt")]) == 2
     assert "holds no sharded checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_checkpoint_info_finds_a_truncated_or_missing_shard_file(emt_store, tmp_path, capsys):
+    _run(emt_store, tmp_path / "run")
+    shard = tmp_path / "run" / "checkpoints" / "step_00000002" / "__0_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    assert main(["checkpoint", "info", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "step_00000002: shard file(s) damaged: __0_0.distcp truncated" in err and "Traceback" not in err
+    shard.unlink()
+    assert main(["checkpoint", "info", str(tmp_path / "run")]) == 2
+    assert "__0_0.distcp missing" in capsys.readouterr().err
