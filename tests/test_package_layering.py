@@ -28,8 +28,9 @@ KNOWN_CYCLES = [
     # kernels/: the backward kernels reuse the forward module's workspace helpers, which re-exports them
     {"gnnmegatron.kernels.faithful_message", "gnnmegatron.kernels.faithful_message_bwd",
      "gnnmegatron.kernels.faithful_message_bwd2"},
-    # data/: a store opens sharded datasets (manifest), a manifest describes stores
-    {"gnnmegatron.data.manifest", "gnnmegatron.data.store"},
+    # data/: a store opens sharded datasets (manifest), a manifest describes stores, and joining
+    # datasets (manifest) checks its inputs' shard files first (verify, which opens stores)
+    {"gnnmegatron.data.manifest", "gnnmegatron.data.store", "gnnmegatron.data.verify"},
     # data/formats: the package registers every reader; a reader looks others up through the registry
     {"gnnmegatron.data.formats", "gnnmegatron.data.formats.ani1x", "gnnmegatron.data.formats.ase_files",
      "gnnmegatron.data.formats.aselmdb", "gnnmegatron.data.formats.base", "gnnmegatron.data.formats.extxyz",

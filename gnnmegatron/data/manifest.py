@@ -197,8 +197,14 @@ def join_datasets(inputs, out, *, overwrite: bool = False) -> dict:
     sources: list[str] = []
     infos: list = []
     entries, shard_attrs = [], []
+    from gnnmegatron.data.verify import check_store
+
     for src in inputs:
-        ds = GraphStore(src)  # validates
+        ds = GraphStore(src)  # validates the metadata
+        quick = check_store(src)  # and that every shard file holds its chunks (indices only, nothing decoded)
+        if not quick["ok"]:
+            raise StoreError(f"input {src} is damaged ({'; '.join(quick['problems'][:3])}"
+                             f"{'; ...' if len(quick['problems']) > 3 else ''}); repair or re-import it before joining")
         md = ds._attrs
         parts = ds._parts or [ds]
         part_paths = ([Path(src) / e["path"] for e in md["shards"] if int(e["num_graphs"]) > 0]

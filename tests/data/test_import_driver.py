@@ -22,7 +22,7 @@ from gnnmegatron.data.import_driver import import_dataset
 from gnnmegatron.data.importers import import_ase
 from gnnmegatron.data.manifest import join_datasets
 from gnnmegatron.data.sampler import ChunkAwareSampler, GraphLoader
-from gnnmegatron.data.store import GraphStore
+from gnnmegatron.data.store import GraphStore, StoreError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -213,6 +213,12 @@ def test_join_datasets_remaps_sources(files, parallel_dataset, tmp_path):
     np.testing.assert_array_equal(ds[45]["positions"], db[5]["positions"])
     assert ds.structure_ids([45]) == db.structure_ids([5]) and ds[10]["energy"] == da[10]["energy"]
     assert ds.metadata["counts"]["per_source"] == [20, 40, 20]
+    # a damaged input (a shard file of positions deleted) is refused, naming it; nothing is written
+    victim = next(p for p in sorted(b.glob("shard-*/positions/c/*/*")) if p.is_file())
+    victim.unlink()
+    with pytest.raises(StoreError, match=rf"input {b} is damaged .*positions: shard file \d+ missing"):
+        join_datasets([a, b], tmp_path / "broken.zarr")
+    assert not (tmp_path / "broken.zarr").exists()
 
 
 def test_every_record_rejected_gives_an_empty_dataset_and_a_full_log(tmp_path):
