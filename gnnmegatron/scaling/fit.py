@@ -618,13 +618,33 @@ def source_loss_key(loss_key: str, source: str) -> str:
 
 
 def load_records(path: Union[str, Path]) -> list:
-    """Read run records from a JSON list, a JSON object with a ``"runs"`` list, or JSON lines."""
-    text = Path(path).read_text()
+    """Read run records from a JSON list, a JSON object with a ``"runs"`` list, or JSON lines.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not JSON (names the line), or not JSON objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"run records {path} do not exist (a sweep writes <out_dir>/runs.jsonl)")
+    text = path.read_text()
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return data["runs"] if isinstance(data, dict) else list(data)
+        records = []
+        for k, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {k} is not JSON ({exc.msg}, column {exc.colno}); run records are "
+                                 f"a JSON list, an object with a 'runs' list, or one JSON object per line") from None
+        data = records
+    if isinstance(data, dict):  # {"runs": [...]}, or JSON lines holding one record
+        data = data["runs"] if "runs" in data else [data]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path}: run records must be JSON objects (one per run)")
+    return list(data)
 
 
 def clean_records(records: Iterable[dict], loss_key: str = "val_loss", n_key: str = "params",

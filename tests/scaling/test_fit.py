@@ -162,3 +162,24 @@ def test_fit_records_is_json_and_groups_runs():
     joint = fit_from_dict(back["joint"])  # round trip keeps predict and residuals
     np.testing.assert_allclose(joint.residuals, back["joint"]["residuals"], atol=1e-12)
     assert estimate_flops_per_param_per_atom(recs) == pytest.approx(8.0)
+
+
+def test_load_records_errors_name_the_file_and_line(tmp_path):
+    from gnnmegatron.scaling.fit import load_records
+
+    with pytest.raises(FileNotFoundError, match=r"run records .*nothere.jsonl do not exist"):
+        load_records(tmp_path / "nothere.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"params": 1, "val_loss": 0.5}\n{"params": 2\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 2 is not JSON"):
+        load_records(bad)
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"params": 1}\n')
+    assert load_records(one) == [{"params": 1}]  # JSON lines with a single record
+    wrapped = tmp_path / "runs.json"
+    wrapped.write_text('{"runs": [{"params": 3}]}')
+    assert load_records(wrapped) == [{"params": 3}]
+    numbers = tmp_path / "numbers.json"
+    numbers.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be JSON objects"):
+        load_records(numbers)
