@@ -209,8 +209,21 @@ def _cmd_plan(args) -> int:
     from gnnmegatron.bench.plan import format_plan, parse_memory, plan, with_tp_default
     from gnnmegatron.models.presets import get_preset
 
+    positive = {"--gpus": args.gpus, "--atoms-per-gpu": args.atoms_per_gpu, "--edges-per-atom": args.edges_per_atom,
+                "--tflops": args.tflops, "--per-node": args.per_node, "--limit": args.limit}
+    bad = [f"{k} {v}" for k, v in positive.items() if not v > 0]
+    if bad:
+        raise ValueError(f"plan: {', '.join(bad)}: must be > 0")
+    if not 0 <= args.tp_serial_fraction < 1:
+        raise ValueError(f"plan: --tp-serial-fraction {args.tp_serial_fraction} must be in [0, 1)")
+    try:
+        memory = parse_memory(args.gpu_mem)
+    except ValueError:
+        raise ValueError(f"plan: --gpu-mem {args.gpu_mem!r} is not a size (e.g. 80GB, 141GB, 96GiB)") from None
+    if not memory > 0:
+        raise ValueError(f"plan: --gpu-mem {args.gpu_mem!r} must be > 0")
     cfg = with_tp_default(get_preset(args.preset))
-    device = Device(args.device_name, args.tflops * 1e12, parse_memory(args.gpu_mem), per_node=args.per_node,
+    device = Device(args.device_name, args.tflops * 1e12, memory, per_node=args.per_node,
                     intra=LINKS[args.intra], inter=LINKS[args.inter], tp_serial_fraction=args.tp_serial_fraction)
     workload = Workload(args.atoms_per_gpu, args.edges_per_atom, conservative=cfg.force_mode == "conservative")
     rows = plan(cfg, args.gpus, device, workload, limit=args.limit)

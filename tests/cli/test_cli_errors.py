@@ -47,3 +47,13 @@ def test_predict_input_errors_name_the_file(capsys, tmp_path):
             list(structures)
     with pytest.raises(Exception, match=r"--index 'abc' is not a frame selection"):
         iter_input_structures(str(short), index="abc")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus", "0"], "plan: --gpus 0: must be > 0"),
+    (["--gpus", "8", "--gpu-mem", "-1"], "plan: --gpu-mem '-1' must be > 0"),
+    (["--gpus", "8", "--gpu-mem", "lots"], "plan: --gpu-mem 'lots' is not a size"),
+    (["--gpus", "8", "--per-node", "0"], "plan: --per-node 0: must be > 0"),
+])
+def test_plan_validates_its_numbers(capsys, argv, message):
+    assert message in _error(capsys, ["plan", "--preset", "tpegnn-small", *argv])
