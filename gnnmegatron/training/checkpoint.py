@@ -105,7 +105,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 EXECUTION_FIELDS = ("execution", "ops_backend")
 
 
-def check_model_compatible(path: Path, saved_model_config: dict, model_config: dict) -> None:
+def check_model_compatible(path: Path, saved_model_config: dict, model_config: dict,
+                           remedy: str = "use the matching config or a new run_dir") -> None:
     """Raises CheckpointError naming each differing model field (execution settings excepted).
 
     Fields added to ``ModelConfig`` after a checkpoint was written take their defaults, so older
@@ -125,7 +126,7 @@ def check_model_compatible(path: Path, saved_model_config: dict, model_config: d
             for k in keys if saved_model_config.get(k) != model_config.get(k)]
     if diff:
         raise CheckpointError(f"checkpoint {path} was written by another model ({'; '.join(diff)}); "
-                              f"use the matching config or a new run_dir")
+                              f"{remedy}")
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:

@@ -59,6 +59,10 @@ def load_model(trainer, path: Path) -> dict[str, Any]:
     return state
 
 
+_INIT_REMEDY = ("train.init_from takes the weights of a checkpoint of the same model; point it at one, or make "
+                "the model section match it")
+
+
 def init_weights(trainer, path: Path) -> None:
     """``train.init_from``: model weights only, step 0, fresh optimizer (a sharded directory, a run
     directory, or a single-file checkpoint of an earlier release)."""
@@ -66,12 +70,12 @@ def init_weights(trainer, path: Path) -> None:
         path = sc.find_resume(path)[0] or path
     if sc.is_sharded_checkpoint(path):
         info = sc.read_meta(path)
-        ckpt.check_model_compatible(path, info["model_config"], trainer.model_cfg.to_dict())
+        ckpt.check_model_compatible(path, info["model_config"], trainer.model_cfg.to_dict(), _INIT_REMEDY)
         sc.load_sharded(path, model_state(trainer.model))
         step, layout = info.get("step"), info.get("layout")
     else:
         state = ckpt.load_checkpoint(path)
-        ckpt.check_model_compatible(path, state["model_config"], trainer.model_cfg.to_dict())
+        ckpt.check_model_compatible(path, state["model_config"], trainer.model_cfg.to_dict(), _INIT_REMEDY)
         load_full_into(trainer.model, state["model"], str(path))
         step, layout = state.get("step"), state.get("layout")
     if trainer.rank == 0:

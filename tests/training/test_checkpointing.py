@@ -310,7 +310,8 @@ def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(emt_store, tmp_
         Trainer(_cfg(tmp_path / "typo.zarr", run, max_steps=2), resume="overwrite")
     bad = _cfg(emt_store, run, max_steps=2, init_from=str(run))
     bad.model["hidden"] = 24
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"another model \(hidden: checkpoint=.* config=24.*train.init_from "
+                                              r"takes the weights of a checkpoint of the same model"):
         Trainer(bad, resume="overwrite")
     assert _steps(run) == [2] and (run / "metrics.jsonl").read_text() == metrics
     Trainer(_cfg(emt_store, run, max_steps=2), resume="overwrite")  # a run that starts does delete them
