@@ -40,16 +40,23 @@ def fit_reference_energies(store, indices, max_z: int, max_graphs: int = 20000, 
     rows, energies, f_sq, f_count, seen = [], [], 0.0, 0, set()
     for start in range(0, len(chosen), read_batch):
         for s in store.get_many(chosen[start:start + read_batch]):
+            where = f"graph {s.get('index')} of {getattr(store, 'path', 'the store')}"
             z = np.asarray(s["atomic_numbers"], dtype=np.int64)
             if z.max(initial=0) > max_z:
-                raise ValueError(f"structure with atomic number {int(z.max())} exceeds the model's max_z={max_z}")
+                raise ValueError(f"{where}: atomic number {int(z.max())} exceeds the model's max_z={max_z}")
             seen.update(np.unique(z).tolist())
             if s.get("forces") is not None:
                 f = np.asarray(s["forces"], dtype=np.float64)
+                if not np.isfinite(f).all():
+                    raise ValueError(f"{where}: its forces are not finite; the store is damaged "
+                                     f"(`gnnmegatron data info --verify` checks it), re-import the data")
                 f_sq += float((f * f).sum())
                 f_count += f.size
             if s.get("energy") is None:
                 continue
+            if not np.isfinite(float(s["energy"])):
+                raise ValueError(f"{where}: its energy is {float(s['energy'])}; the store is damaged "
+                                 f"(`gnnmegatron data info --verify` checks it), re-import the data")
             rows.append(np.bincount(z, minlength=max_z + 1))
             energies.append(float(s["energy"]))
     if not rows:

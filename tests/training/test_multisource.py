@@ -199,3 +199,26 @@ def test_embedded_second_source_is_emt_on_another_reference(tmp_path):
         assert np.array_equal(a["forces"], b["forces"])
     with pytest.raises(ValueError, match=r"unknown chemical symbol\(s\) \['Xx'\]"):
         generate_emt_source(tmp_path / "bad.zarr", emt, {"Xx": 1.0})
+
+
+def test_reference_fit_names_a_graph_with_an_infinite_label(emt_store, tmp_path):
+    """A store edited outside the writers (an infinite energy, then NaN forces): the fit names the graph
+    and the store instead of failing later with non-finite reference energies."""
+    import shutil
+
+    import zarr
+
+    from gnnmegatron.data.store import GraphStore
+    from gnnmegatron.training.baselines import fit_reference_energies
+
+    path = tmp_path / "edited.zarr"
+    shutil.copytree(emt_store, path)
+    zarr.open_array(str(path / "energy"), mode="r+")[3] = float("inf")
+    with pytest.raises(ValueError, match=rf"graph 3 of {path}: its energy is inf; the store is damaged"):
+        fit_reference_energies(GraphStore(path), np.arange(10), 100)
+    shutil.rmtree(path)
+    shutil.copytree(emt_store, path)
+    forces = zarr.open_array(str(path / "forces"), mode="r+")
+    forces[0] = [float("inf"), 0.0, 0.0]
+    with pytest.raises(ValueError, match=rf"graph 0 of {path}: its forces are not finite"):
+        fit_reference_energies(GraphStore(path), np.arange(10), 100)
