@@ -173,12 +173,26 @@ def _brute(pos_w, frac_off, ptr, counts, img_start, img_count, img_shift, img_ve
         j = ptr[g] + rem // m
         k = img_start[g] + rem % m
         d2 = (pos_w[j] - pos_w[i] + img_vec[k]).square().sum(dim=1)
+        _refuse_coincident(i, j, d2, ptr)
         keep = (d2 < rc2) & (d2 > 0)
         i, j, k = i[keep], j[keep], k[keep]
         dst_l.append(i)
         src_l.append(j)
         sh_l.append(img_shift[k] + frac_off[i] - frac_off[j])
     return dst_l, src_l, sh_l
+
+
+def _refuse_coincident(i, j, d2, ptr) -> None:
+    """ValueError for two different atoms at the same position (distance 0 is dropped from the edges,
+    so such a structure would otherwise get an energy as if one of them were far away)."""
+    same = (d2 == 0) & (i != j)
+    if bool(same.any()):
+        k = int(torch.nonzero(same)[0, 0])
+        a, b = int(i[k]), int(j[k])
+        g = int(torch.searchsorted(ptr, torch.tensor(a, device=ptr.device), right=True)) - 1
+        start = int(ptr[g])
+        raise ValueError(f"graph {g}: atoms {a - start} and {b - start} are at the same position (or one sits "
+                         f"on the other's periodic image); the structure is broken (duplicated atoms?)")
 
 
 def _cell_list(pos_w, frac, frac_off, batch, ptr, counts, fmin, fmax, reach, pbc,
@@ -273,6 +287,7 @@ def _cell_list(pos_w, frac, frac_off, batch, ptr, counts, fmin, fmax, reach, pbc
         pidx = s[seg] + within
         centre = c0 + seg // 27
         d2 = (pts[pidx] - pos_w[centre]).square().sum(dim=1)
+        _refuse_coincident(centre, p_atom[pidx], d2, ptr)
         keep = (d2 < rc2) & (d2 > 0)
         centre, pidx = centre[keep], pidx[keep]
         src = p_atom[pidx]

@@ -225,6 +225,37 @@ def _labels(structs: list[dict], batch: dict, periodic: np.ndarray) -> dict[str,
             "stress": torch.from_numpy(np.nan_to_num(stress)), "has_stress": torch.from_numpy(has_s)}
 
 
+def _structure_named(exc: Exception, structs: list[dict]) -> str:
+    """``exc``'s message with a batch-local "graph K"/"structure K" replaced by the structure's index."""
+    import re
+
+    def name(m):
+        k = int(m.group(2))
+        return f"structure {structs[k].get('index', k)}" if k < len(structs) else m.group(0)
+    return re.sub(r"\b(graph|structure) (\d+)", name, str(exc), count=1)
+
+
+def _refuse_close_atoms(batch: dict, structs: list[dict], input_desc: str) -> None:
+    """ValueError for atoms closer than ``MIN_DISTANCE`` (as the stores refuse at import)."""
+    from gnnmegatron.data.schema import MIN_DISTANCE
+
+    ei = batch["edge_index"]
+    if ei.shape[1] == 0:
+        return
+    cell = batch["cell"].double()[batch["batch"][ei[0]]]
+    vec = (batch["positions"].double()[ei[1]] - batch["positions"].double()[ei[0]]
+           + torch.einsum("ek,ekl->el", batch["edge_shift"].double(), cell))
+    d = torch.linalg.vector_norm(vec, dim=1)
+    close = d < MIN_DISTANCE
+    if bool(close.any()):
+        e = int(torch.nonzero(close)[0, 0])
+        i, j = int(ei[0, e]), int(ei[1, e])
+        g = int(batch["batch"][i])
+        start = int(batch["ptr"][g])
+        raise ValueError(f"{input_desc}: structure {structs[g].get('index', g)}: atoms {i - start} and {j - start} "
+                         f"are {float(d[e]):.3g} Å apart, closer than {MIN_DISTANCE} Å; the structure is broken")
+
+
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
     np.savez(tmp, **arrays)
@@ -326,7 +357,11 @@ def predict(model_path, inputs, out_path, *, batch_atoms: int = 4096, device: st
                         f"model has never seen (it knows {known_desc})")
             geometry = [dict({k: s.get(k) for k in ("atomic_numbers", "positions", "cell", "pbc")},
                              source=source_id or 0) for s in batch_structs]
-            batch = collate(geometry, cutoff, dtype=dtype, device=device)
+            try:
+                batch = collate(geometry, cutoff, dtype=dtype, device=device)
+            except ValueError as exc:  # non-finite values, coincident atoms: name the input and the structure
+                raise ValueError(f"{input_desc}: {_structure_named(exc, batch_structs)}") from None
+            _refuse_close_atoms(batch, batch_structs, input_desc)
             periodic = batch["pbc"].all(dim=1).cpu().numpy()
             with torch.no_grad():
                 out = model(batch, compute_forces=True, compute_stress=conservative and bool(periodic.any()))

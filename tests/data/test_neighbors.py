@@ -95,6 +95,19 @@ def test_mixed_pbc_and_zero_nonperiodic_row(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_two_atoms_at_one_position_are_refused(method):
+    """Distance 0 is not an edge, so coincident atoms would silently look far apart: an error naming
+    the graph and the atoms (graph 1 here, atoms 2 and 0; or on a periodic image in graph 0)."""
+    ok = (np.array([[0.0, 0, 0], [1.5, 0, 0]]), np.zeros((3, 3)), np.zeros(3, bool))
+    dup = (np.array([[0.0, 0, 0], [1.5, 0, 0], [0.0, 0, 0]]), np.zeros((3, 3)), np.zeros(3, bool))
+    with pytest.raises(ValueError, match=r"graph 1: atoms (2 and 0|0 and 2) are at the same position"):
+        run([ok, dup], 3.0, method)
+    image = (np.array([[0.0, 0, 0], [4.0, 0, 0]]), np.eye(3) * 4.0, np.ones(3, bool))  # atom 1 on atom 0's image
+    with pytest.raises(ValueError, match=r"graph 0: atoms (1 and 0|0 and 1) are at the same position"):
+        run([image], 3.0, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_molecule_isolated_and_one_atom(method):
     rng = np.random.default_rng(4)
     mol = (rng.normal(size=(7, 3)) * 1.5, np.zeros((3, 3)), np.zeros(3, bool))

@@ -107,3 +107,23 @@ def test_predict_refuses_unknown_elements_and_direct_models_have_no_stress(tiny_
     assert "stress" not in p and p["forces"].shape == (8, 3) and summary["stress_mae"] is None
     with pytest.raises(ValueError, match=".npz"):
         predict(tiny_run.checkpoint, [cu_au_cell()], tmp_path / "x.xyz", progress=False)
+
+
+def test_predict_names_the_file_and_structure_of_broken_geometry(tmp_path):
+    """NaN positions, atoms 0.02 Å apart and two atoms on one spot: errors naming the input and the
+    structure's index in it, not predictions."""
+    model = random_model()
+    good = cu_au_cell()
+    for name, edit, message in (
+            ("nan", lambda p: p.__setitem__((0, 0), np.nan), "structure 2: field 'positions' has non-finite"),
+            ("close", lambda p: p.__setitem__(1, p[0] + [0.02, 0, 0]), r"structure 2: atoms 0 and 1 are 0.02 Å apart"),
+            ("same", lambda p: p.__setitem__(1, p[0]), r"structure 2: atoms (0 and 1|1 and 0) are at the same position")):
+        broken = good.copy()
+        pos = broken.positions.copy()
+        edit(pos)
+        broken.positions = pos
+        path = tmp_path / f"{name}.extxyz"
+        write(path, [good, good, broken])
+        with pytest.raises(ValueError, match=rf"file {path} \(index ':'\): {message}"):
+            predict(model, str(path), tmp_path / f"{name}.npz", progress=False, batch_atoms=10_000)
+        assert not (tmp_path / f"{name}.npz").exists()
