@@ -31,12 +31,14 @@ by rename) and prunes. A save killed at any point leaves the previous checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -345,8 +347,9 @@ def save_sharded(run_dir: Path, step: int, state: dict[str, Any], info: dict[str
 
     SavePlanner, _ = _planners()
     try:
-        dcp.save(state, storage_writer=FileSystemWriter(str(partial), sync_files=True), planner=SavePlanner(),
-                 process_group=group, no_dist=not dist.is_initialized())
+        with _single_process_quiet():
+            dcp.save(state, storage_writer=FileSystemWriter(str(partial), sync_files=True), planner=SavePlanner(),
+                     process_group=group, no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as exc:  # disk full, permissions...: the last checkpoint is intact
         raise CheckpointError(f"writing checkpoint step {step} into {partial} failed ({_cause(exc)}); the previous "
                               f"checkpoint and 'latest' are untouched, and the next save removes the partial "
@@ -412,6 +415,16 @@ def _metadata(path: Path):
                               f"damaged, resume from an earlier one") from exc
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save and load that it assumes a single process (which
+    ``no_dist`` says already); inference loads print it once per checkpoint. Silenced there only."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def load_sharded(path: Path, state: dict[str, Any], *, group=None, missing_ok: tuple[str, ...] = ()) -> dict:
     """Fill ``state`` (``ShardedTensorPieces``, tensors, ``None`` placeholders for pickled values)
     from checkpoint ``path``: each rank reads the regions its pieces cover. Collective.
@@ -440,8 +453,9 @@ def load_sharded(path: Path, state: dict[str, Any], *, group=None, missing_ok: t
 
     _, LoadPlanner = _planners()
     try:
-        dcp.load(state, storage_reader=FileSystemReader(str(path)), planner=LoadPlanner(),
-                 process_group=group, no_dist=not dist.is_initialized())
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=FileSystemReader(str(path)), planner=LoadPlanner(),
+                     process_group=group, no_dist=not dist.is_initialized())
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
