@@ -75,6 +75,17 @@ class Trainer:
     """
 
     def __init__(self, cfg: PretrainConfig, resume: str = "auto"):
+        run_dir = Path(cfg.run_dir)
+        created = not run_dir.exists()
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            if created:  # a run that could not start leaves no empty run directory behind
+                with contextlib.suppress(OSError):  # not empty, or another rank removed it first
+                    run_dir.rmdir()
+            raise
+
+    def _setup(self, cfg: PretrainConfig, resume: str) -> None:
         self.cfg = cfg
         self.rank, self.world = init_distributed(cfg.train.collective_timeout_s)
         par = cfg.parallel.resolve(self.world)

@@ -314,6 +314,10 @@ def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(emt_store, tmp_
                                               r"takes the weights of a checkpoint of the same model"):
         Trainer(bad, resume="overwrite")
     assert _steps(run) == [2] and (run / "metrics.jsonl").read_text() == metrics
+    fresh = tmp_path / "fresh" / "run"
+    with pytest.raises(Exception, match="typo.zarr"):
+        Trainer(_cfg(tmp_path / "typo.zarr", fresh, max_steps=2), resume="auto")
+    assert not fresh.exists()  # a run that cannot start leaves no empty run directory
     Trainer(_cfg(emt_store, run, max_steps=2), resume="overwrite")  # a run that starts does delete them
     assert not (run / "checkpoints").exists()
     assert not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text() == ""
