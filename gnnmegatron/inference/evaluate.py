@@ -136,7 +136,7 @@ def evaluate_checkpoint(model_path, stores: list[str] | None = None, *, split: s
         idx = _indices(info, store_path, split, name if multi else None)
         points = parity.setdefault(name, {"e_pred": [], "e_ref": [], "f_pred": [], "f_ref": []})
         structures = (s for start in range(0, len(idx), 1024) for s in store.get_many(idx[start:start + 1024]))
-        known = info.source_elements(name if multi else None)
+        known = _known_elements(info, sid, name if multi else None, store, store_path)
         for chunk in batches_by_atoms(structures, batch_atoms):
             if known is not None:
                 _check_elements(chunk, set(known), store_path)
@@ -175,6 +175,21 @@ def evaluate_checkpoint(model_path, stores: list[str] | None = None, *, split: s
         out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         result["out"] = str(out)
     return result
+
+
+def _known_elements(info, sid: int, source: str | None, store, store_path) -> list[int] | None:
+    """Elements the model trained on for this source: those of the sampled training graphs (the
+    reference-energy fit reads at most ``data.stats_graphs``), and, when ``store_path`` is that source's
+    own training store, every element its metadata lists (the trainer trained on all of its graphs)."""
+    known = info.source_elements(source)
+    if known is None:
+        return None
+    data = info.config.get("data") or {}
+    entries = data.get("sources") or [{"store": data.get("store")}]
+    own = entries[sid].get("store") if sid < len(entries) else None
+    if own and Path(own).resolve() == Path(store_path).resolve():
+        known = sorted(set(known) | {int(z) for z in store.metadata.get("elements", [])})
+    return known
 
 
 def _check_elements(structures: list[dict], known: set[int], store_path) -> None:

@@ -63,3 +63,25 @@ def test_evaluate_refuses_elements_the_model_never_saw(tiny_run, tmp_path, capsy
     err = capsys.readouterr().err
     assert f"graph 2 of {store} contains O (Z=8), which the model has never seen" in err
     assert not out.exists() and not out.with_suffix(".png").exists()
+
+
+def test_evaluate_accepts_elements_of_its_own_store_that_the_reference_sample_missed(emt_store, tmp_path, capsys):
+    """data.stats_graphs = 1: the reference fit sees one graph's elements, the trainer trains on all of
+    the store; evaluating on that store is not refused for the elements the sample missed."""
+    from gnnmegatron.data.store import GraphStore
+    from gnnmegatron.inference.loading import load_model
+    from gnnmegatron.training.config import config_from_dict
+    from gnnmegatron.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    cfg = config_from_dict({
+        "run_dir": str(run), "seed": 2,
+        "data": {"store": str(emt_store), "cutoff": 4.0, "budget_atoms": 48, "splits": [0.8, 0.2, 0.0],
+                 "prefetch": 0, "stats_graphs": 1},
+        "model": {"preset": "egnn-tiny"},
+        "train": {"max_steps": 1, "eval_every": 1, "checkpoint_every": 1, "progress": False}})
+    Trainer(cfg, resume="never").fit()
+    capsys.readouterr()
+    _, info = load_model(run)
+    assert set(info.elements) < set(GraphStore(emt_store).metadata["elements"])  # the sample missed some
+    assert main(["evaluate", str(run), str(emt_store), "--out", str(tmp_path / "e.json")]) == 0
