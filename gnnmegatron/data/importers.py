@@ -48,17 +48,21 @@ def _parse_index(index) -> int | slice:
     return string2index(index) if isinstance(index, str) else index
 
 
-def iter_frames(path: str, index=":", format: str | None = None) -> Iterator[tuple[str, Atoms]]:
+def iter_frames(path: str, index=":", format: str | None = None, *,
+                require_frames: bool = True) -> Iterator[tuple[str, Atoms]]:
     """Stream ``(label, atoms)`` pairs from one input; ``label`` names the frame in error messages.
 
     ``label`` is "frame K" with K the 0-based frame index in the file when it is known (non-negative
     slice or integer index), "item K of index=..." otherwise, and "row id=R (item K)" for databases.
+    An ``index`` other than ":" that selects no frame raises ``NoFrameSelected`` when
+    ``require_frames`` (one input: the selection is wrong), and yields nothing otherwise (one of
+    several inputs applying the same selection may be shorter).
     """
     sel = _parse_index(index)
     count = 0
     for count, item in enumerate(_iter_selected(path, sel, index, format), 1):
         yield item
-    if count == 0 and not (isinstance(sel, slice) and sel == slice(None)):
+    if count == 0 and require_frames and not (isinstance(sel, slice) and sel == slice(None)):
         raise NoFrameSelected(path, f"index {index!r} selects no frame of it (past its last frame?); "
                                     f"':' takes them all")
 
@@ -215,7 +219,7 @@ def import_ase(inputs: str | Sequence[str], out_path, *, source_names: Sequence[
             for src, (path, name) in enumerate(zip(inputs, names)):
                 stats = per_source[name]
                 bar.set_postfix_str(Path(path).name)
-                for label, atoms in iter_frames(path, index=index, format=format):
+                for label, atoms in iter_frames(path, index=index, format=format, require_frames=len(inputs) == 1):
                     where = f"input {path!r} {label}"
                     try:
                         s = atoms_to_structure(atoms, source=src, energy_key=energy_key,

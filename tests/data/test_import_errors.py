@@ -133,3 +133,16 @@ def test_an_index_past_the_last_frame_is_an_error_not_an_empty_store(capsys, inp
     with pytest.raises(NoFrameSelected, match=r"ok.extxyz: index '7:9' selects no frame"):
         list(iter_frames(str(inputs / "ok.extxyz"), index="7:9"))
     assert len(list(iter_frames(str(inputs / "ok.extxyz"), index="0"))) == 1
+    # several inputs share one selection: a shorter file adds nothing instead of stopping the import
+    two = inputs / "two.extxyz"
+    two.write_text((inputs / "ok.extxyz").read_text() * 2)
+    both = inputs / "both.zarr"
+    rc, err = _run(capsys, "import", inputs / "ok.extxyz", two, "--index", "1", "--out", both, "--no-progress")
+    assert rc == 0, err
+    from gnnmegatron.data.store import GraphStore
+
+    assert len(GraphStore(both)) == 1
+    from gnnmegatron.data.importers import import_ase
+
+    assert import_ase([str(inputs / "ok.extxyz"), str(two)], inputs / "py.zarr", index="1",
+                      progress=False)["num_graphs"] == 1

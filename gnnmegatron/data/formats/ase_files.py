@@ -85,14 +85,15 @@ class AseFormat(SourceFormat):
         return False  # ASE files often hold energies only; missing forces are stored as absent
 
     def plan(self, files, opts: ImportOptions) -> list[dict]:
-        return [{"file": str(f), "source": k, "work": 1, "unit": "files"} for k, f in enumerate(files)]
+        return [{"file": str(f), "source": k, "work": 1, "unit": "files", "single": len(files) == 1}
+                for k, f in enumerate(files)]
 
     def read(self, task: dict, opts: ImportOptions) -> Iterator[tuple]:
         from gnnmegatron.data.importers import NoFrameSelected, atoms_to_structure, iter_frames
 
         path = task["file"]
         label = "first frame"
-        frames = iter_frames(path, index=opts.index, format=opts.ase_format)
+        frames = iter_frames(path, index=opts.index, format=opts.ase_format, require_frames=task.get("single", True))
         k = 0
         while True:
             try:
