@@ -41,6 +41,21 @@ def _shard_files_present(root: Path, name: str, rows: int, shard_rows: int, ndim
     return [k for k in range(n_shards) if not (root / name / "c" / f"{k}{suffix}").is_file()]
 
 
+def _refuse_unreadable_metadata(p: Path) -> None:
+    """StoreError when ``p`` holds zarr metadata that is not valid JSON (a damaged store), rather than
+    the "not a graph store" a valid zarr array or a plain folder gets."""
+    import json
+
+    for name in ("zarr.json", ".zgroup", ".zattrs"):
+        meta = p / name
+        if meta.is_file():
+            try:
+                json.loads(meta.read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise StoreError(f"{p}: its metadata {meta} is not valid JSON; the store is corrupt, re-import the "
+                                 f"data") from None
+
+
 class GraphStore:
     """Read-only random access to a graph store.
 
@@ -94,10 +109,8 @@ class GraphStore:
             raise StoreError(f"store {p} does not exist; create it with `gnnmegatron data import` "
                              "or GraphStoreWriter")
         attrs = _read_attrs(p)
-        meta = next((p / f for f in ("zarr.json", ".zattrs", ".zgroup") if (p / f).is_file()), None)
-        if attrs is None and meta is not None:
-            raise StoreError(f"{p}: its group metadata {meta} cannot be read (not valid JSON, or not a zarr group); "
-                             f"the store is corrupt, re-import the data")
+        if attrs is None:
+            _refuse_unreadable_metadata(p)
         if attrs is None or attrs.get("format") != STORE_FORMAT:
             raise StoreError(f"{p} is not a gnnmegatron graph store (no zarr group with "
                              f"format={STORE_FORMAT!r}); create it with GraphStoreWriter")

@@ -364,8 +364,12 @@ def test_unreadable_metadata_names_the_store_and_array(tmp_path):
         GraphStore(path)
     write(path, dataset(count=5), overwrite=True)
     (path / "zarr.json").write_text('{"zarr_format": 3, "attributes": {')
-    with pytest.raises(StoreError, match=r"group metadata .*zarr.json cannot be read.*re-import"):
+    with pytest.raises(StoreError, match=r"metadata .*zarr.json is not valid JSON; the store is corrupt"):
         GraphStore(path)
+    other = tmp_path / "t.zarr"
+    write(other, dataset(count=5))
+    with pytest.raises(StoreError, match="not a gnnmegatron graph store"):  # a valid zarr array: not corrupt
+        GraphStore(other / "energy")
 
 
 def test_reader_refuses_missing_foreign_and_unknown_version(tmp_path):
