@@ -41,6 +41,8 @@ def clear_run(trainer) -> None:
     """``--resume overwrite``: deletes the run's checkpoints and metrics. The trainer calls it at the end
     of its setup, so a run that cannot start (a missing store, a config error, another model's
     ``init_from``) leaves the previous run as it was."""
+    if dist.is_initialized():  # every rank has set up (one that failed never arrives): only then delete
+        dist.barrier()
     if trainer.rank == 0:
         shutil.rmtree(trainer.run_dir / "checkpoints", ignore_errors=True)
         (trainer.run_dir / "metrics.jsonl").unlink(missing_ok=True)
