@@ -104,9 +104,9 @@ def iter_input_structures(inputs, *, indices: Sequence[int] | None = None, index
             from ase.io.formats import UnknownFileTypeError
 
             try:
-                for k, (_, atoms) in enumerate(iter_frames(str(inputs), index=index, format=format)):
-                    yield dict(atoms_to_structure(atoms), index=k)
-            except (UnknownFileTypeError, OSError, StopIteration) as exc:  # ASE's readers: unknown type, bad frame
+                for k, (label, atoms) in enumerate(iter_frames(str(inputs), index=index, format=format)):
+                    yield dict(atoms_to_structure(atoms), index=k, label=label)
+            except (UnknownFileTypeError, OSError, RuntimeError) as exc:  # ASE's readers: unknown type, bad frame
                 kind = "unknown file type" if isinstance(exc, UnknownFileTypeError) else type(exc).__name__
                 what = (f"a directory that is not a graph store (`gnnmegatron data info {inputs}` says why) and "
                         f"cannot be read by ASE" if path.is_dir() else "cannot be read as an ASE file")
@@ -225,14 +225,21 @@ def _labels(structs: list[dict], batch: dict, periodic: np.ndarray) -> dict[str,
             "stress": torch.from_numpy(np.nan_to_num(stress)), "has_stress": torch.from_numpy(has_s)}
 
 
+def _name(s: dict, k: int) -> str:
+    """How an error names a structure: its frame in the file ("frame 3"), else its index in the input."""
+    return s.get("label") or f"structure {s.get('index', k)}"
+
+
 def _structure_named(exc: Exception, structs: list[dict]) -> str:
-    """``exc``'s message with a batch-local "graph K"/"structure K" replaced by the structure's index."""
+    """``exc``'s message with its batch-local "graph K"/"structure K" replaced by the structure's name
+    (and collate's batch-to-store index note dropped: the name says it)."""
     import re
 
     def name(m):
         k = int(m.group(2))
-        return f"structure {structs[k].get('index', k)}" if k < len(structs) else m.group(0)
-    return re.sub(r"\b(graph|structure) (\d+)", name, str(exc), count=1)
+        return _name(structs[k], k) if k < len(structs) else m.group(0)
+    text = re.sub(r" \[batch-local graph -> store index: .*\]$", "", str(exc))
+    return re.sub(r"\b(graph|structure) (\d+)", name, text, count=1)
 
 
 def _refuse_close_atoms(batch: dict, structs: list[dict], input_desc: str) -> None:
@@ -252,8 +259,8 @@ def _refuse_close_atoms(batch: dict, structs: list[dict], input_desc: str) -> No
         i, j = int(ei[0, e]), int(ei[1, e])
         g = int(batch["batch"][i])
         start = int(batch["ptr"][g])
-        raise ValueError(f"{input_desc}: structure {structs[g].get('index', g)}: atoms {i - start} and {j - start} "
-                         f"are {float(d[e]):.3g} Å apart, closer than {MIN_DISTANCE} Å; the structure is broken")
+        raise ValueError(f"{input_desc}: {_name(structs[g], g)}: atoms {i - start} and {j - start} are "
+                         f"{float(d[e]):.3g} Å apart, closer than {MIN_DISTANCE} Å; the structure is broken")
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
