@@ -624,9 +624,10 @@ def load_records(path: Union[str, Path]) -> list:
         FileNotFoundError: no such file. ValueError: not JSON (names the line), or not JSON objects.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"run records {path} do not exist (a sweep writes <out_dir>/runs.jsonl)")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"run records {path} do not exist (a sweep writes <out_dir>/runs.jsonl)") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

@@ -419,9 +419,11 @@ def _metadata(path: Path):
 def _single_process_quiet():
     """DCP warns on every single-process save and load that it assumes a single process (which
     ``no_dist`` says already); inference loads print it once per checkpoint. Silenced there only."""
+    if dist.is_initialized() or threading.current_thread() is not threading.main_thread():
+        yield  # catch_warnings swaps the process-wide filters: not from the asynchronous saver's thread
+        return
     with warnings.catch_warnings():
-        if not dist.is_initialized():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
 
 
