@@ -234,12 +234,14 @@ def _cmd_plan(args) -> int:
 def _cmd_bench(args) -> int:
     from gnnmegatron.bench.harness import run_config
 
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # checked before the run, not after it
+        raise ValueError(f"--out {args.out}: its folder does not exist")
     result = run_config(args.config, args.nproc, overrides=args.set, steps=args.steps, warmup=args.warmup,
                         memory=args.memory)
     text = json.dumps(result, indent=1)
+    print(text)  # first: the measurement is on screen even if writing --out fails
     if args.out:
         Path(args.out).write_text(text)
-    print(text)
     return 0
 
 

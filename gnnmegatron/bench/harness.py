@@ -221,12 +221,24 @@ def run_config(config: str | Path, world: int, *, overrides: list[str] | None = 
     ``start_together=(folder, n)``: this run is one of several run side by side (from threads of the
     caller) with ``n`` processes in all; each starts its measured steps only when all ``n`` have
     finished their warm-up."""
+    from gnnmegatron.training.config import load_config
+
     if memory not in ("resident", "live"):
         raise ValueError(f"memory={memory!r}: use 'resident' (the process's resident set) or 'live'")
+    bad = [f"{name}={value!r} must be an integer >= {low}" for name, value, low in
+           (("processes", world, 1), ("steps", steps, 1), ("warmup", warmup, 0))
+           if not (isinstance(value, int) and value >= low)]
+    if bad:
+        raise ValueError(f"benchmark of {config}: {'; '.join(bad)}")
+    # the config and its layout are checked here, before any process starts (a mistake is one message)
+    load_config(config, list(overrides or [])).parallel.resolve(world)
     env = {**(LIVE_MEMORY_ENV if memory == "live" else {}), **(env or {})}
     with tempfile.TemporaryDirectory(prefix="gnnmegatron-bench-") as tmp:
-        spec = {"config": str(config), "overrides": list(overrides or []), "steps": steps, "warmup": warmup,
-                "out": tmp, "start_together": list(start_together) if start_together else None}
+        # the ranks train in a run directory of their own: the config's run_dir (a trained run, say) is
+        # never touched (its trainer starts with resume="overwrite")
+        spec = {"config": str(config), "overrides": list(overrides or []) + [f"run_dir={Path(tmp) / 'run'}"],
+                "steps": steps, "warmup": warmup, "out": tmp,
+                "start_together": list(start_together) if start_together else None}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",

@@ -106,6 +106,15 @@ def test_harness_runs_a_config_in_fresh_processes(emt_store, tmp_path):
     }))
     with pytest.raises(ValueError, match="memory='heap'"):
         run_config(cfg, 2, memory="heap")
+    # bad input is one message before any process starts: a layout that does not divide, a step count
+    with pytest.raises(ValueError, match="world size 3 is not divisible by tp\\*pp=1\\*2=2"):
+        run_config(cfg, 3, overrides=["parallel.pp=2"])
+    with pytest.raises(ValueError, match="steps=0 must be an integer >= 1"):
+        run_config(cfg, 1, steps=0)
+    # the config's own run directory (a trained run, say) is left as it was
+    kept = tmp_path / "run" / "checkpoints" / "step_00000005"
+    kept.mkdir(parents=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 5}\n')
     # the live-memory mode (glibc returns freed blocks at once): the same measurements
     r = run_config(cfg, 2, overrides=["parallel.pp=2", "train.micro_batches=2"], steps=2, warmup=1, memory="live")
     assert r["memory_mode"] == "live"
@@ -115,6 +124,7 @@ def test_harness_runs_a_config_in_fresh_processes(emt_store, tmp_path):
     assert 2 ** 20 < min(r["rss_start_bytes_per_rank"]) <= min(r["rss_built_bytes_per_rank"])
     assert max(r["rss_warm_bytes_per_rank"]) <= max(r["peak_bytes_per_rank"])
     assert 0 < r["cpu_utilisation"] < 64  # cores kept busy by a rank: process CPU time over wall time
+    assert kept.is_dir() and (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 5}\n'
 
 
 def test_fixed_cost_per_micro_batch_splits_over_stages_not_tensor_ranks():

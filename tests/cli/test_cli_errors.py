@@ -57,3 +57,10 @@ def test_predict_input_errors_name_the_file(capsys, tmp_path):
 ])
 def test_plan_validates_its_numbers(capsys, argv, message):
     assert message in _error(capsys, ["plan", "--preset", "tpegnn-small", *argv])
+
+
+def test_bench_checks_its_input_before_starting_processes(capsys, tmp_path):
+    assert "config file" in _error(capsys, ["bench", str(tmp_path / "nope.yaml")])
+    assert "its folder does not exist" in _error(capsys, ["bench", str(tmp_path / "nope.yaml"), "--out",
+                                                          str(tmp_path / "missing" / "x.json")])
+    assert "steps=0 must be an integer >= 1" in _error(capsys, ["bench", str(tmp_path / "nope.yaml"), "--steps", "0"])
