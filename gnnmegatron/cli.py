@@ -429,31 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type, ...]:
-    """Exceptions that report bad input (a message, exit 2), not a bug (a traceback): value and
-    runtime errors, files that cannot be read or written (OSError: missing, a directory, not a
-    trajectory), unreadable YAML, unknown presets and ASE's unknown file types."""
-    import yaml
-
-    from gnnmegatron.models.presets import PresetNotFoundError
-
-    errors: list[type] = [ValueError, RuntimeError, OSError, yaml.YAMLError, PresetNotFoundError]
-    try:
-        from ase.io.formats import UnknownFileTypeError
-        errors.append(UnknownFileTypeError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except Exception as exc:
+        from gnnmegatron.training.errors import user_errors
         from gnnmegatron.training.faults import RankLost
 
-        if not isinstance(exc, _user_errors()):
+        if not isinstance(exc, user_errors()):
             raise
         if isinstance(exc, RankLost):  # another rank died: exit 3 so that a job script can tell
             print(f"gnnmegatron: error: {exc}", file=sys.stderr, flush=True)

@@ -106,6 +106,7 @@ class BudgetConfig:
     min_steps: int = 1
 
     def __post_init__(self):
+        _numbers(self, "budget", ("epochs", "atoms"), ("min_steps",))
         if self.rule not in BUDGET_RULES:
             raise SweepError(f"budget.rule must be one of {BUDGET_RULES}, got {self.rule!r}")
         if self.rule == "epochs" and (self.epochs is None or not self.epochs > 0):
@@ -114,6 +115,17 @@ class BudgetConfig:
             raise SweepError(f"budget rule 'atoms' needs budget.atoms > 0, got {self.atoms}")
         if self.min_steps < 1:
             raise SweepError(f"budget.min_steps must be >= 1, got {self.min_steps}")
+
+
+def _numbers(obj, where: str, reals: tuple[str, ...], integers: tuple[str, ...]) -> None:
+    """SweepError naming the first field that is not a number (an integer for ``integers``; None allowed
+    for ``reals``, as for optional budgets)."""
+    for name in reals + integers:
+        v = getattr(obj, name)
+        integer = name in integers
+        ok = (isinstance(v, int) if integer else (v is None or isinstance(v, (int, float)))) and not isinstance(v, bool)
+        if not ok:
+            raise SweepError(f"{where}.{name} must be {'an integer' if integer else 'a number'}, got {v!r}")
 
 
 @dataclass
@@ -135,6 +147,7 @@ class LRRule:
     min_warmup: int = 10
 
     def __post_init__(self):
+        _numbers(self, "lr_rule", ("base_lr", "width_exponent", "warmup_fraction"), ("base_width", "min_warmup"))
         if self.base_lr is not None and not self.base_lr > 0:
             raise SweepError(f"lr_rule.base_lr must be > 0 or null, got {self.base_lr}")
         if self.base_width < 1:
@@ -204,7 +217,21 @@ class SweepConfig:
             self.lr_rule = _build(LRRule, self.lr_rule, "lr_rule")
         if not isinstance(self.base, (str, dict)):
             raise SweepError(f"base must be a config path or a mapping, got {type(self.base).__name__}")
-        self.data_fractions = [float(f) for f in self.data_fractions]
+        if not isinstance(self.overrides, dict):
+            raise SweepError(f"overrides must be a mapping of config sections (e.g. {{data: {{budget_atoms: 256}}}}), "
+                             f"got {self.overrides!r}")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise SweepError(f"out_dir must be a folder path, got {self.out_dir!r}")
+        for key in ("presets", "models", "data_fractions"):
+            if not isinstance(getattr(self, key), list):
+                raise SweepError(f"{key} must be a list (e.g. {key}: [...]), got {getattr(self, key)!r}")
+        if self.grid is not None and not isinstance(self.grid, dict):
+            raise SweepError(f"grid must be a mapping {{preset, hidden: [...], layers: [...], name}}, got "
+                             f"{self.grid!r}")
+        try:
+            self.data_fractions = [float(f) for f in self.data_fractions]
+        except (TypeError, ValueError):
+            raise SweepError(f"data_fractions must be numbers in (0, 1], got {self.data_fractions!r}") from None
         if not self.data_fractions:
             raise SweepError("data_fractions is empty; give at least one fraction in (0, 1]")
         bad = [f for f in self.data_fractions if not 0 < f <= 1]
@@ -214,6 +241,7 @@ class SweepConfig:
             raise SweepError(f"data_fractions has repeats: {self.data_fractions}")
         if self.d_key not in (None, "atoms_seen", "train_atoms"):
             raise SweepError(f"d_key must be atoms_seen, train_atoms or null, got {self.d_key!r}")
+        _numbers(self, "sweep config", (), ("evals_per_run", "checkpoints_per_run"))
         if self.evals_per_run < 1 or self.checkpoints_per_run < 1:
             raise SweepError(f"evals_per_run and checkpoints_per_run must be >= 1, got "
                              f"{self.evals_per_run} and {self.checkpoints_per_run}")
@@ -237,6 +265,10 @@ class SweepConfig:
                 raise SweepError("grid needs a base 'preset' (e.g. egnn-small) whose hidden/layers it overrides")
             hidden = g.get("hidden") or [None]
             layers = g.get("layers") or [None]
+            for key, values in (("hidden", hidden), ("layers", layers)):
+                if not isinstance(values, list) or not all(v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                                                         and v > 0) for v in values):
+                    raise SweepError(f"grid.{key} must be a list of positive integers, got {values!r}")
             fmt = g.get("name", "h{hidden}-l{layers}")
             for h in hidden:
                 for n_layers in layers:
@@ -245,7 +277,12 @@ class SweepConfig:
                         model["hidden"] = int(h)
                     if n_layers is not None:
                         model["layers"] = int(n_layers)
-                    specs.append({"name": fmt.format(hidden=h, layers=n_layers, preset=g["preset"]), "model": model})
+                    try:
+                        name = str(fmt).format(hidden=h, layers=n_layers, preset=g["preset"])
+                    except (KeyError, IndexError, ValueError) as exc:
+                        raise SweepError(f"grid.name {fmt!r} cannot be filled in ({type(exc).__name__}: {exc}); it "
+                                         f"may use {{hidden}}, {{layers}} and {{preset}}") from None
+                    specs.append({"name": name, "model": model})
         for m in self.models:
             if not isinstance(m, dict) or "preset" not in m:
                 raise SweepError(f"each entry of models needs a 'preset' key, got {m!r}")
@@ -265,7 +302,12 @@ class SweepConfig:
             if not path.exists():
                 raise SweepError(f"base config {self.base!r} not found (looked in {self.base_dir} and the "
                                  f"working directory)")
-            values = yaml.safe_load(path.read_text()) or {}
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise SweepError(f"base config {path} is not valid YAML: {exc}") from None
+            if not isinstance(values, dict):
+                raise SweepError(f"base config {path} must hold a mapping at the top level")
         return _deep_merge(values, self.overrides)
 
 
@@ -290,9 +332,13 @@ def sweep_config_from_dict(values: dict[str, Any], base_dir: str | Path = ".") -
 def load_sweep_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
     """Reads a sweep YAML; a relative ``base`` path is looked up next to it."""
     path = Path(path)
-    if not path.exists():
-        raise SweepError(f"sweep config {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise SweepError(f"sweep config {path} {'is a folder' if path.is_dir() else 'does not exist'}; give the "
+                         f"sweep YAML file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SweepError(f"sweep config {path} is not valid YAML: {exc}") from None
     if not isinstance(values, dict):
         raise SweepError(f"sweep config {path} must hold a mapping at the top level")
     return sweep_config_from_dict(_deep_merge(values, overrides or {}), base_dir=path.parent)
@@ -804,9 +850,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = add_sweep_arguments(argparse.ArgumentParser(prog="python -m gnnmegatron.scaling.sweep",
                                                          description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
+    from gnnmegatron.training.errors import user_errors
+
     try:
         return cmd_sweep(args)
-    except ConfigError as exc:
+    except user_errors() as exc:  # bad input: one line (GNNMEGATRON_DEBUG=1 for the traceback)
+        if os.environ.get("GNNMEGATRON_DEBUG"):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -95,6 +95,15 @@ def test_lr_and_warmup_rules():
     ({"grid": None}, "the sweep has no models"),
     ({"bogus": 1}, "unknown key(s) ['bogus']"),
     ({"d_key": "edges_seen"}, "d_key must be atoms_seen, train_atoms or null, got 'edges_seen'"),
+    ({"presets": "egnn-tiny"}, "presets must be a list (e.g. presets: [...]), got 'egnn-tiny'"),
+    ({"data_fractions": 0.5}, "data_fractions must be a list"),
+    ({"data_fractions": ["half"]}, "data_fractions must be numbers in (0, 1], got ['half']"),
+    ({"overrides": 5}, "overrides must be a mapping of config sections"),
+    ({"grid": {"preset": "egnn-tiny", "hidden": [8], "name": "w{width}"}},
+     "grid.name 'w{width}' cannot be filled in (KeyError: 'width')"),
+    ({"grid": {"preset": "egnn-tiny", "hidden": ["wide"]}}, "grid.hidden must be a list of positive integers"),
+    ({"budget": {"rule": "epochs", "epochs": [1]}}, "budget.epochs must be a number, got [1]"),
+    ({"evals_per_run": [4]}, "sweep config.evals_per_run must be an integer, got [4]"),
 ])
 def test_bad_sweep_configs_name_the_numbers(tmp_path, change, message):
     with pytest.raises(SweepError) as err:
@@ -234,3 +243,23 @@ def test_study_summary_has_benchmark_fields(mini):
     assert {"machine", "command", "versions", "date", "rows", "summary"} <= set(s)
     assert len(s["rows"]) == 4 and s["summary"]["study_wall_s"] == 1.0 and "alpha" in s["summary"]
     assert np.isfinite(s["summary"]["total_flops"])
+
+
+def test_sweep_files_that_cannot_be_read_are_named(tmp_path, capsys):
+    (tmp_path / "syn.yaml").write_text("presets: [egnn-tiny\n")
+    with pytest.raises(SweepError, match=r"sweep config .*syn.yaml is not valid YAML"):
+        load_sweep_config(tmp_path / "syn.yaml")
+    with pytest.raises(SweepError, match="is a folder; give the sweep YAML file"):
+        load_sweep_config(tmp_path)
+    (tmp_path / "base.yaml").write_text("- not a mapping\n")
+    (tmp_path / "s.yaml").write_text("base: base.yaml\npresets: [egnn-tiny]\n")
+    with pytest.raises(SweepError, match=r"base config .*base.yaml must hold a mapping"):
+        load_sweep_config(tmp_path / "s.yaml").base_dict()
+    values = _sweep_dict("unused.zarr", tmp_path)
+    values["out_dir"] = 5
+    with pytest.raises(SweepError, match="out_dir must be a folder path, got 5"):
+        sweep_config_from_dict(values)
+    # the torchrun entry point prints bad input as one line, exit 2, as `gnnmegatron scaling sweep` does
+    assert sw.main([str(tmp_path / "syn.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep config") and "Traceback" not in err
