@@ -117,9 +117,19 @@ def _cmd_model_info(args) -> int:
 def _cmd_scaling_fit(args) -> int:
     from gnnmegatron.scaling.fit import fit_records, fit_records_per_source, load_records, summarize_fits
 
+    if Path(args.out).resolve() == Path(args.runs).resolve():
+        raise ValueError(f"--out {args.out} is the run records file itself; give another path for the fits")
+    if args.n_boot < 0:
+        raise ValueError(f"--n-boot must be >= 0 (0: no intervals), got {args.n_boot}")
     fit = fit_records_per_source if args.per_source else fit_records
-    fits = fit(load_records(args.runs), loss_key=args.loss_key, n_key=args.n_key, d_key=args.d_key,
-               n_boot=args.n_boot, seed=args.seed)
+    records = load_records(args.runs)
+    fits = fit(records, loss_key=args.loss_key, n_key=args.n_key, d_key=args.d_key, n_boot=args.n_boot,
+               seed=args.seed)
+    if not fits.get("n_used", 1):  # nothing to fit: say why, and keep what --out holds
+        notes = "; ".join((fits.get("warnings") or [])[:3])
+        raise ValueError(f"no usable run in {args.runs} ({len(records)} records; --loss-key {args.loss_key}, "
+                         f"--n-key {args.n_key}, --d-key {args.d_key}): {notes or 'no records'}; "
+                         f"{args.out} not written")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(fits, indent=1))
     for line in summarize_fits(fits):

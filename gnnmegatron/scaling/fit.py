@@ -652,14 +652,29 @@ def clean_records(records: Iterable[dict], loss_key: str = "val_loss", n_key: st
                   d_key: str = "atoms_seen") -> tuple[list, list]:
     """Keep records with positive finite N, D and loss; return ``(kept, warnings)``."""
     kept, notes = [], []
+    names = {"N": n_key, "D": d_key, "loss": loss_key}
     for r in records:
         vals = {"N": r.get(n_key), "D": _d_of(r, d_key), "loss": record_value(r, loss_key)}
-        bad = [k for k, v in vals.items() if v is None or not np.isfinite(float(v)) or float(v) <= 0]
+        bad = [f"{k} ({names[k]}={vals[k]!r})" for k, v in vals.items() if not _positive_number(v)]
         if bad:
-            notes.append(f"run {r.get('name', '?')!r} dropped: missing, non-finite or non-positive {', '.join(bad)}")
-        else:
-            kept.append(r)
+            notes.append(f"run {r.get('name', '?')!r} dropped: missing, non-numeric, non-finite or non-positive "
+                         f"{', '.join(bad)}")
+            continue
+        if r.get("flops") is not None and not _positive_number(r["flops"]):
+            notes.append(f"run {r.get('name', '?')!r}: flops={r['flops']!r} is not a positive number; ignored")
+            r = {k: v for k, v in r.items() if k != "flops"}
+        kept.append(r)
     return kept, notes
+
+
+def _positive_number(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.isfinite(x) and x > 0)
 
 
 def _fit_with_ci(fn, *args, n_boot, seed, level, notes, label, **kw):
@@ -708,7 +723,7 @@ def fit_records(records: Sequence[dict], loss_key: str = "val_loss", n_key: str 
     Nv = np.array([float(r[n_key]) for r in recs])
     Dv = np.array([float(_d_of(r, d_key)) for r in recs])
     yv = np.array([float(record_value(r, loss_key)) for r in recs])
-    by_frac = all(r.get("data_fraction") is not None for r in recs)
+    by_frac = all(_positive_number(r.get("data_fraction")) for r in recs)  # else grouped by D
     dgroup = np.array([float(r["data_fraction"]) for r in recs]) if by_frac else Dv
 
     data_groups = []
@@ -791,4 +806,10 @@ def summarize_fits(fits: dict) -> list[str]:
     lines = block(fits, "")
     for name, f in (fits.get("per_source") or {}).items():
         lines += block(f, f"[{name}] ")
+    seen = set()
+    for f in [fits, *(fits.get("per_source") or {}).values()]:
+        for note in f.get("warnings") or []:
+            if note not in seen:  # runs dropped, fits skipped: why something is undetermined
+                seen.add(note)
+                lines.append(f"note: {note}")
     return lines

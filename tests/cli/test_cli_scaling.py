@@ -50,3 +50,32 @@ def test_scaling_fit_d_key_train_atoms(tmp_path):
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert main(["data", "info", str(tmp_path / "missing.zarr")]) == 2
     assert "missing.zarr" in capsys.readouterr().err
+
+
+def test_scaling_fit_names_bad_records_and_keeps_good_fits(tmp_path, capsys):
+    """Odd fields drop the run with a note naming it; nothing usable is an error that leaves --out as it
+    was; --out may not be the records file."""
+    rng = np.random.default_rng(2)
+    runs = [{"name": f"n{n:.0f}-d{d:.0f}", "params": int(n), "atoms_seen": int(d), "flops": 6 * n * d,
+             "val_loss": (0.02 + 5 * n ** -0.35 + 8 * d ** -0.28) * np.exp(rng.normal(0, 0.01))}
+            for n in np.logspace(4, 8, 4) for d in np.logspace(4, 7, 3)]
+    runs[0]["params"] = [1000]
+    runs[1]["flops"] = "1e9x"
+    runs[2]["val_loss"] = {"a": 1}
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    out = tmp_path / "fits.json"
+    assert main(["scaling", "fit", str(path), "--out", str(out), "--n-boot", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: run '{runs[0]['name']}' dropped: missing, non-numeric, non-finite or non-positive N (params=[1000])" \
+        in printed
+    assert f"run '{runs[1]['name']}': flops='1e9x' is not a positive number; ignored" in printed
+    assert "loss (val_loss={'a': 1})" in printed
+    assert json.loads(out.read_text())["n_used"] == len(runs) - 2
+    before = out.read_text()
+    assert main(["scaling", "fit", str(path), "--out", str(out), "--loss-key", "val_los"]) == 2
+    err = capsys.readouterr().err
+    assert "no usable run in" in err and "(val_los=None)" in err and "not written" in err
+    assert out.read_text() == before
+    assert main(["scaling", "fit", str(path), "--out", str(path)]) == 2
+    assert "is the run records file itself" in capsys.readouterr().err

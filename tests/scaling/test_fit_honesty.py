@@ -65,7 +65,9 @@ def test_per_source_fits_recover_each_sources_exponent():
     b = fits["per_source"]["b"]["joint"]["params"]["alpha"]
     assert abs(a - 0.3) < 0.06 and abs(b - 0.6) < 0.1, (a, b)
     assert fits["per_source"]["a"]["config"]["loss_key"] == "val_sources.a.loss"
-    lines = summarize_fits(fits)
+    everything = summarize_fits(fits)
+    lines = [line for line in everything if not line.startswith("note: ")]  # the fits warnings, after the fits
+    assert [line for line in everything if line.startswith("note: ")] == [f"note: {w}" for w in fits["warnings"]]
     bootstrapped = [line for line in lines if "largest" in line or "joint" in line]
     assert len(bootstrapped) == 9 and all("failed" in line for line in lines)
     assert any(line.startswith("[b] joint L(N, D): alpha = ") for line in lines)
