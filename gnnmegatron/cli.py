@@ -139,11 +139,14 @@ def _cmd_scaling_fit(args) -> int:
 
 
 def _cmd_scaling_report(args) -> int:
-    from gnnmegatron.scaling.fit import load_records
+    from gnnmegatron.scaling.fit import load_fits, load_records
     from gnnmegatron.scaling.report import write_report
 
-    fits = json.loads(Path(args.fits).read_text()) if args.fits else None
-    paths = write_report(load_records(args.runs), fits, args.out_dir, title=args.title,
+    fits = load_fits(args.fits) if args.fits else None
+    records = load_records(args.runs)
+    if not records:
+        raise ValueError(f"{args.runs} holds no run records; nothing to report")
+    paths = write_report(records, fits, args.out_dir, title=args.title,
                          **({} if fits else {"n_boot": args.n_boot, "loss_key": args.loss_key,
                                              "n_key": args.n_key, "d_key": args.d_key}))
     print("wrote " + ", ".join(str(p) for p in paths))

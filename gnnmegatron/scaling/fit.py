@@ -617,6 +617,22 @@ def source_loss_key(loss_key: str, source: str) -> str:
     return f"val_sources.{source}.{metric}"
 
 
+def load_fits(path: Union[str, Path]) -> dict:
+    """A fits JSON written by ``scaling fit`` (ValueError naming the file when it is not one)."""
+    path = Path(path)
+    try:
+        fits = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"fits {path}: not JSON ({exc.msg}, line {exc.lineno}); give the file `gnnmegatron "
+                         f"scaling fit` wrote") from None
+    cfg = fits.get("config") if isinstance(fits, dict) else None
+    missing = [k for k in ("loss_key", "n_key", "d_key") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ValueError(f"fits {path}: not a `gnnmegatron scaling fit` result (its config lacks {missing}); "
+                         f"refit with `gnnmegatron scaling fit RUNS --out {path}` or leave --fits out")
+    return fits
+
+
 def load_records(path: Union[str, Path]) -> list:
     """Read run records from a JSON list, a JSON object with a ``"runs"`` list, or JSON lines.
 
@@ -628,6 +644,10 @@ def load_records(path: Union[str, Path]) -> list:
         text = path.read_text()
     except FileNotFoundError:
         raise FileNotFoundError(f"run records {path} do not exist (a sweep writes <out_dir>/runs.jsonl)") from None
+    except IsADirectoryError:
+        hint = f"; {path / 'runs.jsonl'} is there" if (path / "runs.jsonl").is_file() else ""
+        raise ValueError(f"run records {path} is a folder; give its runs.jsonl (a sweep writes "
+                         f"<out_dir>/runs.jsonl){hint}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -655,19 +675,19 @@ def clean_records(records: Iterable[dict], loss_key: str = "val_loss", n_key: st
     names = {"N": n_key, "D": d_key, "loss": loss_key}
     for r in records:
         vals = {"N": r.get(n_key), "D": _d_of(r, d_key), "loss": record_value(r, loss_key)}
-        bad = [f"{k} ({names[k]}={vals[k]!r})" for k, v in vals.items() if not _positive_number(v)]
+        bad = [f"{k} ({names[k]}={vals[k]!r})" for k, v in vals.items() if not is_positive_number(v)]
         if bad:
             notes.append(f"run {r.get('name', '?')!r} dropped: missing, non-numeric, non-finite or non-positive "
                          f"{', '.join(bad)}")
             continue
-        if r.get("flops") is not None and not _positive_number(r["flops"]):
+        if r.get("flops") is not None and not is_positive_number(r["flops"]):
             notes.append(f"run {r.get('name', '?')!r}: flops={r['flops']!r} is not a positive number; ignored")
             r = {k: v for k, v in r.items() if k != "flops"}
         kept.append(r)
     return kept, notes
 
 
-def _positive_number(v) -> bool:
+def is_positive_number(v) -> bool:
     if isinstance(v, bool):
         return False
     try:
@@ -723,7 +743,7 @@ def fit_records(records: Sequence[dict], loss_key: str = "val_loss", n_key: str 
     Nv = np.array([float(r[n_key]) for r in recs])
     Dv = np.array([float(_d_of(r, d_key)) for r in recs])
     yv = np.array([float(record_value(r, loss_key)) for r in recs])
-    by_frac = all(_positive_number(r.get("data_fraction")) for r in recs)  # else grouped by D
+    by_frac = all(is_positive_number(r.get("data_fraction")) for r in recs)  # else grouped by D
     dgroup = np.array([float(r["data_fraction"]) for r in recs]) if by_frac else Dv
 
     data_groups = []

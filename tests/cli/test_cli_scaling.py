@@ -79,3 +79,18 @@ def test_scaling_fit_names_bad_records_and_keeps_good_fits(tmp_path, capsys):
     assert out.read_text() == before
     assert main(["scaling", "fit", str(path), "--out", str(path)]) == 2
     assert "is the run records file itself" in capsys.readouterr().err
+
+
+def test_scaling_report_names_bad_inputs(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["scaling", "report", str(tmp_path / "empty.jsonl"), "--out-dir", str(tmp_path / "r")]) == 2
+    assert "holds no run records; nothing to report" in capsys.readouterr().err
+    (tmp_path / "runs.jsonl").write_text(json.dumps({"name": "a", "params": 10, "atoms_seen": 100,
+                                                     "val_loss": 0.5}) + "\n")
+    assert main(["scaling", "report", str(tmp_path), "--out-dir", str(tmp_path / "r")]) == 2
+    assert "is a folder; give its runs.jsonl" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["scaling", "report", str(tmp_path / "runs.jsonl"), "--fits", str(tmp_path / "bad.json"),
+                 "--out-dir", str(tmp_path / "r")]) == 2
+    assert "not a `gnnmegatron scaling fit` result" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written for bad input
