@@ -446,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line; pretraining and sweeps resume from their last checkpoint
+        print("gnnmegatron: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         from gnnmegatron.training.errors import user_errors
         from gnnmegatron.training.faults import RankLost

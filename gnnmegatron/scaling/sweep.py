@@ -596,7 +596,11 @@ def select(plans: list[PlannedRun], only=None) -> list[PlannedRun]:
 
     missing = [o for o in only if not hits(o)]
     if missing:
-        raise SweepError(f"--only {missing} matches no run of the sweep ({len(plans)} runs: "
+        indices = [o for o in missing if isinstance(o, int)]
+        names = [o for o in missing if not isinstance(o, int)]
+        what = "; ".join(([f"--only {names} matches no run"] if names else [])
+                         + ([f"--index {indices} is past the plan's last run (0..{len(plans) - 1})"] if indices else []))
+        raise SweepError(f"{what} of the sweep ({len(plans)} runs: "
                          f"{[p.name for p in plans][:6]}{' ...' if len(plans) > 6 else ''})")
     chosen = {p.name for o in only for p in hits(o)}
     return [p for p in plans if p.name in chosen]

@@ -64,3 +64,14 @@ def test_bench_checks_its_input_before_starting_processes(capsys, tmp_path):
     assert "its folder does not exist" in _error(capsys, ["bench", str(tmp_path / "nope.yaml"), "--out",
                                                           str(tmp_path / "missing" / "x.json")])
     assert "steps=0 must be an integer >= 1" in _error(capsys, ["bench", str(tmp_path / "nope.yaml"), "--steps", "0"])
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    import gnnmegatron.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_plan", interrupted)
+    assert main(["plan", "--preset", "tpegnn-small", "--gpus", "8"]) == 130
+    assert capsys.readouterr().err == "gnnmegatron: interrupted\n"

@@ -220,6 +220,8 @@ def test_only_unknown_name_is_an_error(mini):
     cfg, _ = mini
     with pytest.raises(SweepError, match="matches no run"):
         run_sweep(cfg, only="h99-*", dry_run=True, progress=False)
+    with pytest.raises(SweepError, match=r"--index \[99\] is past the plan's last run \(0\.\.3\)"):
+        run_sweep(cfg, only=[99], dry_run=True, progress=False)
 
 
 def test_cli_dry_run_and_collect(mini, tmp_path, capsys):
