@@ -452,17 +452,28 @@ class PlannedRun:
         rec_path = self.run_dir / RECORD_FILE
         cfg_path = self.run_dir / "config.yaml"
         if rec_path.exists():
-            rec = json.loads(rec_path.read_text())
+            rec = self._read(rec_path, json.loads)
             if rec.get("config_hash") == self.hash:
                 return "done"
-            old = rec.get("config") or (yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {})
+            old = rec.get("config") or (self._read(cfg_path, yaml.safe_load) if cfg_path.exists() else {})
             self._refuse(old, f"its record has config hash {rec.get('config_hash')}")
         if cfg_path.exists():
-            old = yaml.safe_load(cfg_path.read_text()) or {}
+            old = self._read(cfg_path, yaml.safe_load) or {}
             if config_hash(old) != self.hash:
                 self._refuse(old, f"config hash {config_hash(old)}")
             return "partial"
         return "new"
+
+    def _read(self, path: Path, parse):
+        try:
+            value = parse(path.read_text())
+        except (ValueError, yaml.YAMLError) as exc:
+            raise SweepError(f"run {self.name!r}: {path} cannot be read ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0]}); delete {self.run_dir} to rerun that run") from None
+        if value is not None and not isinstance(value, dict):
+            raise SweepError(f"run {self.name!r}: {path} does not hold a mapping; delete {self.run_dir} to rerun "
+                             f"that run")
+        return value
 
     def _refuse(self, old: dict, what: str) -> None:
         diff = config_diff(old, self.config.to_dict())
@@ -608,6 +619,7 @@ def select(plans: list[PlannedRun], only=None) -> list[PlannedRun]:
 
 # ------------------------------------------------------------------------------------ records
 def _write_json_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` by rename (JSON records and YAML configs alike)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -698,7 +710,7 @@ def run_one(plan: PlannedRun, *, log=print) -> dict[str, Any]:
         return json.loads((plan.run_dir / RECORD_FILE).read_text())
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     cfg_text = yaml.safe_dump(plan.config.to_dict(), sort_keys=False)
-    (plan.run_dir / "config.yaml").write_text(cfg_text)
+    _write_json_atomic(plan.run_dir / "config.yaml", cfg_text)  # a killed write leaves the old file or the new
     seg_path = plan.run_dir / "segments.json"
     segments = json.loads(seg_path.read_text()) if seg_path.exists() else []
     log(f"[sweep] {plan.name}: {'resuming' if status == 'partial' else 'starting'} — hidden {plan.hidden}, "

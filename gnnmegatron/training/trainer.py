@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,10 @@ class Trainer:
                                              resume_step=self.step if resume_path is not None else None) \
             if self.is_logger and cfg.train.tensorboard else None
         if self.is_logger:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            target = self.run_dir / "config.yaml"  # by rename: a killed write never leaves half a config
+            tmp = target.with_name(f".config.yaml.tmp-{os.getpid()}")
+            tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            os.replace(tmp, target)
         self.heartbeat = Heartbeat()
         self.async_saver = sc.AsyncSaver() if cfg.train.async_checkpoint else None
 

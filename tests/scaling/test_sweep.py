@@ -265,3 +265,21 @@ def test_sweep_files_that_cannot_be_read_are_named(tmp_path, capsys):
     assert sw.main([str(tmp_path / "syn.yaml"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: sweep config") and "Traceback" not in err
+
+
+def test_unreadable_run_files_name_the_run_and_the_file(mini):
+    cfg, _ = mini
+    plans = plan_sweep(cfg, progress=False)
+    plan = plans[0]
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    record = plan.run_dir / "record.json"
+    before = record.read_text() if record.exists() else None
+    record.write_text('{"config_hash": "abc", "na')
+    try:
+        with pytest.raises(SweepError, match=rf"run '{plan.name}': .*record.json cannot be read .*delete"):
+            plan.status()
+    finally:  # the module's other tests share these runs
+        if before is None:
+            record.unlink()
+        else:
+            record.write_text(before)
