@@ -190,6 +190,10 @@ def _cmd_pretrain(args) -> int:
     cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg, resume=args.resume)
     report = trainer.fit()
+    if trainer.stopped_by_signal:  # checkpoint saved; exit as a process the signal ended (job scripts tell)
+        import signal
+
+        return 128 + int(getattr(signal, trainer.stopped_by_signal))
     if trainer.rank == 0:
         print(format_report(report, cfg.run_dir), flush=True)
     return 0

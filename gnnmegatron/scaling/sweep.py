@@ -81,7 +81,15 @@ RECORD_FILE = "record.json"
 RUNS_FILE = "runs.jsonl"
 # Keys of the resolved config that do not change what is trained, left out of the hash.
 COSMETIC_KEYS = (("run_dir",), ("train", "progress"), ("train", "num_threads"), ("train", "log_every"),
-                 ("train", "keep_checkpoints"), ("data", "prefetch"))
+                 ("train", "keep_checkpoints"), ("train", "exit_signal"), ("data", "prefetch"))
+
+
+class SweepInterrupted(RuntimeError):
+    """A run of the sweep stopped on the trainer's exit signal (checkpoint saved); ``signal`` names it."""
+
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.signal = signal_name
 
 
 class SweepError(ConfigError):
@@ -697,7 +705,12 @@ def _train(plan: PlannedRun) -> dict[str, Any]:
 
     trainer = Trainer(plan.config, resume="auto")
     try:
-        return trainer.fit()
+        report = trainer.fit()
+        if trainer.stopped_by_signal:
+            raise SweepInterrupted(trainer.stopped_by_signal, f"received {trainer.stopped_by_signal} in run "
+                                   f"{plan.name!r} at step {trainer.step}; its checkpoint is saved, run the sweep "
+                                   f"again to continue")
+        return report
     finally:
         del trainer
         gc.collect()
@@ -849,7 +862,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         path = write_runs_jsonl(Path(cfg.out_dir), recs)
         print(f"wrote {path} ({len(recs)} of {len(plans)} runs finished)")
         return 0
-    result = run_sweep(cfg, only=only, dry_run=args.dry_run, progress=not args.no_progress)
+    try:
+        result = run_sweep(cfg, only=only, dry_run=args.dry_run, progress=not args.no_progress)
+    except SweepInterrupted as exc:  # finished runs and the interrupted run's checkpoint are kept
+        import signal
+
+        print(f"sweep stopped: {exc}", file=sys.stderr, flush=True)
+        return 128 + int(getattr(signal, exc.signal))
     if args.dry_run:
         cols = ("name", "hidden", "layers", "data_fraction", "train_graphs", "max_steps", "lr", "warmup_steps",
                 "status")

@@ -30,6 +30,9 @@ from typing import Any
 import yaml
 
 
+EXIT_SIGNALS = (None, "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
@@ -361,6 +364,10 @@ class TrainConfig:
     ``ema_decay``: keep an exponential moving average of the weights with this decay (e.g. 0.99;
     null: none), used for validation, the best checkpoint and, by default, inference
     (gnnmegatron/training/ema.py). ``tensorboard``: also log to ``<run_dir>/tensorboard``.
+    ``exit_signal``: on this signal (default ``SIGTERM``, what SLURM and torchrun send before they stop
+    a job; ``SIGUSR1`` for ``sbatch --signal=USR1@120``; null: the signal's default action) the ranks
+    finish the step they are in, agree on it, save a checkpoint and exit (``gnnmegatron pretrain``
+    with code 128 + the signal's number); ``--resume auto`` continues from there.
     ``best_metric``: the validation metric (lower is better) that picks the best checkpoint
     (``checkpoints/best``, never pruned; ``keep_best: false`` saves none), drives early stopping (``early_stopping_patience``
     validations without an improvement larger than ``early_stopping_min_delta``; 0: off) and the
@@ -387,8 +394,12 @@ class TrainConfig:
     keep_best: bool = True
     early_stopping_patience: int = 0
     early_stopping_min_delta: float = 0.0
+    exit_signal: str | None = "SIGTERM"
 
     def __post_init__(self):
+        if self.exit_signal not in EXIT_SIGNALS:
+            raise ConfigError(f"train.exit_signal must be one of {[s for s in EXIT_SIGNALS if s]} or null, got "
+                              f"{self.exit_signal!r}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in (0, 1) (e.g. 0.99) or null, got {self.ema_decay}")
         if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:

@@ -61,6 +61,34 @@ from gnnmegatron.training.train_state import model_state, optimizer_state
 RESUME_MODES = ("auto", "never", "overwrite")
 
 
+class ExitSignal:
+    """While training: ``train.exit_signal`` sets a flag instead of ending the process, so that the
+    step in progress finishes and a checkpoint is written first. Installed only from the main thread
+    (Python delivers signals there); the previous handler is restored afterwards."""
+
+    def __init__(self, name: str | None):
+        self.name, self.received, self._previous = name, False, None
+
+    def __enter__(self) -> "ExitSignal":
+        import signal
+        import threading
+
+        if self.name is not None and threading.current_thread() is threading.main_thread():
+            signum = getattr(signal, self.name)
+            self._previous = (signum, signal.signal(signum, self._handle))
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            import signal
+
+            signal.signal(*self._previous)
+            self._previous = None
+
+
 class Trainer:
     """Pretraining driver for one rank.
 
@@ -124,6 +152,7 @@ class Trainer:
         self.seen = {"atoms": 0, "edges": 0, "graphs": 0, "flops": 0.0}
         self.best_val: dict[str, float] | None = None
         self.skipped_steps = 0
+        self.stopped_by_signal: str | None = None  # the exit signal's name when fit() ended on it
 
         loaded = start.load_model(self, resume_path) if resume_path is not None else None
         if loaded is None and cfg.train.init_from:
@@ -435,7 +464,8 @@ class Trainer:
         died or hung past ``train.collective_timeout_s``) raises ``RankLost`` naming the lost ranks.
         """
         try:
-            return self._fit(stop_at)
+            with ExitSignal(self.cfg.train.exit_signal) as self._exit_signal:
+                return self._fit(stop_at)
         except (RuntimeError, dist.DistError) as exc:
             if isinstance(exc, (RankLost, NonFiniteStep, ckpt.CheckpointError)) or not dist.is_initialized() \
                     or self.world == 1 or not _is_comm_failure(exc):
@@ -497,8 +527,18 @@ class Trainer:
                 progress.write(f"step {self.step}: early stopping: {cfg.best_metric} has not improved by more than "
                                f"{cfg.early_stopping_min_delta} for {self.monitor.since_best} validations (best "
                                f"{self.monitor.best} at step {self.monitor.best_step})")
-            if new_best or stopping or self.step % cfg.checkpoint_every == 0 or self.step in (cfg.max_steps, stop_at):
+            signalled = self._signalled()
+            if new_best or stopping or self.step % cfg.checkpoint_every == 0 or self.step in (cfg.max_steps, stop_at) \
+                    or signalled:
                 self.save(best=new_best)
+            if signalled and self.step < cfg.max_steps:
+                progress.close()
+                self.wait_for_checkpoint()
+                self.stopped_by_signal = signalled
+                if self.rank == 0:
+                    print(f"received {signalled} during step {self.step}: saved a checkpoint of step {self.step} in "
+                          f"{self.run_dir / 'checkpoints'}; rerun with --resume auto to continue", flush=True)
+                return None
             if self.step == stop_at:
                 progress.close()
                 self.wait_for_checkpoint()
@@ -514,6 +554,19 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         return report
+
+    def _signalled(self) -> str | None:
+        """The exit signal's name when any rank has received it (every rank agrees on the step: one
+        all-reduce of a flag per step, only with several ranks and an exit signal set)."""
+        sig = getattr(self, "_exit_signal", None)
+        if sig is None or sig.name is None:
+            return None
+        flag = sig.received
+        if dist.is_initialized() and self.world > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return sig.name if flag else None
 
     def _log(self, record: dict[str, Any]) -> None:
         """One record into metrics.jsonl and, with ``train.tensorboard``, TensorBoard (logger rank)."""

@@ -484,3 +484,72 @@ def test_a_killed_rank_stops_the_job_naming_it_and_resume_reproduces_the_curve(e
         return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
 
     assert curve(tmp_path / "run") == curve(tmp_path / "uninterrupted")
+
+
+def test_exit_signal_saves_the_step_in_progress_and_exits_143(emt_store, tmp_path):
+    """SIGTERM (what SLURM and torchrun send before they stop a job) during pretraining: the step in
+    progress finishes, a checkpoint of it is written, the command exits 128 + 15, and a resumed run
+    continues from that step; a second run with exit_signal null is ended by the signal itself."""
+    import signal
+    import time
+
+    import yaml
+
+    run = tmp_path / "run"
+    values = _cfg(emt_store, run, max_steps=100000).to_dict()
+    values["train"].update(checkpoint_every=100000, eval_every=100000)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
+    cmd = [sys.executable, "-m", "gnnmegatron.cli", "pretrain", "--config", str(tmp_path / "c.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def start_and_signal(extra, run_dir):
+        proc = subprocess.Popen(cmd + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:  # until it has trained a few steps
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and metrics.read_text().count('"split": "train"') >= 3:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        return proc.returncode, out, err
+
+    rc, out, err = start_and_signal([], run)
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
+    step = int(out.split("received SIGTERM during step ")[1].split(":")[0])
+    assert step >= 3 and _steps(run) == [step] and (run / "checkpoints" / "latest").read_text().strip() == \
+        f"step_{step:08d}"
+    from gnnmegatron.training.trainer import Trainer
+
+    resumed = Trainer(_cfg(emt_store, run, max_steps=step + 1), resume="auto")
+    assert resumed.step == step
+    run2 = tmp_path / "run2"
+    rc, _, _ = start_and_signal(["--set", "train.exit_signal=null", "--set", f"run_dir={run2}"], run2)
+    assert rc == -signal.SIGTERM and (run2 / "metrics.jsonl").read_text().count('"split": "train"') >= 3
+    assert not (run2 / "checkpoints").exists()
+
+
+def _signal_worker(store, run_dir):
+    """Rank 1 alone receives the exit signal after its step 3; both ranks must stop at the same step."""
+    import torch.distributed as dist
+
+    from gnnmegatron.training import trainer as tr
+
+    trainer = tr.Trainer(_cfg(store, run_dir, max_steps=50), resume="never")
+    original = trainer.train_step
+
+    def step_and_signal(micro):
+        out = original(micro)
+        if dist.get_rank() == 1 and trainer.step == 3:
+            trainer._exit_signal.received = True  # as the handler does when the signal arrives
+        return out
+
+    trainer.train_step = step_and_signal
+    assert trainer.fit() is None
+    return trainer.step, trainer.stopped_by_signal
+
+
+def test_exit_signal_on_one_rank_stops_every_rank_at_the_same_step(emt_store, tmp_path):
+    results = run_distributed(_signal_worker, 2, str(emt_store), str(tmp_path / "run"), timeout=300)
+    assert results == [(3, "SIGTERM"), (3, "SIGTERM")]
+    assert _steps(tmp_path / "run") == [2, 3]  # the cadence's step 2 and the signal's step 3
