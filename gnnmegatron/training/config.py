@@ -364,10 +364,10 @@ class TrainConfig:
     ``ema_decay``: keep an exponential moving average of the weights with this decay (e.g. 0.99;
     null: none), used for validation, the best checkpoint and, by default, inference
     (gnnmegatron/training/ema.py). ``tensorboard``: also log to ``<run_dir>/tensorboard``.
-    ``exit_signal``: on this signal (default ``SIGTERM``, what SLURM and torchrun send before they stop
-    a job; ``SIGUSR1`` for ``sbatch --signal=USR1@120``; null: the signal's default action) the ranks
-    finish the step they are in, agree on it, save a checkpoint and exit (``gnnmegatron pretrain``
-    with code 128 + the signal's number); ``--resume auto`` continues from there.
+    ``exit_signal``: on this signal (default ``SIGTERM``, what a scheduler sends before it stops a job,
+    and what torchrun passes on to its workers, killing them 30 s later; null: the signal's default
+    action) the ranks finish the step they are in, agree on it, save a checkpoint and exit
+    (``gnnmegatron pretrain`` with code 128 + the signal's number); ``--resume auto`` continues there.
     ``best_metric``: the validation metric (lower is better) that picks the best checkpoint
     (``checkpoints/best``, never pruned; ``keep_best: false`` saves none), drives early stopping (``early_stopping_patience``
     validations without an improvement larger than ``early_stopping_min_delta``; 0: off) and the
