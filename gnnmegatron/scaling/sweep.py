@@ -74,7 +74,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from gnnmegatron.training.config import ConfigError, PretrainConfig, build_dataclass, config_from_dict
+from gnnmegatron.training.config import (ConfigError, PretrainConfig, build_dataclass, config_from_dict,
+                                         read_yaml_mapping)
 
 BUDGET_RULES = ("epochs", "atoms")
 RECORD_FILE = "record.json"
@@ -310,12 +311,7 @@ class SweepConfig:
             if not path.exists():
                 raise SweepError(f"base config {self.base!r} not found (looked in {self.base_dir} and the "
                                  f"working directory)")
-            try:
-                values = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise SweepError(f"base config {path} is not valid YAML: {exc}") from None
-            if not isinstance(values, dict):
-                raise SweepError(f"base config {path} must hold a mapping at the top level")
+            values = read_yaml_mapping(path, "base config", SweepError)
         return _deep_merge(values, self.overrides)
 
 
@@ -343,12 +339,7 @@ def load_sweep_config(path: str | Path, overrides: dict[str, Any] | None = None)
     if not path.is_file():
         raise SweepError(f"sweep config {path} {'is a folder' if path.is_dir() else 'does not exist'}; give the "
                          f"sweep YAML file")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SweepError(f"sweep config {path} is not valid YAML: {exc}") from None
-    if not isinstance(values, dict):
-        raise SweepError(f"sweep config {path} must hold a mapping at the top level")
+    values = read_yaml_mapping(path, "sweep config", SweepError)
     return sweep_config_from_dict(_deep_merge(values, overrides or {}), base_dir=path.parent)
 
 

@@ -625,6 +625,18 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+def read_yaml_mapping(path: Path, what: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """The mapping a YAML file holds (``{}`` when empty); ``error`` names ``what`` and the file when it
+    is not valid YAML or not a mapping. The caller checks that the file exists (its message differs)."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise error(f"{what} {path} must hold a mapping at the top level")
+    return values
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
     """Reads a YAML config (or the defaults when ``path`` is None) and applies overrides."""
     values: dict[str, Any] = {}
@@ -632,11 +644,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        values = read_yaml_mapping(path, "config file")
     values = apply_overrides(values, overrides or [])
     return config_from_dict(values)
