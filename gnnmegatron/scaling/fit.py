@@ -687,6 +687,12 @@ def clean_records(records: Iterable[dict], loss_key: str = "val_loss", n_key: st
     return kept, notes
 
 
+def grouped_by_fraction(records: Sequence[dict]) -> bool:
+    """Whether runs are grouped by data size through ``data_fraction`` (every record has a number
+    there) rather than through D; the fits and the report's plots group them the same way."""
+    return all(is_positive_number(r.get("data_fraction")) for r in records)
+
+
 def is_positive_number(v) -> bool:
     if isinstance(v, bool):
         return False
@@ -743,7 +749,7 @@ def fit_records(records: Sequence[dict], loss_key: str = "val_loss", n_key: str 
     Nv = np.array([float(r[n_key]) for r in recs])
     Dv = np.array([float(_d_of(r, d_key)) for r in recs])
     yv = np.array([float(record_value(r, loss_key)) for r in recs])
-    by_frac = all(is_positive_number(r.get("data_fraction")) for r in recs)  # else grouped by D
+    by_frac = grouped_by_fraction(recs)
     dgroup = np.array([float(r["data_fraction"]) for r in recs]) if by_frac else Dv
 
     data_groups = []

@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from gnnmegatron.scaling.fit import (JointFit, _d_of, is_positive_number, clean_records, fit_from_dict, fit_records,
+from gnnmegatron.scaling.fit import (JointFit, _d_of, clean_records, fit_from_dict, fit_records, grouped_by_fraction,
                                      record_value)
 
 PARAM_ORDER = ("alpha", "beta", "E", "A", "B")
@@ -320,7 +320,7 @@ def write_report(records: Sequence[dict], fits: dict | None, out_dir, title: str
         # Runs grouped by data size as fit_records did (by data_fraction when every run has one);
         # each group is drawn at its median D, which is where the joint-fit curve is evaluated.
         per_data = fits.get("L_N_per_data", [])
-        by_frac = all(is_positive_number(r.get("data_fraction")) for r in recs)  # as fit_records groups them
+        by_frac = grouped_by_fraction(recs)
         frac_to_D = {g["data_fraction"]: g["D"] for g in per_data if g.get("data_fraction") is not None}
         dplot = np.array([frac_to_D.get(float(r["data_fraction"]), d) if by_frac else d for r, d in zip(recs, D)])
         dgroups = [{"value": g["D"], "fit": g.get("fit")} for g in per_data]
