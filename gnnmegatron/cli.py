@@ -185,15 +185,13 @@ def _add_weight_choice(parser: argparse.ArgumentParser) -> None:
 def _cmd_pretrain(args) -> int:
     from gnnmegatron.training.config import load_config
     from gnnmegatron.training.runtime import format_report
-    from gnnmegatron.training.trainer import Trainer
+    from gnnmegatron.training.trainer import ExitSignal, Trainer
 
     cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg, resume=args.resume)
     report = trainer.fit()
     if trainer.stopped_by_signal:  # checkpoint saved; exit as a process the signal ended (job scripts tell)
-        import signal
-
-        return 128 + int(getattr(signal, trainer.stopped_by_signal))
+        return ExitSignal.exit_code(trainer.stopped_by_signal)
     if trainer.rank == 0:
         print(format_report(report, cfg.run_dir), flush=True)
     return 0

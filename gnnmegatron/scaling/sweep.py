@@ -856,10 +856,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         result = run_sweep(cfg, only=only, dry_run=args.dry_run, progress=not args.no_progress)
     except SweepInterrupted as exc:  # finished runs and the interrupted run's checkpoint are kept
-        import signal
+        from gnnmegatron.training.trainer import ExitSignal
 
         print(f"sweep stopped: {exc}", file=sys.stderr, flush=True)
-        return 128 + int(getattr(signal, exc.signal))
+        return ExitSignal.exit_code(exc.signal)
     if args.dry_run:
         cols = ("name", "hidden", "layers", "data_fraction", "train_graphs", "max_steps", "lr", "warmup_steps",
                 "status")

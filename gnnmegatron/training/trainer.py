@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -80,6 +79,13 @@ class ExitSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = True
+
+    @staticmethod
+    def exit_code(name: str) -> int:
+        """The exit status of a process this signal ended (128 + its number: 143 for SIGTERM)."""
+        import signal
+
+        return 128 + int(getattr(signal, name))
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
@@ -189,10 +195,8 @@ class Trainer:
                                              resume_step=self.step if resume_path is not None else None) \
             if self.is_logger and cfg.train.tensorboard else None
         if self.is_logger:
-            target = self.run_dir / "config.yaml"  # by rename: a killed write never leaves half a config
-            tmp = target.with_name(f".config.yaml.tmp-{os.getpid()}")
-            tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            os.replace(tmp, target)
+            # by rename: a killed write never leaves half a config
+            sc._write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.heartbeat = Heartbeat()
         self.async_saver = sc.AsyncSaver() if cfg.train.async_checkpoint else None
 
