@@ -608,8 +608,10 @@ def select(plans: list[PlannedRun], only=None) -> list[PlannedRun]:
     if missing:
         indices = [o for o in missing if isinstance(o, int)]
         names = [o for o in missing if not isinstance(o, int)]
-        what = "; ".join(([f"--only {names} matches no run"] if names else [])
-                         + ([f"--index {indices} is past the plan's last run (0..{len(plans) - 1})"] if indices else []))
+        parts = [f"--only {names} matches no run"] if names else []
+        if indices:
+            parts.append(f"--index {indices} is past the plan's last run (0..{len(plans) - 1})")
+        what = "; ".join(parts)
         raise SweepError(f"{what} of the sweep ({len(plans)} runs: "
                          f"{[p.name for p in plans][:6]}{' ...' if len(plans) > 6 else ''})")
     chosen = {p.name for o in only for p in hits(o)}
